@@ -236,6 +236,9 @@ def _make(vision, text, schedule, pinpoints=None, **extra) -> VisorConfig:
         vision_feature_select_strategy="full", vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9", tie_word_embeddings=True,
         image_grid_pinpoints=pinpoints, **schedule, **extra,
+        # vLLM: visual tokens are the encoder sequence, text the decoder sequence (vllm_model);
+        # the decoder start token is never prepended (the processor skips it) but must exist.
+        is_encoder_decoder=True, decoder_start_token_id=SPECIAL_TOKENS["<|im_start|>"],
     )
     cfg.architectures = ["VisorForConditionalGeneration"]
     return cfg

@@ -70,10 +70,17 @@ def needs_router(cfg: VisorConfig) -> bool:
     return len(cfg.sa_configs) > 1
 
 
-def choose_configuration(cfg: VisorConfig, router_logits: torch.Tensor) -> int:
-    """Index into ``cfg.sa_configs`` chosen from router logits ``[R, C]`` (R routing tokens)."""
+def choose_configuration(cfg: VisorConfig, router_logits: torch.Tensor,
+                         allowed: Sequence[bool] | None = None) -> int:
+    """Index into ``cfg.sa_configs`` chosen from router logits ``[R, C]`` (R routing tokens).
+
+    ``allowed`` (a budget, see `visor_vllm.budget`) restricts every vote to those configurations.
+    """
     if router_logits.ndim != 2 or router_logits.shape[0] == 0:
         raise RoutingTokenMissingError("the router needs at least one routing token")
+    if allowed is not None:
+        keep = torch.tensor(list(allowed), dtype=torch.bool, device=router_logits.device)
+        router_logits = router_logits.masked_fill(~keep, float("-inf"))
     votes = router_logits.argmax(dim=-1)  # [R]
     num_layers = torch.tensor([len(c) for c in cfg.sa_configs], device=votes.device)
     cost = num_layers[votes] * len(cfg.sa_configs) + votes  # lexicographic (len, index)

@@ -43,6 +43,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 )
 
 from visor_vllm import plan
+from visor_vllm.budget import Budget, allowed_configs
 from visor_vllm.config import VisorConfig
 from visor_vllm.packing import pack_tokens, packed_grid_size
 
@@ -323,8 +324,14 @@ class VisorForConditionalGeneration(nn.Module):
     # -- decoder --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_sizes: torch.Tensor | None = None, sa_layers=None,
-                use_cache: bool = False) -> VisorOutput:
-        """Prefill a prompt. ``sa_layers``: explicit 0-based SA layers, or None for the router."""
+                use_cache: bool = False, budget: Budget | None = None) -> VisorOutput:
+        """Prefill a prompt.
+
+        ``sa_layers``: explicit 0-based SA layers; otherwise the router chooses, restricted by
+        ``budget`` (`visor_vllm.budget`; an explicit-layers budget is the same as ``sa_layers``).
+        """
+        if budget is not None and budget.mode == "layers":
+            sa_layers = budget.sa_layers
         ids = input_ids.reshape(-1)
         is_image = ids == self.config.image_token_index
         images = (self.embed_images(pixel_values, image_sizes)
@@ -337,9 +344,12 @@ class VisorForConditionalGeneration(nn.Module):
         vis = torch.cat(images) if images else None
         text_ids = ids[~is_image]
         routing_idx = (text_ids == self.config.routing_token_id).nonzero().flatten()
-        return self._run(text_ids, vis, [x.shape[0] for x in images], sa_layers, routing_idx, use_cache)
+        allowed = None if budget is None else allowed_configs(self.config, budget)
+        return self._run(text_ids, vis, [x.shape[0] for x in images], sa_layers, routing_idx,
+                         use_cache, allowed)
 
-    def _run(self, text_ids, vis, image_lens, sa_layers, routing_idx, use_cache) -> VisorOutput:
+    def _run(self, text_ids, vis, image_lens, sa_layers, routing_idx, use_cache,
+             allowed=None) -> VisorOutput:
         cfg, lm = self.config, self.language_model.model
         n_vision = 0 if vis is None else vis.shape[0]
         route = n_vision > 0 and sa_layers is None and plan.needs_router(cfg)
@@ -347,13 +357,14 @@ class VisorForConditionalGeneration(nn.Module):
             chosen = ()
         elif sa_layers is not None:
             chosen = plan.check_sa_layers(cfg, sa_layers)
-        elif not plan.needs_router(cfg):
-            chosen = tuple(cfg.sa_configs[0])
+        elif not plan.needs_router(cfg) or (allowed is not None and sum(allowed) == 1):
+            chosen = tuple(cfg.sa_configs[allowed.index(True) if allowed else 0])
+            route = False
         else:
             if routing_idx.numel() == 0:
                 raise plan.RoutingTokenMissingError(
                     f"the prompt has images but no routing token {cfg.routing_token!r} "
-                    "(id {cfg.routing_token_id}); use the VISOR chat template or pass sa_layers")
+                    f"(id {cfg.routing_token_id}); use the VISOR chat template or pass sa_layers")
             chosen = tuple(cfg.always_on_sa_layers)  # until the router layer (see plan)
         cache = VisorCache(chosen, n_vision)
         t = lm.embed_tokens(text_ids)
@@ -363,7 +374,7 @@ class VisorForConditionalGeneration(nn.Module):
             t, vis = self._layer(i, layer, t, t_pos, vis, v_pos, image_lens, cache)
             if route and i == cfg.router_layer:
                 router_logits = self.router(t[routing_idx])
-                index = plan.choose_configuration(cfg, router_logits)
+                index = plan.choose_configuration(cfg, router_logits, allowed)
                 cache.sa_layers = tuple(cfg.sa_configs[index])
         cache.n_text = t.shape[0]
         if index is None and cache.sa_layers and list(cache.sa_layers) in cfg.sa_configs:
@@ -424,9 +435,11 @@ class VisorForConditionalGeneration(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_sizes=None, sa_layers=None,
-                 max_new_tokens: int = 16, eos_token_id: int | None = None) -> GenerateOutput:
+                 max_new_tokens: int = 16, eos_token_id: int | None = None,
+                 budget: Budget | None = None) -> GenerateOutput:
         """Greedy decoding with caches: prefill once, then one token per step."""
-        out = self.forward(input_ids, pixel_values, image_sizes, sa_layers, use_cache=True)
+        out = self.forward(input_ids, pixel_values, image_sizes, sa_layers, use_cache=True,
+                           budget=budget)
         tokens, step_logits, logits = [], [], out.logits[-1:]
         for _ in range(max_new_tokens):
             step_logits.append(logits[0])
