@@ -11,9 +11,11 @@ _registered = False
 
 
 def register() -> None:
-    """Register `VisorConfig` with transformers' AutoConfig (idempotent).
+    """Register VISOR's config with transformers and its model with vLLM (idempotent).
 
-    The vLLM model class is registered here too once `visor_vllm.vllm_model` exists.
+    The model is registered by import string, so vLLM imports `visor_vllm.vllm_model` only when
+    a VISOR checkpoint is served. The transformers patches (`visor_vllm.patches`) are applied
+    first because every vLLM process may load LLaVA-OV processors.
     """
     global _registered
     if _registered:
@@ -21,9 +23,19 @@ def register() -> None:
     from transformers import AutoConfig
 
     from visor_vllm.config import VisorConfig
+    from visor_vllm.patches import apply_transformers_patches
 
+    apply_transformers_patches()
     try:
         AutoConfig.register("visor", VisorConfig)
     except ValueError:  # already registered by an earlier import in this process
         pass
+    try:
+        from vllm import ModelRegistry
+    except ImportError:  # reference-only install
+        pass
+    else:
+        if "VisorForConditionalGeneration" not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model("VisorForConditionalGeneration",
+                                         "visor_vllm.vllm_model:VisorForConditionalGeneration")
     _registered = True
