@@ -3,24 +3,9 @@
 import pytest
 import torch
 
-from visor_vllm.config import preset_tiny
-from visor_vllm.reference import VisorForConditionalGeneration
+from visor_vllm.testing import random_tiny_model
 
 ROUTE, IMAGE, IM_START, IM_END = 151648, 151646, 151644, 151645
-
-
-def random_tiny_model(seed: int = 0, **overrides) -> VisorForConditionalGeneration:
-    """Tiny VISOR whose every parameter (norms, conv, router included) is random and non-zero."""
-    cfg = preset_tiny()
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    model = VisorForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,9 @@ import torch
 from visor_vllm import plan
 from visor_vllm.reference import ImageTokenMismatchError
 
-from .conftest import ROUTE, prompt, random_tiny_model
+from visor_vllm.testing import random_tiny_model
+
+from .conftest import ROUTE, prompt
 
 CONFIGS = [[0], [0, 3], [0, 5], [0, 3, 5], None]  # None: the router chooses
 

@@ -1,0 +1,265 @@
+"""The one ledger of patches to third-party internals. Nothing else in visor-vllm monkeypatches.
+
+Every patch is listed here and registered in `PATCHES` (a test enumerates them and checks each has
+its why/how/removal text). `apply_transformers_patches()` applies the ones that are needed in this
+environment, idempotently.
+
+Ledger
+------
+
+1. ``transformers-video-processor-stub`` (transformers 5.19; only when torchvision is missing)
+
+   Why.  ``ProcessorMixin.from_pretrained`` always loads every sub-processor its class declares,
+   and `LlavaOnevisionProcessor` declares a ``video_processor``. In transformers 5.19
+   `AutoVideoProcessor` / `LlavaOnevisionVideoProcessor` are torchvision-only dummy classes, so
+   ``LlavaOnevisionProcessor.from_pretrained(dir)`` fails on a machine without torchvision even
+   for image-only use -- and VISOR is image-only. Also ``VideoProcessorMixin`` (which
+   ``ProcessorMixin`` resolves *by name* on the ``transformers`` module to type-check the
+   sub-processor) is not exported there without torchvision.
+   How.  Point ``transformers.processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES
+   ["video_processor"]`` at `NoVideoAutoProcessor` (this module), whose ``from_pretrained``
+   returns a `NoVideoProcessor` (a `VideoProcessorMixin` whose ``__call__`` raises
+   `NotImplementedError`), and set ``transformers.VideoProcessorMixin``.
+   When it can go.  When torchvision is installed (the patch is then skipped), or when
+   transformers loads only the sub-processors a checkpoint ships / exports VideoProcessorMixin
+   unconditionally.
+
+2. ``vllm-pixtral-image-processing-shim`` (vLLM 0.32 import path; only when torchvision is missing)
+
+   Why.  vLLM's ``model_executor/models/llava.py`` (imported for LLaVA-OneVision and so for
+   VISOR) imports ``.pixtral``, which does ``from transformers.models.pixtral.
+   image_processing_pixtral import _num_image_tokens``; that transformers module imports
+   torchvision at top level, so importing vLLM's LLaVA family fails without torchvision.
+   How.  Put a shim module of that name into ``sys.modules`` exposing only ``_num_image_tokens``,
+   re-exported from the torchvision-free ``image_processing_pil_pixtral`` (same function).
+   When it can go.  When torchvision is installed (skipped then), or when vLLM stops importing
+   the torchvision-backed module (or transformers stops importing torchvision at its top level).
+
+3. ``vllm-encoder-outputs-in-row-order`` (vLLM 0.32 V1 model runner; VISOR worker processes)
+
+   Why.  In encoder-decoder mode ``encoder_outputs`` reach ``forward`` in scheduling order,
+   while attention metadata and the logits-processor state are in persistent-batch row order;
+   a new request may take any free row, so matching images to rows by position could swap two
+   requests' images silently.
+   How.  Wrap ``GPUModelRunner._batch_mm_inputs_from_scheduler`` to stable-sort its items by
+   (modality, row of the item's request). Applied by the VISOR model's ``__init__`` only
+   (`apply_vllm_patches`), so only processes serving VISOR are touched.
+   When it can go.  With Model Runner V2 everywhere (it orders by ``input_batch.req_ids``), or
+   when vLLM documents a row-order contract for encoder outputs.
+
+Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
+reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
+token counts with encoder placeholder offsets when it decides which encoder inputs to run, so a
+second image whose offset exceeds the decoder prompt length would never be scheduled; in
+enc-dec mode nothing else reads the offsets. It can go when the scheduler stops doing that.
+
+Footguns. Patches mutate process-global state: apply them before the first processor load / vLLM
+model import in each process (the vLLM plugin's ``register()`` does). Do not add a patch anywhere
+else: add it here, to the docstring and to `PATCHES`.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers.video_processing_utils import VideoProcessorMixin
+
+_PIXTRAL_MODULE = "transformers.models.pixtral.image_processing_pixtral"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One ledger entry: ``needed()`` says whether this environment needs it, ``apply()`` does it."""
+
+    name: str
+    target: str          # the third-party object that is patched
+    why: str
+    how: str
+    removal: str         # when the patch can go
+    needed: Callable[[], bool]
+    applied: Callable[[], bool]
+    apply: Callable[[], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 1: a video processor stub so LlavaOnevisionProcessor loads without torchvision
+# ---------------------------------------------------------------------------------------------
+
+class NoVideoProcessor(VideoProcessorMixin):
+    """Placeholder sub-processor: satisfies ProcessorMixin's type check; videos are unsupported."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> "NoVideoProcessor":
+        return cls()
+
+    def __call__(self, videos=None, **kwargs):
+        raise NotImplementedError(
+            "video input is not supported: VISOR is image-only, and transformers' video "
+            "processors need torchvision, which is not installed")
+
+
+class NoVideoAutoProcessor:
+    """Stands in for `AutoVideoProcessor` in the processor-loading lookup table."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> NoVideoProcessor:
+        return NoVideoProcessor()
+
+
+def _torchvision_missing() -> bool:
+    from transformers.utils import is_torchvision_available
+
+    return not is_torchvision_available()
+
+
+def _video_stub_applied() -> bool:
+    from transformers import processing_utils
+
+    names = processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES
+    return names["video_processor"] == (__name__, NoVideoAutoProcessor.__name__)
+
+
+def _apply_video_stub() -> None:
+    from transformers import processing_utils
+
+    processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES["video_processor"] = (
+        __name__, NoVideoAutoProcessor.__name__)
+    module = processing_utils.transformers_module
+    if not hasattr(module, "VideoProcessorMixin"):
+        setattr(module, "VideoProcessorMixin", VideoProcessorMixin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 2: the pixtral image-processing shim module vLLM's llava.py imports
+# ---------------------------------------------------------------------------------------------
+
+def _pixtral_shim_applied() -> bool:
+    return getattr(sys.modules.get(_PIXTRAL_MODULE), "__visor_shim__", False)
+
+
+def _apply_pixtral_shim() -> None:
+    from transformers.models.pixtral.image_processing_pil_pixtral import _num_image_tokens
+
+    shim = types.ModuleType(_PIXTRAL_MODULE, "visor_vllm.patches shim: _num_image_tokens only")
+    shim._num_image_tokens = _num_image_tokens
+    shim.__visor_shim__ = True
+    sys.modules[_PIXTRAL_MODULE] = shim
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+PATCHES: list[Patch] = [
+    Patch(
+        name="transformers-video-processor-stub",
+        target="transformers.processing_utils._LazyAutoProcessorMapping._MAPPING_NAMES"
+               "['video_processor'] and transformers.VideoProcessorMixin",
+        why="LlavaOnevisionProcessor.from_pretrained always loads a video processor, which is "
+            "torchvision-only in transformers 5.19; VISOR is image-only.",
+        how="the lookup points at NoVideoAutoProcessor (a stub whose __call__ raises "
+            "NotImplementedError); VideoProcessorMixin is exported for the by-name type check.",
+        removal="drop when torchvision is installed everywhere or transformers stops requiring "
+                "a video processor for image-only use.",
+        needed=_torchvision_missing, applied=_video_stub_applied, apply=_apply_video_stub,
+    ),
+    Patch(
+        name="vllm-pixtral-image-processing-shim",
+        target=f"sys.modules[{_PIXTRAL_MODULE!r}]",
+        why="vLLM's llava.py imports pixtral.py, which imports _num_image_tokens from a "
+            "transformers module that imports torchvision at top level.",
+        how="a shim module of that name exposing only _num_image_tokens, re-exported from the "
+            "torchvision-free image_processing_pil_pixtral.",
+        removal="drop when torchvision is installed everywhere or vLLM stops importing the "
+                "torchvision-backed pixtral image processor module.",
+        needed=_torchvision_missing, applied=_pixtral_shim_applied, apply=_apply_pixtral_shim,
+    ),
+]
+
+
+def apply_transformers_patches() -> list[str]:
+    """Apply every ledger patch this environment needs; idempotent.
+
+    Returns the names of the patches in effect after the call (the same list on every call).
+    """
+    return _apply(PATCHES)
+
+
+def _apply(entries: list[Patch]) -> list[str]:
+    """Apply the needed, not yet applied ``entries``; the names of those in effect."""
+    in_effect = []
+    for patch in entries:
+        if not patch.needed():
+            continue
+        if not patch.applied():
+            patch.apply()
+        in_effect.append(patch.name)
+    return in_effect
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 3 (vLLM, VISOR workers only): encoder outputs in persistent-batch row order
+# ---------------------------------------------------------------------------------------------
+#
+# Why.  In encoder-decoder mode the V1 model runner passes ``encoder_outputs`` (one tensor per
+#   image) to ``forward`` in *scheduling* order (``scheduled_encoder_inputs`` dict order,
+#   ``gpu_model_runner.py`` ``_batch_mm_inputs_from_scheduler``), while every per-row tensor
+#   the model sees (attention metadata, logits-processor state) is in *persistent-batch row*
+#   order. The two usually agree, but a new request may fill any free row, so a VISOR model
+#   that matched images to rows by position could silently swap two requests' images.
+# How.  Wrap ``GPUModelRunner._batch_mm_inputs_from_scheduler`` (CPUModelRunner inherits it)
+#   to stable-sort its items by (modality, row of the item's request); the runner's own
+#   comment notes that the order is otherwise free. Applied from the VISOR model's
+#   ``__init__``, i.e. only in worker processes serving VISOR.
+# When it can go.  With Model Runner V2 (which orders encoder inputs by ``input_batch.req_ids``)
+#   on every platform VISOR targets, or when vLLM documents the row-order contract.
+
+_RUNNER = "vllm.v1.worker.gpu_model_runner.GPUModelRunner._batch_mm_inputs_from_scheduler"
+
+
+def _rows_order_applied() -> bool:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return hasattr(GPUModelRunner._batch_mm_inputs_from_scheduler, "__visor_original__")
+
+
+def _apply_rows_order() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._batch_mm_inputs_from_scheduler
+
+    def in_row_order(self, scheduler_output):
+        hashes, kwargs, refs = original(self, scheduler_output)
+        rows = self.input_batch.req_id_to_index
+        order = sorted(range(len(kwargs)), key=lambda i: (kwargs[i][0], rows[refs[i][0]]))
+        return [hashes[i] for i in order], [kwargs[i] for i in order], [refs[i] for i in order]
+
+    in_row_order.__visor_original__ = original
+    GPUModelRunner._batch_mm_inputs_from_scheduler = in_row_order
+
+
+VLLM_PATCHES: list[Patch] = [
+    Patch(
+        name="vllm-encoder-outputs-in-row-order",
+        target=_RUNNER,
+        why="encoder outputs follow scheduling order, rows follow the persistent batch; VISOR "
+            "matches images to rows by order.",
+        how="stable-sort the runner's encoder items by (modality, row of their request).",
+        removal="drop with Model Runner V2 everywhere (it orders by input_batch.req_ids).",
+        needed=lambda: True, applied=_rows_order_applied, apply=_apply_rows_order,
+    ),
+]
+
+
+def apply_vllm_patches() -> list[str]:
+    """Apply the vLLM patches (called by the VISOR model in each worker process); idempotent."""
+    for patch in VLLM_PATCHES:
+        if not patch.applied():
+            patch.apply()
+    return [p.name for p in VLLM_PATCHES]
