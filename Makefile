@@ -6,6 +6,8 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 # extra pytest arguments, e.g.  make test PYTEST_ARGS='-k config -x'  or  PYTEST_ARGS='-m slow'
 PYTEST_ARGS ?=
+# e.g.  make serve SERVE_ARGS='checkpoints/visor-0.5b --port 8001'
+SERVE_ARGS ?=
 
 .PHONY: help setup test serve
 
@@ -22,5 +24,6 @@ test:  ## run the test suite in .venv (default markers: not slow, not gpu; PYTES
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5) -- failing" >&2; fi; \
 	exit $$rc
 
-serve:  ## start the VISOR OpenAI-compatible server
-	@echo "the VISOR server arrives with the serving issue" >&2; exit 1
+serve:  ## serve the embedded tiny VISOR checkpoint on http://127.0.0.1:8000/v1 (SERVE_ARGS passes through)
+	@test -x $(VENV)/bin/visor-vllm || { echo "no $(VENV): run 'make setup' first" >&2; exit 1; }
+	$(VENV)/bin/visor-vllm serve $(SERVE_ARGS)

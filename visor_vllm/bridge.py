@@ -14,9 +14,14 @@ the same configuration.
 It never changes logits (``is_argmax_invariant``). It is loaded for every model through the
 ``vllm.logits_processors`` entry point and is inert unless the served model is VISOR.
 
-Footguns. `RowState` is process-global (one per worker process, as each tensor-parallel rank
-has its own persistent batch). The GPU Model Runner V2 does not call logits processors this
-way; there a model state class (``get_model_state_cls``) is the channel -- see the README.
+Footguns.
+* `RowState` is process-global (one per worker process: each tensor-parallel rank has its own
+  persistent batch).
+* The entry point is read by *both* model runners. Model Runner V2 (vLLM's GPU default) rejects
+  V1-interface classes and would then refuse to start *any* model, so the bridge also
+  implements the V2 interface -- there it only validates budgets. VISOR itself needs the V1
+  runner in vLLM 0.32 (the model says so at load); on MRV2 the channel would be a model state
+  class (``get_model_state_cls``) -- see the README.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from visor_vllm.budget import Budget, BudgetError, allowed_configs, parse_budget
 try:  # vllm is an optional dependency of the package as a whole
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
     from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+        LogitsProcessor as LogitsProcessorV2,
+    )
 except ImportError:  # pragma: no cover - reference-only installs
-    LogitsProcessor = object  # type: ignore[misc,assignment]
+    LogitsProcessor = LogitsProcessorV2 = object  # type: ignore[misc,assignment]
 
 STATE: RowState | None = None
 # The checkpoint's VisorConfig in the API-server process, set by the multimodal processing
@@ -43,24 +51,19 @@ class RowState:
     def __init__(self, cfg, max_rows: int, device: torch.device | str = "cpu"):
         L, C = cfg.num_layers, len(cfg.sa_configs)
         self.cfg = cfg
-        torch_device = torch.get_default_device()
-        torch.set_default_device(device)  # every tensor below lives where the model runs
-        self._init_tensors(cfg, max_rows, L, C)
-        torch.set_default_device(torch_device)
-        self.budget_source = ["auto"] * max_rows
-
-    def _init_tensors(self, cfg, max_rows: int, L: int, C: int) -> None:
-        self.config_masks = torch.zeros(C, L, dtype=torch.bool)     # [C, L]
+        kw = dict(dtype=torch.bool, device=device)
+        self.config_masks = torch.zeros(C, L, **kw)                      # [C, L]
         for c, layers in enumerate(cfg.sa_configs):
             self.config_masks[c, layers] = True
-        self.always_on = torch.zeros(L, dtype=torch.bool)
+        self.always_on = torch.zeros(L, **kw)
         self.always_on[cfg.always_on_sa_layers] = True
-        self.prompt_len = torch.zeros(max_rows, dtype=torch.long)    # [R]
-        self.allowed = torch.ones(max_rows, C, dtype=torch.bool)     # [R, C] router choices
-        self.explicit = torch.zeros(max_rows, L, dtype=torch.bool)   # [R, L] visor_sa_layers
-        self.has_explicit = torch.zeros(max_rows, dtype=torch.bool)  # [R]
-        self.sa_mask = torch.zeros(max_rows, L, dtype=torch.bool)    # [R, L] decided at step 1
-        self.config_index = torch.full((max_rows,), -1, dtype=torch.long)  # [R], -1: explicit
+        self.prompt_len = torch.zeros(max_rows, dtype=torch.long, device=device)  # [R]
+        self.allowed = torch.ones(max_rows, C, **kw)                    # [R, C] router choices
+        self.explicit = torch.zeros(max_rows, L, **kw)                  # [R, L] visor_sa_layers
+        self.has_explicit = torch.zeros(max_rows, **kw)                 # [R]
+        self.sa_mask = torch.zeros(max_rows, L, **kw)                   # [R, L] decided at step 1
+        self.config_index = torch.full((max_rows,), -1, dtype=torch.long, device=device)  # [R]
+        self.budget_source = ["auto"] * max_rows
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index")
 
@@ -89,7 +92,9 @@ class RowState:
         s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
 
 
-class VisorBudgetBridge(LogitsProcessor):
+class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
+    """V1: tracks rows (see module docstring). V2: budget validation only (see footguns)."""
+
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         try:
@@ -97,17 +102,18 @@ class VisorBudgetBridge(LogitsProcessor):
         except BudgetError as e:
             raise ValueError(str(e)) from None
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+    def __init__(self, vllm_config, *args):
+        """V1: ``(vllm_config, device, is_pin_memory)``; V2: ``(vllm_config, req_states)``."""
         global STATE
         hf = vllm_config.model_config.hf_config
-        self.active = getattr(hf, "model_type", None) == "visor"
+        self.active = getattr(hf, "model_type", None) == "visor" and len(args) == 2
         if self.active:
-            STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, device)
+            STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0])
 
     def is_argmax_invariant(self) -> bool:
         return True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

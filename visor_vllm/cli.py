@@ -11,7 +11,8 @@ import importlib
 import sys
 
 # module -> sub-commands it adds (documentation only; each module registers its own)
-SUBCOMMAND_MODULES = ("visor_vllm.flops", "visor_vllm.checkpoint", "visor_vllm.convert")
+SUBCOMMAND_MODULES = ("visor_vllm.flops", "visor_vllm.checkpoint", "visor_vllm.convert",
+                      "visor_vllm.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a sub-command; whatever follows a bare ``--`` reaches it as ``args.passthrough``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    args.passthrough = argv[cut + 1:]
     return int(args.func(args) or 0)
 
 

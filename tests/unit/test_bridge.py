@@ -1,0 +1,51 @@
+"""The worker-side bridge: row bookkeeping follows vLLM's batch updates; safe on both runners."""
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
+from vllm.v1.sample.logits_processor.interface import MoveDirectionality  # noqa: E402
+
+from visor_vllm import bridge  # noqa: E402
+from visor_vllm.config import preset_tiny  # noqa: E402
+
+
+def vllm_config(model_type="visor"):
+    hf = preset_tiny() if model_type == "visor" else NS(model_type=model_type)
+    return NS(model_config=NS(hf_config=hf), scheduler_config=NS(max_num_seqs=4))
+
+
+def update(added=(), removed=(), moved=()):
+    return BatchUpdate(batch_size=4, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def test_rows_follow_adds_moves_swaps_and_removals():
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    b.update_state(update(added=[(0, SamplingParams(extra_args={"visor_sa_layers": [1, 6]}), [1, 2, 3], []),
+                                 (1, SamplingParams(extra_args={"visor_budget": "max"}), [1], [])]))
+    assert st.has_explicit[0] and st.explicit[0].nonzero().flatten().tolist() == [0, 5]
+    assert st.allowed[1].tolist() == [False, False, False, True] and st.prompt_len[0] == 3
+    st.sa_mask[1, 3] = True  # as if the model had routed row 1
+    b.update_state(update(moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert st.has_explicit[1] and not st.has_explicit[0] and st.sa_mask[0, 3]
+    b.update_state(update(moved=[(0, 2, MoveDirectionality.UNIDIRECTIONAL)], removed=[1]))
+    assert st.sa_mask[2, 3] and not st.has_explicit[1] and st.budget_source[2] == "max"
+
+
+def test_validate_params_is_a_value_error_with_the_allowed_forms():
+    with pytest.raises(ValueError, match="visor_budget must be one of"):
+        bridge.VisorBudgetBridge.validate_params(SamplingParams(extra_args={"visor_budget": "x"}))
+
+
+def test_inert_for_other_models_and_under_model_runner_v2():
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+
+    assert issubclass(bridge.VisorBudgetBridge, V2)  # MRV2 would reject the entry point otherwise
+    assert not bridge.VisorBudgetBridge(vllm_config("llama"), "cpu", False).active
+    assert not bridge.VisorBudgetBridge(vllm_config(), NS()).active  # the V2 constructor

@@ -1,0 +1,71 @@
+"""`visor-vllm serve`: `vllm serve` for a VISOR checkpoint, with an embedded default and CPU flags.
+
+What. Without a model argument it serves the embedded default: a tiny random VISOR checkpoint
+built locally (`checkpoint.build_tiny`, seed 0) into ``checkpoints/visor-tiny`` the first time,
+so the README's main command needs no download. With a directory it serves that one (e.g. a
+converted ``visor-0.5b``; ``--load-format dummy`` is added when the directory has no weights).
+It prints where it listens, then *replaces itself* with ``vllm serve`` (exec), so signals,
+logs and exit codes are vLLM's own. Extra arguments after ``--`` go to ``vllm serve`` verbatim.
+
+Why these flags. The encoder-decoder layout needs ``--max-num-batched-tokens`` at least the
+largest image's token count (LLaVA-OV's profile image: 8,748 at 384 px crops), and on CPU
+``--enforce-eager`` plus ``VLLM_CPU_KVCACHE_SPACE`` start the engine in seconds.
+
+Footgun: plain ``vllm serve DIR`` works too (the plugin registers itself); this wrapper only
+picks defaults. Flags given after ``--`` win because vLLM keeps the last occurrence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+DEFAULT_DIR = Path("checkpoints/visor-tiny")
+
+
+def vllm_command(model: Path, host: str, port: int, name: str, extra: list[str]) -> list[str]:
+    dummy = [] if any(model.glob("*.safetensors")) else ["--load-format", "dummy"]
+    vllm = shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
+    return [vllm, "serve", str(model), "--host", host, "--port", str(port),
+            "--served-model-name", name, "--enforce-eager", "--max-model-len", "10000",
+            "--max-num-batched-tokens", "10000", "--limit-mm-per-prompt", '{"image": 4}',
+            *dummy, *extra]
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a VISOR checkpoint (default: the embedded tiny "
+                                            "one); arguments after -- go to vllm serve")
+    p.add_argument("model", nargs="?", type=Path, help=f"checkpoint dir (default: build {DEFAULT_DIR})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    model = args.model or DEFAULT_DIR
+    if args.model is None and not (model / "config.json").exists():
+        from visor_vllm.checkpoint import build_tiny
+
+        print(f"building the embedded default checkpoint in {model} (tiny, random, seed 0)")
+        build_tiny(model, seed=0)
+    if not (model / "config.json").exists():
+        print(f"visor-vllm serve: {model} is not a checkpoint directory (no config.json)",
+              file=sys.stderr)
+        return 2
+    extra = list(getattr(args, "passthrough", []))
+    name = args.served_model_name or model.resolve().name
+    cmd = vllm_command(model, args.host, args.port, name, extra)
+    print(f"VISOR server for {model} as model {name!r}: http://{args.host}:{args.port}/v1 "
+          f"(ready when http://{args.host}:{args.port}/health answers 200)", flush=True)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
