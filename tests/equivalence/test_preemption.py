@@ -1,0 +1,54 @@
+"""A preempted VISOR request re-derives its configuration: the same tokens as when run alone.
+
+The KV pool is cut so that sixteen long image requests fit at admission but not while they all
+decode; vLLM then preempts (recompute) and later re-prefills a request from its prompt plus
+its outputs so far. The router must reach the same configuration (it reads only prompt
+routing tokens, causally), so every request's tokens equal its uncontended run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .test_vllm_vs_reference import LONG, chat, image
+
+pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
+
+PROMPTS = [(chat(LONG[: 1000 + 100 * i]), image(20 + i)) for i in range(16)]  # ~300-700 tokens
+
+
+def generate(llm, prompts):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": [img]}} for p, img in prompts],
+                        SamplingParams(temperature=0, max_tokens=160, ignore_eos=True), use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def engine(visor_ckpt, **kw):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    return LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=1024,
+               max_num_batched_tokens=2048, max_num_seqs=16, limit_mm_per_prompt={"image": 1},
+               disable_log_stats=False, seed=0, **kw)
+
+
+def test_preempted_requests_reroute_to_the_same_tokens(visor_ckpt):
+    # vLLM insists on room for one max-length request (~25 blocks here, the encoder budget included); sixteen ~6-block
+    # prompts fill the pool and their outputs do not fit
+    small = engine(visor_ckpt, num_gpu_blocks_override=40)
+    try:
+        contended = generate(small, PROMPTS)
+        preempted = sum(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        small.llm_engine.engine_core.shutdown()
+    assert preempted > 0, "the test did not cause a preemption; shrink the KV pool"
+    roomy = engine(visor_ckpt)
+    try:
+        alone = [generate(roomy, [p])[0] for p in PROMPTS]
+    finally:
+        roomy.llm_engine.engine_core.shutdown()
+    assert contended == alone
