@@ -344,7 +344,8 @@ class VisorForConditionalGeneration(nn.Module):
         vis = torch.cat(images) if images else None
         text_ids = ids[~is_image]
         routing_idx = (text_ids == self.config.routing_token_id).nonzero().flatten()
-        allowed = None if budget is None else allowed_configs(self.config, budget)
+        allowed = (None if budget is None
+                   else allowed_configs(self.config, budget, n_vision, int(text_ids.numel())))
         return self._run(text_ids, vis, [x.shape[0] for x in images], sa_layers, routing_idx,
                          use_cache, allowed)
 
