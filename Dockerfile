@@ -43,4 +43,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=5 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/health', timeout=5)"
 # Placeholder: the serving issue finishes this command (VISOR flags, served model name, budgets).
-CMD ["vllm", "serve", "/models/visor-0.5b", "--host", "0.0.0.0", "--port", "8000"]
+ENV VLLM_USE_V2_MODEL_RUNNER=0
+CMD ["vllm", "serve", "/models/visor-0.5b", "--host", "0.0.0.0", "--port", "8000", \
+     "--served-model-name", "visor-0.5b", "--middleware", "visor_vllm.server.VisorMiddleware", \
+     "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from visor_vllm.budget import Budget, BudgetError, allowed_configs, parse_budget
+from visor_vllm import receipts
+from visor_vllm.budget import (Budget, BudgetError, allowed_configs, default_budget, flops_fit,
+                                parse_budget)
 
 try:  # vllm is an optional dependency of the package as a whole
     from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -63,12 +65,20 @@ class RowState:
         self.has_explicit = torch.zeros(max_rows, **kw)                 # [R]
         self.sa_mask = torch.zeros(max_rows, L, **kw)                   # [R, L] decided at step 1
         self.config_index = torch.full((max_rows,), -1, dtype=torch.long, device=device)  # [R]
-        self.budget_source = ["auto"] * max_rows
+        self.cap_met = torch.ones(max_rows, **kw)                       # [R] FLOP cap met
+        # Python-side, per row: read once per request (first step), never per token
+        self.budgets: list[Budget] = [Budget()] * max_rows
+        self.receipts: list[str | None] = [None] * max_rows
+        self.n_routing: list[int] = [0] * max_rows
+        self.model_path = ""  # the checkpoint, for receipts (set by the model)
 
-    _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index")
+    _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
+                    "cap_met")
+    _ROW_LISTS = ("budgets", "receipts", "n_routing")
 
-    def set_row(self, row: int, budget: Budget, prompt_len: int) -> None:
-        self.prompt_len[row] = prompt_len
+    def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None) -> None:
+        prompt_ids = list(prompt_ids or ())
+        self.prompt_len[row] = len(prompt_ids)
         self.has_explicit[row] = budget.mode == "layers"
         self.explicit[row] = False
         if budget.sa_layers is not None:
@@ -76,10 +86,13 @@ class RowState:
         self.allowed[row] = torch.tensor(allowed_configs(self.cfg, budget), device=self.allowed.device)
         self.sa_mask[row] = False
         self.config_index[row] = -1
-        self.budget_source[row] = budget.mode
+        self.cap_met[row] = True
+        self.budgets[row] = budget
+        self.receipts[row] = receipt if receipts.valid_id(receipt) else None
+        self.n_routing[row] = prompt_ids.count(self.cfg.routing_token_id)
 
     def clear_row(self, row: int) -> None:
-        self.set_row(row, Budget(), 0)
+        self.set_row(row, Budget())
 
     def move(self, src: int, dst: int, swap: bool) -> None:
         for name in self._ROW_TENSORS:
@@ -88,8 +101,42 @@ class RowState:
                 t[[src, dst]] = t[[dst, src]]
             else:
                 t[dst] = t[src]
-        s = self.budget_source
-        s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
+        for name in self._ROW_LISTS:
+            s = getattr(self, name)
+            s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
+
+    def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor) -> None:
+        """Narrow ``allowed`` of first-step rows [R] with a FLOP cap to what fits their counts.
+
+        A Python loop over *capped first-step* rows only: once per such request, not per token.
+        """
+        for r in first.nonzero().flatten().tolist():
+            budget = self.budgets[r]
+            if budget.max_flops is None:
+                continue
+            mask, met = flops_fit(self.cfg, self.allowed[r].tolist(), budget.max_flops,
+                                  int(n_vision[r]), int(self.prompt_len[r]))
+            self.allowed[r] = torch.tensor(mask, device=self.allowed.device)
+            self.cap_met[r] = met
+
+    def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool) -> None:
+        """Write the receipt of every first-step row [R] that asked for one (`visor_vllm.receipts`)."""
+        if not bool(first.any()):  # decode steps: one check, no per-row work
+            return
+        rows = [r for r in first.nonzero().flatten().tolist() if self.receipts[r]]
+        if not rows:
+            return
+        sa = self.sa_mask[rows].cpu()
+        allowed = self.allowed[rows].sum(-1).tolist()
+        for j, r in enumerate(rows):
+            budget, nv = self.budgets[r], int(n_vision[r])
+            layers = sa[j].nonzero().flatten().tolist() if nv else []
+            receipts.write(self.receipts[r], dict(
+                sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[r]),
+                n_image=nv, n_text=int(self.prompt_len[r]), n_routing=self.n_routing[r],
+                routed=bool(has_router and nv and budget.uses_router and allowed[j] > 1),
+                budget=budget.mode, budget_source=budget.source, max_flops=budget.max_flops,
+                flops_cap_met=bool(self.cap_met[r]), model=self.model_path))
 
 
 class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
@@ -108,6 +155,7 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
         hf = vllm_config.model_config.hf_config
         self.active = getattr(hf, "model_type", None) == "visor" and len(args) == 2
         if self.active:
+            self.default = default_budget(hf)  # a bad VISOR_DEFAULT_BUDGET stops the engine here
             STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0])
 
     def is_argmax_invariant(self) -> bool:
@@ -122,7 +170,8 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
         for row in batch_update.removed:
             STATE.clear_row(row)
         for row, params, prompt_ids, _out in batch_update.added:
-            extra = getattr(params, "extra_args", None) if params is not None else None
-            STATE.set_row(row, parse_budget(extra, STATE.cfg), len(prompt_ids or ()))
+            extra = (getattr(params, "extra_args", None) if params is not None else None) or {}
+            STATE.set_row(row, parse_budget(extra, STATE.cfg, self.default), prompt_ids,
+                          extra.get(receipts.KEY))
         for src, dst, direction in batch_update.moved:
             STATE.move(src, dst, swap=direction == MoveDirectionality.SWAP)

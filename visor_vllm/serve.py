@@ -7,9 +7,16 @@ converted ``visor-0.5b``; ``--load-format dummy`` is added when the directory ha
 It prints where it listens, then *replaces itself* with ``vllm serve`` (exec), so signals,
 logs and exit codes are vLLM's own. Extra arguments after ``--`` go to ``vllm serve`` verbatim.
 
+It adds ``--middleware visor_vllm.server.VisorMiddleware`` (per-request receipts in responses,
+``visor:*`` metrics) and, with ``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
+engine after checking it against the checkpoint.
+
 Why these flags. The encoder-decoder layout needs ``--max-num-batched-tokens`` at least the
 largest image's token count (LLaVA-OV's profile image: 8,748 at 384 px crops), and on CPU
 ``--enforce-eager`` plus ``VLLM_CPU_KVCACHE_SPACE`` start the engine in seconds.
+
+A preset name instead of a directory (``visor-vllm serve visor-0.5b``) builds that preset into
+``checkpoints/<name>`` without weights (unless it exists) and serves it with dummy weights.
 
 Footgun: plain ``vllm serve DIR`` works too (the plugin registers itself); this wrapper only
 picks defaults. Flags given after ``--`` win because vLLM keeps the last occurrence.
@@ -24,6 +31,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_DIR = Path("checkpoints/visor-tiny")
+MIDDLEWARE = "visor_vllm.server.VisorMiddleware"  # receipts in responses, visor:* metrics
 
 
 def vllm_command(model: Path, host: str, port: int, name: str, extra: list[str]) -> list[str]:
@@ -32,7 +40,7 @@ def vllm_command(model: Path, host: str, port: int, name: str, extra: list[str])
     return [vllm, "serve", str(model), "--host", host, "--port", str(port),
             "--served-model-name", name, "--enforce-eager", "--max-model-len", "10000",
             "--max-num-batched-tokens", "10000", "--limit-mm-per-prompt", '{"image": 4}',
-            *dummy, *extra]
+            "--middleware", MIDDLEWARE, *dummy, *extra]
 
 
 def add_cli(subparsers) -> None:
@@ -42,21 +50,45 @@ def add_cli(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="default: the directory's name")
+    p.add_argument("--default-budget", default=None, metavar="BUDGET",
+                   help="server-wide budget for requests that name none: auto | min | max | N | "
+                        "a JSON object of vllm_xargs keys (sets $VISOR_DEFAULT_BUDGET)")
     p.add_argument("--dry-run", action="store_true", help="print the vllm command and exit")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from visor_vllm.config import PRESETS
+
     model = args.model or DEFAULT_DIR
     if args.model is None and not (model / "config.json").exists():
         from visor_vllm.checkpoint import build_tiny
 
         print(f"building the embedded default checkpoint in {model} (tiny, random, seed 0)")
         build_tiny(model, seed=0)
+    elif str(model) in PRESETS and not model.exists():
+        # `visor-vllm serve visor-0.5b`: a preset name, no such directory -> real sizes, dummy
+        # weights (config, tokenizer, processor only), e.g. for benchmarking
+        from visor_vllm.checkpoint import build_tiny
+
+        name, model = str(model), Path("checkpoints") / str(model)
+        if not (model / "config.json").exists():
+            print(f"building {model}: preset {name} without weights (served with dummy weights)")
+            build_tiny(model, preset=name, weights=name == "tiny")
     if not (model / "config.json").exists():
         print(f"visor-vllm serve: {model} is not a checkpoint directory (no config.json)",
               file=sys.stderr)
         return 2
+    if args.default_budget is not None:
+        from visor_vllm.budget import DEFAULT_ENV, BudgetError, default_budget
+        from visor_vllm.config import VisorConfig
+
+        os.environ[DEFAULT_ENV] = args.default_budget
+        try:  # fail here, with the allowed forms, not later inside the engine
+            default_budget(VisorConfig.from_pretrained(str(model)))
+        except BudgetError as e:
+            print(f"visor-vllm serve: --default-budget: {e}", file=sys.stderr)
+            return 2
     extra = list(getattr(args, "passthrough", []))
     name = args.served_model_name or model.resolve().name
     cmd = vllm_command(model, args.host, args.port, name, extra)

@@ -48,6 +48,7 @@ from visor_vllm.patches import apply_transformers_patches
 apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module (ledger entry 2)
 
 from vllm.config import VllmConfig  # noqa: E402
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.cross_attention import CrossAttention
@@ -347,6 +348,8 @@ class VisorDecoder(nn.Module):
         self.first_cross_name = holder.layer_name
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
+        self.model_path = vllm_config.model_config.model
+        self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
 
     # -- the step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, encoder_outputs=None) -> torch.Tensor:
@@ -363,6 +366,7 @@ class VisorDecoder(nn.Module):
             raise RuntimeError("visor_vllm.bridge:VisorBudgetBridge is not loaded; install "
                                "visor-vllm (entry point vllm.logits_processors) or pass "
                                "--logits-processors visor_vllm.bridge:VisorBudgetBridge")
+        state.model_path = self.model_path
         sa_mask = self._initial_sa_mask(s, state)                      # [R, L]
         vis = s.vis
         for i, layer in enumerate(self.layers):
@@ -378,6 +382,8 @@ class VisorDecoder(nn.Module):
                 h = hs + res
             if i == self.cfg.router_layer and self.router is not None:
                 sa_mask = self._route(h, input_ids, s, state, sa_mask)
+        if self.writes_receipts:
+            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None)
         return self.norm(h)
 
     def _initial_sa_mask(self, s: _Step, state) -> torch.Tensor:
@@ -386,6 +392,7 @@ class VisorDecoder(nn.Module):
         mask = state.sa_mask[:R].clone()
         new = s.new
         if bool(new.any()):
+            state.apply_flops_caps(new, s.n_vision)  # needs this step's token counts
             single = state.allowed[:R].sum(-1) == 1                      # min / max budgets
             forced = state.config_masks[state.allowed[:R].float().argmax(-1)]  # [R, L]
             init = torch.where(single[:, None], forced, state.always_on.expand(R, -1))

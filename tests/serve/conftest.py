@@ -33,7 +33,8 @@ def server(tmp_path_factory):
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(ckpt), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "4096", "--max-num-batched-tokens", "8192",
-           "--limit-mm-per-prompt", '{"image": 2}', "--max-num-seqs", "8"]
+           "--limit-mm-per-prompt", '{"image": 2}', "--max-num-seqs", "8",
+           "--middleware", "visor_vllm.server.VisorMiddleware"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"

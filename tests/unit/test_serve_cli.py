@@ -27,3 +27,25 @@ def test_weightless_dir_gets_dummy_weights_and_extra_args_pass_through(tmp_path,
 def test_not_a_checkpoint_is_exit_2(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--dry-run"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_preset_name_builds_a_weightless_real_size_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "visor-0.5b", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "checkpoints/visor-0.5b/config.json").exists()
+    assert "--load-format dummy" in out and "--served-model-name visor-0.5b" in out
+    assert f"--middleware {serve.MIDDLEWARE}" in out
+
+
+def test_default_budget_is_checked_before_vllm_starts(tmp_path, monkeypatch, capsys):
+    from visor_vllm.budget import DEFAULT_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DEFAULT_ENV, "")  # restored (unset) after the test: main() sets it
+    assert main(["serve", "--dry-run", "--default-budget", "lots"]) == 2
+    assert "VISOR_DEFAULT_BUDGET" in capsys.readouterr().err
+    assert main(["serve", "--dry-run", "--default-budget", '{"visor_max_flops": 0.3}']) == 0
+    import os
+
+    assert os.environ[DEFAULT_ENV] == '{"visor_max_flops": 0.3}'
