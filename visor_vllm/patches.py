@@ -47,6 +47,20 @@ Ledger
    When it can go.  With Model Runner V2 everywhere (it orders by ``input_batch.req_ids``), or
    when vLLM documents a row-order contract for encoder outputs.
 
+4. ``pil-bomb-check-deferred-to-vllm`` (PIL's process-global ``Image.MAX_IMAGE_PIXELS``; the
+   process that builds the VISOR multimodal processor, i.e. the API server)
+
+   Why.  vLLM 0.32 opens request images with PIL and then answers HTTP 400 when
+   ``w*h > VLLM_MAX_IMAGE_PIXELS``. Its default (178,956,970) equals PIL's own bomb threshold
+   (``2 * MAX_IMAGE_PIXELS``), so PIL raises ``DecompressionBombError`` inside ``Image.open``
+   first; that is neither ``OSError`` nor ``ValueError``, and vLLM answers HTTP 500 with a
+   traceback (measured: a 109 KB PNG whose header says 30000x30000).
+   How.  ``Image.MAX_IMAGE_PIXELS = None`` while vLLM's limit is on (> 0), so vLLM's header
+   check answers 400 before any decode; `visor_vllm.inputs` keeps the rest of the input checks.
+   With ``VLLM_MAX_IMAGE_PIXELS=0`` PIL's guard stays.
+   When it can go.  When vLLM catches ``DecompressionBombError`` (the test
+   ``tests/unit/test_inputs.py`` pins the 500 and will say so).
+
 Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
 reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
 token counts with encoder placeholder offsets when it decides which encoder inputs to run, so a
@@ -263,3 +277,43 @@ def apply_vllm_patches() -> list[str]:
         if not patch.applied():
             patch.apply()
     return [p.name for p in VLLM_PATCHES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 4 (the VISOR processor's process): PIL's bomb check deferred to vLLM's pixel limit
+# ---------------------------------------------------------------------------------------------
+
+def _vllm_pixel_limit_on() -> bool:
+    from visor_vllm.inputs import image_pixel_limit
+
+    return image_pixel_limit() > 0
+
+
+def _pil_check_off() -> bool:
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS is None
+
+
+def _turn_pil_check_off() -> None:
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+
+
+FRONTEND_PATCHES: list[Patch] = [
+    Patch(
+        name="pil-bomb-check-deferred-to-vllm",
+        target="PIL.Image.MAX_IMAGE_PIXELS",
+        why="PIL's DecompressionBombError fires before vLLM's VLLM_MAX_IMAGE_PIXELS check and "
+            "becomes HTTP 500; vLLM's check answers 400 from the header alone.",
+        how="Image.MAX_IMAGE_PIXELS = None while VLLM_MAX_IMAGE_PIXELS > 0.",
+        removal="drop when vLLM maps DecompressionBombError to a 400 itself.",
+        needed=_vllm_pixel_limit_on, applied=_pil_check_off, apply=_turn_pil_check_off,
+    ),
+]
+
+
+def apply_frontend_patches() -> list[str]:
+    """Apply the patches the VISOR multimodal processor's process needs; idempotent."""
+    return _apply(FRONTEND_PATCHES)

@@ -71,7 +71,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
 from vllm.v1.attention.backend import AttentionType
 
-from visor_vllm import bridge, plan
+from visor_vllm import bridge, patches, plan
+from visor_vllm.inputs import check_images
 from visor_vllm.config import VisorConfig
 
 logger = init_logger(__name__)
@@ -111,6 +112,10 @@ class VisorDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
 class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiModalProcessor):
     skip_decoder_start_token = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patches.apply_frontend_patches()  # oversized images: vLLM's 400, not PIL's 500
+
     def create_encoder_prompt(self, prompt, mm_items) -> list[int]:
         return [self.info.get_hf_config().image_token_index] * mm_items.get_count("image", strict=False)
 
@@ -128,6 +133,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiMod
             return self._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough)
         call = dict(hf_data)
         images = call.get("images") or []
+        check_images(images)  # zero-sized image -> 400, not a division by zero
         if len(images) > 1:
             call["images"] = [list(images)]
         processed = self.info.ctx.call_hf_processor(
