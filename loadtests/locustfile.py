@@ -4,8 +4,11 @@
         --headless --users 8 --spawn-rate 2 --run-time 2m
 
 Environment: ``VISOR_MODEL`` (served model name, default ``visor-0.5b``), ``VISOR_MAX_TOKENS``
-(default 32), ``VISOR_IMAGE_SIZE`` (square side in pixels, default 64). Every request is bounded:
-few output tokens, temperature 0, a 120 s client timeout; a 200 with no choices counts as a failure.
+(default 32), ``VISOR_IMAGE_SIZE`` (square side in pixels, default 64), ``VISOR_BUDGETS``
+(comma-separated ``visor_budget`` values cycled over requests, default ``auto,min,max``; locust
+reports each budget under its own name). Every request is bounded: few output tokens,
+temperature 0, a 120 s client timeout; a 200 with no choices, or (behind the VISOR middleware)
+without the ``visor`` receipt, counts as a failure.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ except ImportError as e:  # pragma: no cover
 MODEL = os.environ.get("VISOR_MODEL", "visor-0.5b")
 MAX_TOKENS = int(os.environ.get("VISOR_MAX_TOKENS", "32"))
 IMAGE_SIZE = int(os.environ.get("VISOR_IMAGE_SIZE", "64"))
+BUDGETS = [b.strip() for b in os.environ.get("VISOR_BUDGETS", "auto,min,max").split(",") if b.strip()]
 TIMEOUT_S = 120
 
 
@@ -55,6 +59,7 @@ class VisorChatUser(HttpUser):
     @task
     def chat_with_image(self) -> None:
         question = QUESTIONS[self.turn % len(QUESTIONS)]
+        budget = BUDGETS[self.turn % len(BUDGETS)]
         self.turn += 1
         body = {
             "model": MODEL,
@@ -64,10 +69,15 @@ class VisorChatUser(HttpUser):
             ]}],
             "max_tokens": MAX_TOKENS,
             "temperature": 0.0,
+            "vllm_xargs": {"visor_budget": budget},
         }
         with self.client.post("/v1/chat/completions", json=body, timeout=TIMEOUT_S,
-                              name="chat.completions+image", catch_response=True) as resp:
+                              name=f"chat.completions+image budget={budget}",
+                              catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
             elif not resp.json().get("choices"):
                 resp.failure("response has no choices")
+            elif "visor" not in resp.json():
+                resp.failure("no visor receipt: is the server running --middleware "
+                             "visor_vllm.server.VisorMiddleware?")

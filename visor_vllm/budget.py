@@ -150,10 +150,9 @@ def _parse_layers(value, cfg: VisorConfig | None) -> tuple[int, ...]:
         value = [v for v in value.replace(" ", "").split(",") if v]
     if not isinstance(value, (list, tuple)):
         raise BudgetError(f"visor_sa_layers must be a list of layer numbers, got {value!r}")
-    try:
-        numbers = [int(v) for v in value if not isinstance(v, bool)]
-    except (TypeError, ValueError):
-        raise BudgetError(f"visor_sa_layers must hold integer layer numbers, got {value!r}") from None
+    numbers = [_layer_number(v) for v in value]
+    if None in numbers:  # 1.5 must not silently become layer 1
+        raise BudgetError(f"visor_sa_layers must hold integer layer numbers, got {value!r}")
     if len(numbers) != len(value) or len(set(numbers)) != len(numbers):
         raise BudgetError(f"visor_sa_layers must hold distinct integer layer numbers, got {value!r}")
     layers = tuple(sorted(layers_from_numbers(numbers)))
@@ -163,6 +162,19 @@ def _parse_layers(value, cfg: VisorConfig | None) -> tuple[int, ...]:
             raise BudgetError(f"visor_sa_layers: layer number(s) {numbers_from_layers(bad)} are not "
                               f"SA-capable; choose from {numbers_from_layers(cfg.sa_capable_layers)}")
     return layers
+
+
+def _layer_number(v) -> int | None:
+    """An integer layer number from an int, a whole float (JSON 4.0) or a digit string; else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+        return int(v)
+    return None
 
 
 def _n_optional(cfg: VisorConfig, config: list[int]) -> int:

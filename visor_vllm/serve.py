@@ -98,6 +98,9 @@ def _cli(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    # LLaVA-OV shrinks every image to <= 2304 px anyway; a lower cap keeps a 0.5 MB PNG that
+    # decodes to 179 M pixels (vLLM's default limit) from costing the server GBs of RAM
+    os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(4096 * 4096))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.execv(cmd[0], cmd)
     return 0  # not reached

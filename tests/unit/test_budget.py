@@ -19,6 +19,8 @@ def test_forms(extra, mode):
 def test_explicit_layers_are_1_based_and_checked():
     assert parse_budget({"visor_sa_layers": [4, 1]}, CFG).sa_layers == (0, 3)
     assert parse_budget({"visor_sa_layers": "1,7"}, CFG).sa_layers == (0, 6)
+    assert parse_budget({"visor_sa_layers": [4.0, "1"]}, CFG).sa_layers == (0, 3)
+    assert parse_budget({"visor_sa_layers": []}, CFG).sa_layers == ()  # CA only: the paper's 0-SA ablation
     with pytest.raises(BudgetError, match=r"choose from \[1, 4, 7, 10, 16, 19, 22\]"):
         parse_budget({"visor_sa_layers": [1, 2]}, CFG)
 
@@ -26,6 +28,7 @@ def test_explicit_layers_are_1_based_and_checked():
 @pytest.mark.parametrize("extra, match", [
     ({"visor_budget": "lots"}, "auto"), ({"visor_budget": -1}, ">= 0"), ({"visor_budget": True}, ">= 0"),
     ({"visor_budget": 1.5}, ">= 0"), ({"visor_sa_layers": 4}, "list"), ({"visor_sa_layers": ["a"]}, "integer"),
+    ({"visor_sa_layers": [1.5]}, "integer"), ({"visor_sa_layers": [True]}, "integer"),
     ({"visor_sa_layers": [1, 1]}, "distinct"), ({"visor_colour": 1}, "allowed"),
     ({"visor_budget": "max", "visor_sa_layers": [1]}, "give it alone"), ({"visor_budget": 0}, "smallest has 1"),
 ])
