@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,8 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def serving(tmp_path_factory, *extra: str):
+    """``(base_url, log_path)`` of a ready ``vllm serve`` on a fresh tiny checkpoint."""
     from visor_vllm.testing import write_random_tiny_checkpoint
 
     ckpt = write_random_tiny_checkpoint(tmp_path_factory.mktemp("serve-ckpt"))
@@ -34,7 +36,7 @@ def server(tmp_path_factory):
            "--port", str(port), "--served-model-name", MODEL, "--dtype", "float32",
            "--enforce-eager", "--max-model-len", "4096", "--max-num-batched-tokens", "8192",
            "--limit-mm-per-prompt", '{"image": 2}', "--max-num-seqs", "8",
-           "--middleware", "visor_vllm.server.VisorMiddleware"]
+           "--middleware", "visor_vllm.server.VisorMiddleware", *extra]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -59,3 +61,9 @@ def server(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    with serving(tmp_path_factory) as s:
+        yield s
