@@ -41,6 +41,8 @@ CASES = {  # name -> (prompt, images, extra_args)
     "min": (chat("Count the apples."), [image(2, 90, 40)], {"visor_budget": "min"}),
     "max": (chat("Count the apples."), [image(2, 90, 40)], {"visor_budget": "max"}),
     "cap_1": (chat("Where is the bird?"), [image(3)], {"visor_budget": 1}),
+    # prefill FLOPs / dense for this prompt: [0.30, 0.45, 0.45, 0.60] -> the costliest is out
+    "flops_cap": (chat("Where is the bird?"), [image(3)], {"visor_max_flops": 0.5}),
     "text_only": ("<|im_start|>user\nHello there, who are you?<|route|><|im_end|>\n"
                   "<|im_start|>assistant\n", [], None),
     "two_images": (chat("Compare them.", 2), [image(4), image(5, 64, 32)],
@@ -52,6 +54,8 @@ CASES = {  # name -> (prompt, images, extra_args)
 @pytest.fixture(scope="module")
 def llm(visor_ckpt):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # lets collective_rpc ship a test function to the worker (kv_cache_spec_kinds); tests only
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
     llm = LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=4096,
@@ -132,3 +136,26 @@ def test_bad_budget_is_a_value_error(llm):
             llm.generate({"prompt": CASES["router"][0], "multi_modal_data": {"image": [image(0)]}},
                          SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
         assert isinstance(err.value, ValueError) or type(err.value).__name__ == "VLLMValidationError"
+
+
+def kv_cache_spec_kinds(worker) -> dict[str, str]:
+    """Runs in the worker: the class of every layer's KV cache spec (the specs themselves do
+    not survive vLLM's RPC serialization; the call hangs)."""
+    return {name: type(spec).__name__ for name, spec in worker.get_kv_cache_spec().items()}
+
+
+def test_vision_kv_lives_only_in_ca_and_sa_capable_layers(llm, visor_ckpt):
+    """Vision K/V per request <= (CA layers + SA-capable layers) x visual tokens: only those
+    layers hold an encoder (cross-attention) cache; every text cache is text tokens only."""
+    from vllm.v1.kv_cache_interface import CrossAttentionSpec, FullAttentionSpec
+
+    from visor_vllm.config import VisorConfig
+
+    cfg = VisorConfig.from_pretrained(str(visor_ckpt))
+    specs = llm.collective_rpc(kv_cache_spec_kinds, timeout=120)[0]   # layer name -> spec class
+    cross = sorted(n for n, s in specs.items() if s == CrossAttentionSpec.__name__)
+    text = [n for n, s in specs.items() if s == FullAttentionSpec.__name__]
+    want = sorted([f"language_model.model.layers.{i}.cross_attn.attn" for i in cfg.cross_layers]
+                  + [f"language_model.model.layers.{i}.vision_kv" for i in cfg.sa_capable_layers])
+    assert cross == want
+    assert len(text) == cfg.num_layers and len(specs) == len(cross) + len(text)
