@@ -1,0 +1,664 @@
+"""VISOR vs vLLM's own LLaVA-OneVision: latency, throughput and KV-cache capacity, in one run.
+
+What. Builds two hub-free checkpoints of the *same architecture sizes* -- VISOR
+(``visor-vllm build-tiny DIR --preset visor-0.5b``: config, tokenizer, processor, no weights) and
+LLaVA-OneVision in the llava-hf layout (``visor-vllm build-tiny-llava DIR --real-sizes``: the same
+LLaVA-OV-0.5B sub-configs, no weights) -- and serves each in turn with ``vllm serve`` (both
+``--load-format dummy``, identical flags and environment). VISOR is served once and measured
+under every per-request budget (``min`` / ``auto`` / ``max`` by default, sent as
+``extra_body={"vllm_xargs": {"visor_budget": ...}}``); LLaVA-OV is vLLM's built-in
+``LlavaOnevisionForConditionalGeneration``. For every (model, budget, concurrency) it records
+TTFT, inter-token latency (mean and p50), request throughput and output-token throughput, and
+for every (model, budget) how many concurrent image requests fit in the KV cache. It prints one
+table plus VISOR/LLaVA-OV ratios (same concurrency, same run) and writes everything to JSON
+(default ``bench-results/bench_vs_llava.json``; ``bench-results/`` is gitignored).
+
+Why. VISOR's claim is that keeping image tokens out of most LLM layers saves compute and
+memory without dropping visual tokens. On a server that shows up as prefill time (TTFT), decode
+time per token (text queries attend the image only in CA/SA layers) and KV memory per request,
+i.e. concurrency. Comparing against vLLM's own LLaVA-OV on the same box, same images, same
+prompts and same server flags in one process run keeps the comparison honest: nothing differs
+but the model.
+
+How to run::
+
+    .venv/bin/python benchmarks/bench_vs_llava.py                       # real sizes (long)
+    .venv/bin/python benchmarks/bench_vs_llava.py --preset tiny          # smoke test, ~4-8 min
+    .venv/bin/python benchmarks/bench_vs_llava.py --concurrency 1 --num-prompts 2 --budgets max
+    .venv/bin/python benchmarks/bench_vs_llava.py --help
+
+Useful flags: ``--concurrency 1 4`` (levels), ``--num-prompts N`` (per level; default
+``max(4, 2*c)``), ``--max-tokens 64``, ``--image 384x384``, ``--budgets min auto max``,
+``--kv-space-gib 4`` (``VLLM_CPU_KVCACHE_SPACE``), ``--omp-bind 0-1``
+(``VLLM_CPU_OMP_THREADS_BIND``), ``--out FILE``, ``--workdir DIR`` (checkpoints, datasets,
+server logs and every raw ``vllm bench serve`` result land there), ``--models visor llava``,
+``--serve-args '...'`` (more ``vllm serve`` flags, given to both servers). Exit status 1 when
+a server or a run failed (the table and JSON are still written).
+
+How it measures.
+
+* Requests: ``vllm bench serve`` (``--backend openai-chat``, streaming, greedy, ``--ignore-eos``
+  so every request decodes exactly ``--max-tokens``), one invocation per (model, budget,
+  concurrency) with ``--max-concurrency c`` and ``--extra-body`` carrying the budget. We use
+  vLLM's own client so TTFT / ITL / throughput follow upstream's definitions. Its
+  ``--dataset-name random-mm`` is *not* used: it samples prompt token ids from each model's own
+  tokenizer vocabulary (VISOR's has 151,936 entries, LLaVA-OV's 151,648) and draws images from
+  the same RNG stream, so prompts -- and after the first divergence the images -- would differ
+  between the models. Instead this
+  script writes a ``custom_image`` JSONL per concurrency level (``--enable-multimodal-chat``,
+  ``--disable-shuffle``): fresh seeded random-noise PNGs plus a fixed list of questions, byte
+  for byte the same for every model and budget. ``--extra-body`` applies to a whole invocation,
+  which is exactly one budget here, so per-request extra body is not needed.
+* Fresh images: every concurrency level has its own images (seed ``[seed, c]``), so the
+  LLaVA-OV server never sees an image twice (vLLM's encoder cache would otherwise skip SigLIP
+  for a repeated image). The VISOR server sees each level's images once per budget; VISOR in
+  encoder-decoder mode has no encoder cache and no prefix caching, and both servers run with
+  ``--mm-processor-cache-gb 0 --no-enable-prefix-caching`` so no cache hides any work.
+* Warm-up + KV probe: before each (model, budget)'s timed runs one streaming request with its
+  own image (same size, none of the timed ones) is sent with the ``openai`` client; after
+  every streamed token it reads ``vllm:kv_cache_usage_perc`` and ``num_gpu_blocks`` from
+  ``/metrics``.
+* KV capacity = ``num_gpu_blocks // peak_blocks_of_one_request`` with
+  ``peak_blocks = round(peak_usage * num_gpu_blocks)``, i.e. measured from what vLLM actually
+  allocates for this request shape (image + prompt + ``--max-tokens``), in the same
+  ``VLLM_CPU_KVCACHE_SPACE`` for both models. It cannot simply be computed from token counts:
+  VISOR's text K/V is paged per *text* token in every layer (full-attention spec), while its
+  vision K/V is written once per request in every CA layer and every SA-capable layer
+  (cross-attention spec: ``Nv`` slots each, allocated whether or not the request's
+  configuration runs that SA layer -- so capacity does not depend on the budget), and vLLM's
+  hybrid allocator groups the two kinds into equal-size layer groups with padding layers
+  (``Add N padding layers`` in the server log), which costs memory that a token count does
+  not see. LLaVA-OV pages image + text tokens in every layer. vLLM's own startup line
+  (``CPU KV cache size: N tokens, Maximum concurrency for L tokens per request: X``) is
+  recorded too, but it is for a ``--max-model-len`` request (and for VISOR adds encoder slots
+  for the largest encoder input vLLM allows), not for the benchmark's image request.
+  Measured at real size, 4 GiB, 384x384 image, 64 output tokens: VISOR's 24 text layers and
+  15 cross-spec layers (8 CA + 7 SA-capable) become 3 groups of 15 layers (6 padding layers,
+  i.e. a quarter of the text-KV memory holds nothing), 4,369 blocks of 15 layers x 128 tokens,
+  14 per request (12 vision + 2 x 1 text) -> 312 requests; LLaVA-OV: one group of 24 layers,
+  2,730 blocks, 13 per request (1,505 + 64 tokens) -> 210 requests; ratio 1.49x.
+
+Footguns.
+
+* CPU timings are noisy (2 cores, and anything else running on the box competes: the
+  benchmark client shares those cores). Compare only rows of one run; the ratios are the
+  result, the absolute numbers are this machine's. Seen here while other jobs ran: one
+  ``visor/min`` c=1 run at 2x the ITL of ``visor/max``, gone in three repeats. Repeat a run
+  (or ``--budgets max min max min``) before believing a surprising row.
+* The vision encoder dominates TTFT on CPU (an earlier measurement in this project: SigLIP
+  ~37 s of ~55 s for a 1,521-token image) and it runs once per request in *both* models
+  (VISOR has no encoder cache in enc-dec mode; LLaVA-OV's never hits with fresh images), so
+  VISOR's TTFT gain is bounded by the LLM share of prefill. What this script measured with
+  bf16 servers on the 2-core box (384x384 image = 1,505 LLaVA-OV prompt tokens, c=1): TTFT
+  ~5-8 s VISOR vs ~9-13 s LLaVA-OV. With concurrency > 1 requests queue behind each other's
+  encoder work, so TTFT grows with concurrency for both.
+* Dummy weights: outputs are random tokens; ``--ignore-eos`` keeps output lengths identical.
+  With ``--budgets auto`` the router's choice on dummy weights is arbitrary (not the trained
+  distribution); ``min`` / ``max`` bracket it.
+* ``usage.prompt_tokens`` (and vLLM bench's input-token totals) count VISOR's *text* tokens
+  only; LLaVA-OV's include the image tokens. Token throughput here is *output* tokens.
+* Wall time. Real sizes with the defaults: 2 server starts (~1-2 min each), 4 probes and
+  4 x 12 timed requests (~12-15 s each alone at c=1, ~9-17 s of server time each at c=4),
+  plus ~15 s of ``vllm bench serve`` start-up per run: ~15-25 minutes on the 2-core box.
+  ``--preset tiny`` runs the whole pipeline (servers really start) in ~4-8 minutes, most of
+  it server start-up; ``--concurrency 1 --num-prompts 2 --budgets max`` is the quick
+  real-size check (~5 minutes).
+* ``VLLM_CPU_OMP_THREADS_BIND=0-1`` is fastest on a 2-core box; pass ``--omp-bind auto`` (or
+  your own range) elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+
+PRESETS = {
+    # name: (visor build-tiny args, llava build-tiny-llava args)
+    "real": (["--preset", "visor-0.5b"], ["--real-sizes"]),
+    "tiny": ([], []),
+}
+DEFAULT_BUDGETS = ("min", "auto", "max")
+PROMPTS = (
+    "Describe the image in detail.",
+    "What is shown in this image?",
+    "How many people are in the photo?",
+    "What color is the car parked in front of the house?",
+)
+SERVED_NAME = "m"
+PROBE_LEVEL = 10**6  # seed slot of the probe images (never a concurrency level)
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="VISOR vs vLLM's LLaVA-OneVision (same sizes, dummy weights): TTFT, ITL, "
+                    "throughput, KV-cache capacity; see the module docstring.")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="real",
+                    help="real: VISOR-0.5B vs LLaVA-OV-0.5B sizes, dummy weights; tiny: the "
+                         "tiny random checkpoints (smoke test)")
+    ap.add_argument("--models", nargs="+", choices=["visor", "llava"], default=["visor", "llava"])
+    ap.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
+                    help="VISOR budgets, each a visor_budget value (min/auto/max or an int)")
+    ap.add_argument("--concurrency", nargs="+", type=_positive_int, default=[1, 4],
+                    help="max concurrent requests, one timed run per level")
+    ap.add_argument("--num-prompts", type=_positive_int, default=None,
+                    help="timed requests per concurrency level (default: max(4, 2*c))")
+    ap.add_argument("--max-tokens", type=_positive_int, default=64,
+                    help="output tokens per request (ignore_eos)")
+    ap.add_argument("--image", type=_image_size, default=(384, 384), metavar="WxH",
+                    help="size of the random images (default 384x384)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-space-gib", type=float, default=4.0,
+                    help="VLLM_CPU_KVCACHE_SPACE for both servers")
+    ap.add_argument("--omp-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND (2-core box: 0-1)")
+    ap.add_argument("--max-model-len", type=_positive_int, default=10000)
+    ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    ap.add_argument("--startup-timeout", type=float, default=1800, help="seconds per server")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-results/bench_vs_llava"),
+                    help="checkpoints, datasets, logs and raw results")
+    ap.add_argument("--out", type=Path, default=Path("bench-results/bench_vs_llava.json"))
+    ap.add_argument("--serve-args", type=shlex.split, default=[],
+                    help="extra vllm serve arguments for *both* servers, one quoted string, "
+                         "e.g. --serve-args='--max-num-seqs 8'")
+    ap.add_argument("--no-probe", action="store_true",
+                    help="skip the warm-up/KV probe request (no KV capacity then)")
+    args = ap.parse_args(argv)
+    for b in args.budgets:
+        if not (b in DEFAULT_BUDGETS or b.isdigit()):
+            ap.error(f"--budgets: {b!r} is not min/auto/max or an integer >= 0")
+    args.concurrency = sorted(set(args.concurrency))
+    return args
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {s}")
+    return v
+
+
+def _image_size(s: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)[xX](\d+)", s.strip())
+    if not m or min(int(m[1]), int(m[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected WxH like 384x384, got {s!r}")
+    return int(m[1]), int(m[2])
+
+
+def requests_for(concurrency: int, num_prompts: int | None) -> int:
+    """Timed requests at one concurrency level."""
+    return num_prompts if num_prompts else max(4, 2 * concurrency)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and datasets
+# ---------------------------------------------------------------------------------------------
+
+def build_checkpoints(preset: str, root: Path) -> dict[str, Path]:
+    """``visor-vllm build-tiny`` / ``build-tiny-llava`` into ``root`` (reused when present)."""
+    visor_args, llava_args = PRESETS[preset]
+    out = {"visor": root / f"visor-{preset}", "llava": root / f"llava-onevision-{preset}"}
+    cli = str(BIN / "visor-vllm")
+    for name, cmd in (("visor", [cli, "build-tiny", str(out["visor"]), *visor_args]),
+                      ("llava", [cli, "build-tiny-llava", str(out["llava"]), *llava_args])):
+        if (out[name] / "config.json").exists() and (out[name] / "tokenizer.json").exists():
+            continue
+        print(f"building {name}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return out
+
+
+def image_data_url(rng, width: int, height: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_content(url: str, prompt: str) -> list[dict]:
+    """Image first, then the question (LLaVA-OV's usual order; VISOR puts V first anyway)."""
+    return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+
+
+def dataset_lines(seed: int, level: int, n: int, size: tuple[int, int]) -> list[str]:
+    """``custom_image`` JSONL lines: n fresh images for one level; same args -> same bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, level])
+    return [json.dumps({"content": chat_content(image_data_url(rng, *size),
+                                                PROMPTS[i % len(PROMPTS)])})
+            for i in range(n)]
+
+
+def write_datasets(args: argparse.Namespace, root: Path) -> dict[int, Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for c in args.concurrency:
+        p = root / f"images-{args.image[0]}x{args.image[1]}-seed{args.seed}-c{c}.jsonl"
+        p.write_text("\n".join(dataset_lines(args.seed, c, requests_for(c, args.num_prompts),
+                                             args.image)) + "\n")
+        paths[c] = p
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------------------------
+
+def server_command(model: Path, port: int, max_model_len: int = 10000,
+                   extra: list[str] | None = None) -> list[str]:
+    """The `vllm serve` command; identical for both models but the directory.
+
+    VISOR's requirements, as in `visor_vllm.serve.vllm_command`: ``--enforce-eager``,
+    ``--max-num-batched-tokens`` >= the largest image's tokens plus prompt (no chunked prefill in
+    enc-dec mode), ``--limit-mm-per-prompt``. Benchmark choices: bfloat16; one image and no video
+    per prompt (LLaVA-OV's video processor needs torchvision); no prefix caching and no
+    multimodal processor cache, so no request is served from a cache; ``--load-format dummy``
+    when the directory has no ``*.safetensors`` (real sizes: both models). Deliberately *not*
+    `vllm_command` itself: that one also adds VISOR-only serving features (e.g. the receipts
+    middleware) which would make the two servers differ; pass them with ``--serve-args`` if
+    wanted (they then go to both servers).
+    """
+    dummy = [] if any(Path(model).glob("*.safetensors")) else ["--load-format", "dummy"]
+    return [str(BIN / "vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--enforce-eager",
+            "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len),
+            "--limit-mm-per-prompt", '{"image": 1, "video": 0}', "--no-enable-prefix-caching",
+            "--mm-processor-cache-gb", "0", "--seed", "0", *dummy, *(extra or [])]
+
+
+def server_env(kv_space_gib: float, omp_bind: str) -> dict[str, str]:
+    return {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_space_gib:g}",
+            "VLLM_CPU_OMP_THREADS_BIND": omp_bind, "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1"}
+
+
+class Server:
+    """A `vllm serve` subprocess in its own process group; a context manager."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path, port: int):
+        self.cmd, self.env, self.log, self.port = cmd, env, log, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Server:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         env=self.env, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float) -> float:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; last log "
+                                   f"lines:\n{_tail(self.log)}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return time.time() - t0
+            except OSError:
+                pass
+            time.sleep(2)
+        raise RuntimeError(f"vllm serve not ready after {timeout:.0f}s; log: {self.log}")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        # the API server first (it stops its engine core and workers cleanly), then whatever is
+        # left of the process group we created for it
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # stragglers of our own group only
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Log and /metrics parsing, KV capacity
+# ---------------------------------------------------------------------------------------------
+
+_KV_LINE = re.compile(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens "
+                      r"per request: ([\d.]+)x")
+_GROUPS = re.compile(r"kv cache group sizes \(([\d, ]*)\)")
+_PADDING = re.compile(r"Add (\d+) padding layers")
+
+
+def parse_kv_log(text: str) -> dict:
+    """vLLM's startup KV lines -> dict (None for what is missing).
+
+    ``kv_cache_tokens`` / ``max_concurrency_at_max_len``: the "KV cache size: N tokens, Maximum
+    concurrency for L tokens per request: Xx" line (for ``--max-model-len`` requests);
+    ``group_block_sizes``: one block size per KV cache group; ``padding_layers``: layers vLLM's
+    hybrid allocator added to equalise groups (memory that holds nothing).
+    """
+    out = {"kv_cache_tokens": None, "max_model_len": None, "max_concurrency_at_max_len": None,
+           "group_block_sizes": None, "padding_layers": 0}
+    if m := _KV_LINE.search(text):
+        out["kv_cache_tokens"] = int(m[1].replace(",", ""))
+        out["max_model_len"] = int(m[2].replace(",", ""))
+        out["max_concurrency_at_max_len"] = float(m[3])
+    if m := _GROUPS.search(text):
+        out["group_block_sizes"] = [int(x) for x in m[1].replace(" ", "").split(",") if x]
+    out["padding_layers"] = sum(int(x) for x in _PADDING.findall(text))
+    return out
+
+
+_USAGE = re.compile(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)$", re.M)
+_NUM_BLOCKS = re.compile(r'num_gpu_blocks="(\d+)"')
+
+
+def parse_metrics(text: str) -> tuple[float | None, int | None]:
+    """Prometheus text -> (KV usage fraction, total KV blocks)."""
+    u, nb = _USAGE.search(text), _NUM_BLOCKS.search(text)
+    return (float(u[1]) if u else None), (int(nb[1]) if nb else None)
+
+
+def kv_capacity(num_blocks: int | None, blocks_per_request: int | None) -> int | None:
+    """Concurrent requests of this shape that fit in the pool (all groups share one pool)."""
+    if not num_blocks or not blocks_per_request:
+        return None
+    return num_blocks // blocks_per_request
+
+
+def blocks_from_usage(usage: float, num_blocks: int) -> int:
+    return round(usage * num_blocks)
+
+
+def probe(base: str, url: str, prompt: str, max_tokens: int, budget: str | None) -> dict:
+    """One streaming request (warm-up); peak KV blocks it holds, read from /metrics per token."""
+    from openai import OpenAI
+
+    def metrics():
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            return parse_metrics(r.read().decode())
+
+    client = OpenAI(base_url=base + "/v1", api_key="none", timeout=3600, max_retries=0)
+    extra = {"ignore_eos": True}
+    if budget is not None:
+        extra["vllm_xargs"] = {"visor_budget": budget}
+    t0 = time.perf_counter()
+    ttft, peak, num_blocks, n, usage = None, 0, None, 0, None
+    stream = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": chat_content(url, prompt)}],
+        max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra)
+    for chunk in stream:
+        if chunk.choices:
+            n += 1
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            u, nb = metrics()
+            if u is not None and nb:
+                num_blocks = nb
+                peak = max(peak, blocks_from_usage(u, nb))
+        if chunk.usage:
+            usage = chunk.usage
+    return {"ttft_s": ttft, "e2e_s": time.perf_counter() - t0, "chunks": n,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "num_gpu_blocks": num_blocks, "blocks_per_request": peak or None,
+            "kv_capacity_requests": kv_capacity(num_blocks, peak)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timed runs: vllm bench serve
+# ---------------------------------------------------------------------------------------------
+
+def bench_command(port: int, tokenizer: Path, dataset: Path, n: int, concurrency: int,
+                  max_tokens: int, budget: str | None, result: Path, seed: int = 0) -> list[str]:
+    cmd = [str(BIN / "vllm"), "bench", "serve", "--backend", "openai-chat",
+           "--endpoint", "/v1/chat/completions", "--host", "127.0.0.1", "--port", str(port),
+           "--model", SERVED_NAME, "--tokenizer", str(tokenizer),
+           "--dataset-name", "custom_image", "--dataset-path", str(dataset),
+           "--enable-multimodal-chat", "--disable-shuffle", "--num-prompts", str(n),
+           "--max-concurrency", str(concurrency), "--request-rate", "inf",
+           "--custom-output-len", str(max_tokens), "--ignore-eos", "--temperature", "0",
+           "--seed", str(seed),
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+           "--save-result", "--result-dir", str(result.parent),
+           "--result-filename", result.name, "--disable-tqdm"]
+    if budget is not None:
+        cmd += ["--extra-body", json.dumps({"vllm_xargs": {"visor_budget": budget}})]
+    return cmd
+
+
+METRICS = ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "median_itl_ms",
+           "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms", "mean_e2el_ms", "request_throughput",
+           "output_throughput", "completed", "failed", "duration", "total_input_tokens",
+           "total_output_tokens")
+
+
+def summarize_bench(result: dict) -> dict:
+    """The metrics this benchmark reports from a `vllm bench serve --save-result` JSON."""
+    out = {k: result.get(k) for k in METRICS}
+    if out["failed"] is None and out["completed"] is not None:
+        out["failed"] = result.get("num_prompts", out["completed"]) - out["completed"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Table and ratios
+# ---------------------------------------------------------------------------------------------
+
+def row_label(model: str, budget: str | None) -> str:
+    return "llava-ov" if model == "llava" else f"visor/{budget}"
+
+
+def _ratio(a, b) -> float | None:
+    if a is None or b is None or not isinstance(a, (int, float)) or not b:
+        return None
+    return a / b
+
+
+def compute_ratios(rows: list[dict]) -> list[dict]:
+    """VISOR/LLaVA-OV per (budget, concurrency): TTFT, ITL (<1: VISOR faster), req/s, tok/s,
+    KV capacity (>1: VISOR better)."""
+    llava = {r["concurrency"]: r for r in rows if r["model"] == "llava"}
+    out = []
+    for r in rows:
+        ref = llava.get(r["concurrency"])
+        if r["model"] != "visor" or ref is None:
+            continue
+        out.append({"budget": r["budget"], "concurrency": r["concurrency"],
+                    "ttft": _ratio(r.get("mean_ttft_ms"), ref.get("mean_ttft_ms")),
+                    "itl": _ratio(r.get("mean_itl_ms"), ref.get("mean_itl_ms")),
+                    "itl_p50": _ratio(r.get("median_itl_ms"), ref.get("median_itl_ms")),
+                    "req_per_s": _ratio(r.get("request_throughput"), ref.get("request_throughput")),
+                    "tok_per_s": _ratio(r.get("output_throughput"), ref.get("output_throughput")),
+                    "kv_capacity": _ratio(r.get("kv_capacity_requests"),
+                                          ref.get("kv_capacity_requests"))})
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("model/budget", "conc", "ok", "TTFT mean s", "ITL mean ms", "ITL p50 ms", "req/s",
+            "out tok/s", "KV cap req")
+    body = []
+    for r in rows:
+        ms = r.get("mean_ttft_ms")
+        ok = (f"{r['completed']}/{r['completed'] + (r.get('failed') or 0)}"
+              if r.get("completed") is not None else "-")
+        body.append((row_label(r["model"], r["budget"]), str(r["concurrency"]), ok,
+                     _fmt(ms / 1000 if ms is not None else None, ".2f"),
+                     _fmt(r.get("mean_itl_ms"), ".1f"), _fmt(r.get("median_itl_ms"), ".1f"),
+                     _fmt(r.get("request_throughput"), ".3f"),
+                     _fmt(r.get("output_throughput"), ".2f"),
+                     _fmt(r.get("kv_capacity_requests"), "d")))
+    return _grid(head, body)
+
+
+def format_ratios(ratios: list[dict]) -> str:
+    head = ("VISOR/LLaVA-OV", "conc", "TTFT", "ITL mean", "ITL p50", "req/s", "out tok/s",
+            "KV cap")
+    body = [(f"visor/{r['budget']}", str(r["concurrency"]),
+             *(_fmt(r[k], ".2f") + ("x" if r[k] is not None else "")
+               for k in ("ttft", "itl", "itl_p50", "req_per_s", "tok_per_s", "kv_capacity")))
+            for r in ratios]
+    return _grid(head, body)
+
+
+def _grid(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path) -> dict:
+    port = args.port or free_port()
+    cmd = server_command(ckpt, port, args.max_model_len, args.serve_args)
+    env = server_env(args.kv_space_gib, args.omp_bind)
+    budgets = list(args.budgets) if name == "visor" else [None]
+    info: dict = {"checkpoint": str(ckpt), "server_cmd": cmd, "server_log": None, "probes": {},
+                  "rows": [], "error": None}
+    log = work / "logs" / args.preset / f"{name}-server.log"
+    info["server_log"] = str(log)
+    print(f"\n== {name}: starting {' '.join(cmd)}", flush=True)
+    with Server(cmd, env, log, port) as server:
+        try:
+            info["startup_s"] = round(server.wait_ready(args.startup_timeout), 1)
+        except RuntimeError as e:
+            info["error"] = str(e)
+            print(f"!! {name}: {e}", flush=True)
+            return info
+        info["kv_log"] = parse_kv_log(log.read_text(errors="replace"))
+        print(f"   ready in {info['startup_s']} s; KV: {info['kv_log']}", flush=True)
+        import numpy as np
+
+        probe_url = image_data_url(np.random.default_rng([args.seed, PROBE_LEVEL]), *args.image)
+        for budget in budgets:
+            key = budget or "-"
+            tag = f"{name}-{budget}" if budget else name
+            if not args.no_probe:
+                try:
+                    p = probe(server.base, probe_url, PROMPTS[0], args.max_tokens, budget)
+                except Exception as e:  # keep going: timings are still useful
+                    p = {"error": f"{type(e).__name__}: {e}"}
+                info["probes"][key] = p
+                print(f"   probe {row_label(name, budget)}: {p}", flush=True)
+            for c in args.concurrency:
+                n = requests_for(c, args.num_prompts)
+                res = work / "runs" / args.preset / f"{tag}-c{c}.json"
+                res.parent.mkdir(parents=True, exist_ok=True)
+                res.unlink(missing_ok=True)
+                bcmd = bench_command(port, ckpt, datasets[c], n, c, args.max_tokens, budget,
+                                     res, args.seed)
+                blog = work / "logs" / args.preset / f"{tag}-c{c}.bench.log"
+                print(f"   {row_label(name, budget)} c={c}: {n} requests ...", flush=True)
+                t0 = time.time()
+                with open(blog, "w") as out:
+                    try:  # generous: ~10 min per request would already be a hang on any box
+                        rc = subprocess.run(bcmd, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                                            timeout=300 + 600 * n).returncode
+                    except subprocess.TimeoutExpired:
+                        rc = "timeout"
+                row = {"model": name, "budget": budget, "concurrency": c, "num_prompts": n,
+                       "wall_s": round(time.time() - t0, 1), "result_file": str(res),
+                       "bench_log": str(blog)}
+                if rc == 0 and res.exists():
+                    row.update(summarize_bench(json.loads(res.read_text())))
+                else:
+                    row["error"] = f"vllm bench serve exited {rc}: {_tail(blog, 8)}"
+                probe_row = info["probes"].get(key, {})
+                row["kv_capacity_requests"] = probe_row.get("kv_capacity_requests")
+                row["kv_blocks_per_request"] = probe_row.get("blocks_per_request")
+                info["rows"].append(row)
+                print("   " + json.dumps({k: row.get(k) for k in (
+                    "completed", "failed", "mean_ttft_ms", "mean_itl_ms", "request_throughput",
+                    "output_throughput", "error")}), flush=True)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    work = args.workdir
+    ckpts = build_checkpoints(args.preset, work / "checkpoints")
+    datasets = write_datasets(args, work / "data")
+    models = {}
+    for name in ("visor", "llava"):
+        if name in args.models:
+            models[name] = run_model(name, ckpts[name], args, datasets, work)
+    rows = [r for m in models.values() for r in m["rows"]]
+    ratios = compute_ratios(rows)
+    import vllm
+
+    result = {
+        "meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "preset": args.preset, "vllm": vllm.__version__,
+                 "python": platform.python_version(),
+                 "cpus": os.cpu_count(), "machine": platform.machine(),
+                 "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                 "env": {"VLLM_CPU_KVCACHE_SPACE": f"{args.kv_space_gib:g}",
+                         "VLLM_CPU_OMP_THREADS_BIND": args.omp_bind},
+                 "prompts": list(PROMPTS), "wall_s": None},
+        "models": {k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in models.items()},
+        "rows": rows, "ratios": ratios,
+    }
+    result["meta"]["wall_s"] = round(time.time() - t_start, 1)
+    print("\n" + format_table(rows))
+    if ratios:
+        print("\nratios, same run (TTFT/ITL < 1 and req/s, tok/s, KV cap > 1 favour VISOR):")
+        print(format_ratios(ratios))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out} (raw results and logs under {work}); "
+          f"wall {result['meta']['wall_s']} s")
+    failed = any(m.get("error") for m in models.values()) or any(r.get("error") for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
