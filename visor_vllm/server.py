@@ -40,9 +40,12 @@ Footguns.
 from __future__ import annotations
 
 import json
+import logging
 from functools import lru_cache
 
 from visor_vllm import receipts
+
+logger = logging.getLogger(__name__)
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 
@@ -184,20 +187,34 @@ class VisorMiddleware:
 
         await self.app(scope, receive, capture)
 
+    def _account(self, rid: str, output_tokens: int) -> dict | None:
+        """The request's ``visor`` object, counted in the metrics; None without a receipt.
+
+        Never raises: a broken receipt must not turn a served request into an error.
+        """
+        receipt = receipts.take(rid)
+        if receipt is None:
+            return None
+        try:
+            visor = summarize(receipt, output_tokens)
+            self.metrics.observe(visor)
+            return visor
+        except Exception:  # noqa: BLE001 - logged, and the response goes out unchanged
+            logger.exception("VISOR: could not account receipt %s", rid)
+            return None
+
     async def _finish_plain(self, start, body, send, rid):
         visor = None
         if start.get("status") == 200:
             try:
                 response = json.loads(body)
-                receipt = receipts.take(rid)
-                if receipt is not None:
-                    usage = response.get("usage") or {}
-                    visor = summarize(receipt, int(usage.get("completion_tokens") or 0))
-                    response["visor"] = visor
-                    body = json.dumps(response).encode()
-                    self.metrics.observe(visor)
-            except (json.JSONDecodeError, AttributeError, KeyError, ValueError):
+                usage = response.get("usage") or {}
+                visor = self._account(rid, int(usage.get("completion_tokens") or 0))
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
                 visor = None
+            if visor is not None:
+                response["visor"] = visor
+                body = json.dumps(response).encode()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         if visor is not None:
@@ -235,9 +252,7 @@ class VisorMiddleware:
             await self.app(scope, receive, relay)
         finally:
             if state["ok"] and not state["done"]:  # aborted: count what ran
-                receipt = receipts.take(rid)
-                if receipt is not None:
-                    self.metrics.observe(summarize(receipt, state["chunks"]))
+                self._account(rid, state["chunks"])
 
     def _on_event(self, raw: bytes, state: dict, rid: str, wants_usage: bool) -> list[bytes]:
         """One SSE event in, the events to send now out."""
@@ -255,12 +270,10 @@ class VisorMiddleware:
         choices = chunk.get("choices") or []
         usage = chunk.get("usage")
         if not choices and usage is not None:  # the usage chunk: now the request is complete
-            receipt = receipts.take(rid)
             held, state["held"] = state["held"], []
             state["done"] = True
-            if receipt is not None:
-                visor = summarize(receipt, int(usage.get("completion_tokens") or 0))
-                self.metrics.observe(visor)
+            visor = self._account(rid, int(usage.get("completion_tokens") or 0))
+            if visor is not None:
                 held = [_sse(dict(json.loads(h.strip()[5:]), visor=visor)) for h in held]
                 if wants_usage:
                     chunk["visor"] = visor

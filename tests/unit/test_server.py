@@ -135,3 +135,15 @@ def test_receipt_ids_are_checked(tmp_path, monkeypatch):
     rid = receipts.new_id()
     receipts.write(rid, {"x": 1})
     assert receipts.take(rid) == {"x": 1} and receipts.take(rid) is None
+
+
+def test_a_broken_receipt_never_breaks_the_response(model_dir, tmp_path):
+    async def app(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        receipts.write(body["vllm_xargs"]["visor_receipt"], {"model": str(tmp_path / "gone")})
+        out = b'{"choices": [], "usage": {"completion_tokens": 1}}'
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+
+    r = post(VisorMiddleware(app), {"model": "m", "messages": []})
+    assert r.status_code == 200 and "visor" not in r.json() and "x-visor-flops" not in r.headers
