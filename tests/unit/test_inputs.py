@@ -20,12 +20,16 @@ def header_only_png(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
 
 
+PIL_DEFAULT_LIMIT = int(1024 * 1024 * 1024 // 4 // 3)  # PIL.Image.MAX_IMAGE_PIXELS as shipped
+
+
 @pytest.fixture
 def pil_limit(monkeypatch):
-    """Restore PIL's process-global limit after the test."""
+    """PIL's process-global limit at its shipped default for the test, restored after it (an
+    in-process vLLM engine built earlier in the session has already applied the ledger patch)."""
     from PIL import Image
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", PIL_DEFAULT_LIMIT)
     return Image
 
 
