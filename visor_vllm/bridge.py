@@ -11,6 +11,10 @@ as vLLM moves it, until the request leaves. A preempted request leaves and re-jo
 state is rebuilt and its first step re-runs the router on the same prompt, so it re-derives
 the same configuration.
 
+At a request's first step the model also asks `RowState` to narrow FLOP-capped budgets to what
+fits the request's token counts (`apply_flops_caps`) and to write the request's receipt
+(`emit_receipts`, `visor_vllm.receipts`) once the router has decided.
+
 It never changes logits (``is_argmax_invariant``). It is loaded for every model through the
 ``vllm.logits_processors`` entry point and is inert unless the served model is VISOR.
 
