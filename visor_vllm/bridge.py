@@ -54,7 +54,7 @@ FRONTEND_CONFIG = None
 class RowState:
     """Row-indexed tensors (row = position in vLLM's persistent batch)."""
 
-    def __init__(self, cfg, max_rows: int, device: torch.device | str = "cpu"):
+    def __init__(self, cfg, max_rows: int, device: torch.device | str = "cpu", model_path: str = ""):
         L, C = cfg.num_layers, len(cfg.sa_configs)
         self.cfg = cfg
         kw = dict(dtype=torch.bool, device=device)
@@ -74,7 +74,7 @@ class RowState:
         self.budgets: list[Budget] = [Budget()] * max_rows
         self.receipts: list[str | None] = [None] * max_rows
         self.n_routing: list[int] = [0] * max_rows
-        self.model_path = ""  # the checkpoint, for receipts (set by the model)
+        self.model_path = model_path  # the checkpoint, named in receipts
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
                     "cap_met")
@@ -160,7 +160,8 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
         self.active = getattr(hf, "model_type", None) == "visor" and len(args) == 2
         if self.active:
             self.default = default_budget(hf)  # a bad VISOR_DEFAULT_BUDGET stops the engine here
-            STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0])
+            STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0],
+                             vllm_config.model_config.model)
 
     def is_argmax_invariant(self) -> bool:
         return True

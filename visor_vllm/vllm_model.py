@@ -354,7 +354,6 @@ class VisorDecoder(nn.Module):
         self.first_cross_name = holder.layer_name
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
-        self.model_path = vllm_config.model_config.model
         self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
 
     # -- the step --------------------------------------------------------------------------------
@@ -372,7 +371,6 @@ class VisorDecoder(nn.Module):
             raise RuntimeError("visor_vllm.bridge:VisorBudgetBridge is not loaded; install "
                                "visor-vllm (entry point vllm.logits_processors) or pass "
                                "--logits-processors visor_vllm.bridge:VisorBudgetBridge")
-        state.model_path = self.model_path
         sa_mask = self._initial_sa_mask(s, state)                      # [R, L]
         vis = s.vis
         for i, layer in enumerate(self.layers):

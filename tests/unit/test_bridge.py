@@ -17,7 +17,7 @@ from visor_vllm.config import preset_tiny  # noqa: E402
 
 def vllm_config(model_type="visor"):
     hf = preset_tiny() if model_type == "visor" else NS(model_type=model_type)
-    return NS(model_config=NS(hf_config=hf), scheduler_config=NS(max_num_seqs=4))
+    return NS(model_config=NS(hf_config=hf, model="/ckpt"), scheduler_config=NS(max_num_seqs=4))
 
 
 def update(added=(), removed=(), moved=()):
@@ -77,6 +77,7 @@ def test_flops_caps_and_receipts_at_the_first_step(tmp_path, monkeypatch):
     r = receipts.take(rid)
     assert r["sa_layers"] == [1] and r["n_text"] == 3 and r["n_routing"] == 1 and r["n_image"] == 16
     assert r["flops_cap_met"] is False and r["routed"] is False and r["budget_source"] == "override"
+    assert r["model"] == "/ckpt"
 
 
 def test_bad_server_default_budget_stops_the_engine(monkeypatch):
