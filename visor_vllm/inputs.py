@@ -10,16 +10,8 @@ What.
   height divides by zero inside transformers) with a message that names the image; called by
   `visor_vllm.vllm_model.VisorMultiModalProcessor` on every request's images.
 
-Why. vLLM 0.32 decodes data/http/file image URLs in ``ImageMediaIO.load_bytes``: it opens the
-image with PIL, then raises ``ValueError`` (HTTP 400, "Image dimensions WxH ... exceed the
-maximum ... Set VLLM_MAX_IMAGE_PIXELS") when ``w*h > VLLM_MAX_IMAGE_PIXELS``. Its default,
-178,956,970, equals PIL's ``2 * Image.MAX_IMAGE_PIXELS``, and PIL already raises
-``DecompressionBombError`` inside ``Image.open`` above that, so vLLM's check is never reached.
-``DecompressionBombError`` is neither ``OSError`` nor ``ValueError``: vLLM's error mapping turns
-it into HTTP 500 "InternalServerError" with a traceback in the log (measured on a 30000x30000
-PNG header). Raising ``VLLM_MAX_IMAGE_PIXELS`` also had no effect above PIL's limit. With PIL's
-check off, the same images get vLLM's 400, still from the header alone (no decode, no
-allocation), and ``VLLM_MAX_IMAGE_PIXELS`` is the single knob.
+Why. vLLM 0.32 answers a bomb-sized image with HTTP 500 because PIL's own check fires before
+vLLM's (same threshold); the measurement and the fix are ledger entry 4 in `visor_vllm.patches`.
 
 Footguns.
 * ``PIL.Image.MAX_IMAGE_PIXELS`` is process-global. It is only cleared when vLLM's limit is on
@@ -30,8 +22,8 @@ Footguns.
   PNG can cost the API server ~2.5 GB of RAM for a few seconds (an 8000x8000 PNG measured
   +0.9 GB, 6 s on 2 cores). VISOR downsizes every image to a few 384-px tiles anyway, so
   deployments should set ``VLLM_MAX_IMAGE_PIXELS`` much lower (e.g. 16777216 = 4096*4096).
-* vLLM's check reads ``VLLM_MAX_IMAGE_PIXELS`` per request, this module once per processor:
-  changing the variable after startup is not supported.
+* vLLM's check reads ``VLLM_MAX_IMAGE_PIXELS`` per request, the ledger entry once when the
+  processor is built: changing the variable after startup is not supported.
 * `check_images` sees images after vLLM decoded them; it cannot save memory, only give a clear
   error. Over HTTP a zero-sized image never gets this far (PIL refuses to open one), so the
   check matters for the offline ``LLM`` API and custom front ends that pass ``PIL`` images.

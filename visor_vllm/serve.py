@@ -60,21 +60,19 @@ def add_cli(subparsers) -> None:
 def _cli(args: argparse.Namespace) -> int:
     from visor_vllm.config import PRESETS
 
-    model = args.model or DEFAULT_DIR
-    if args.model is None and not (model / "config.json").exists():
-        from visor_vllm.checkpoint import build_tiny
-
-        print(f"building the embedded default checkpoint in {model} (tiny, random, seed 0)")
-        build_tiny(model, seed=0)
+    model, preset = args.model or DEFAULT_DIR, None
+    if args.model is None:
+        preset, what = "tiny", "the embedded default checkpoint (tiny, random, seed 0)"
     elif str(model) in PRESETS and not model.exists():
         # `visor-vllm serve visor-0.5b`: a preset name, no such directory -> real sizes, dummy
         # weights (config, tokenizer, processor only), e.g. for benchmarking
+        preset, model = str(model), Path("checkpoints") / str(model)
+        what = f"preset {preset} without weights (served with dummy weights)"
+    if preset is not None and not (model / "config.json").exists():
         from visor_vllm.checkpoint import build_tiny
 
-        name, model = str(model), Path("checkpoints") / str(model)
-        if not (model / "config.json").exists():
-            print(f"building {model}: preset {name} without weights (served with dummy weights)")
-            build_tiny(model, preset=name, weights=name == "tiny")
+        print(f"building {model}: {what}")
+        build_tiny(model, preset=preset, weights=preset == "tiny")
     if not (model / "config.json").exists():
         print(f"visor-vllm serve: {model} is not a checkpoint directory (no config.json)",
               file=sys.stderr)

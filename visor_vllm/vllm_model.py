@@ -48,7 +48,7 @@ from visor_vllm.patches import apply_transformers_patches
 apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module (ledger entry 2)
 
 from vllm.config import VllmConfig  # noqa: E402
-from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: E402
 from vllm.forward_context import get_forward_context
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention.cross_attention import CrossAttention
