@@ -45,5 +45,5 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=5 \
 # Placeholder: the serving issue finishes this command (VISOR flags, served model name, budgets).
 ENV VLLM_USE_V2_MODEL_RUNNER=0
 CMD ["vllm", "serve", "/models/visor-0.5b", "--host", "0.0.0.0", "--port", "8000", \
-     "--served-model-name", "visor-0.5b", "--middleware", "visor_vllm.server.VisorMiddleware", \
+     "--served-model-name", "visor-0.5b", "--middleware", "visor_vllm.serving.middleware.VisorMiddleware", \
      "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]

@@ -269,7 +269,7 @@ def server_command(model: Path, port: int, max_model_len: int = 10000,
                    extra: list[str] | None = None) -> list[str]:
     """The `vllm serve` command; identical for both models but the directory.
 
-    VISOR's requirements, as in `visor_vllm.serve.vllm_command`: ``--enforce-eager``,
+    VISOR's requirements, as in `visor_vllm.serving.serve.vllm_command`: ``--enforce-eager``,
     ``--max-num-batched-tokens`` >= the largest image's tokens plus prompt (no chunked prefill in
     enc-dec mode), ``--limit-mm-per-prompt``. Benchmark choices: bfloat16; one image and no video
     per prompt (LLaVA-OV's video processor needs torchvision); no prefix caching and no

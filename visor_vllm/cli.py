@@ -11,8 +11,9 @@ import importlib
 import sys
 
 # module -> sub-commands it adds (documentation only; each module registers its own)
-SUBCOMMAND_MODULES = ("visor_vllm.flops", "visor_vllm.checkpoint", "visor_vllm.convert",
-                      "visor_vllm.serve")
+SUBCOMMAND_MODULES = ("visor_vllm.model.flops", "visor_vllm.checkpoints.build",
+                      "visor_vllm.checkpoints.convert",
+                      "visor_vllm.serving.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,10 +56,10 @@ Ledger
    first; that is neither ``OSError`` nor ``ValueError``, and vLLM answers HTTP 500 with a
    traceback (measured: a 109 KB PNG whose header says 30000x30000).
    How.  ``Image.MAX_IMAGE_PIXELS = None`` while vLLM's limit is on (> 0), so vLLM's header
-   check answers 400 before any decode; `visor_vllm.inputs` keeps the rest of the input checks.
+   check answers 400 before any decode; `visor_vllm.engine.inputs` keeps the rest of the input checks.
    With ``VLLM_MAX_IMAGE_PIXELS=0`` PIL's guard stays.
    When it can go.  When vLLM catches ``DecompressionBombError`` (the test
-   ``tests/unit/test_inputs.py`` pins the 500 and will say so).
+   ``tests/engine/test_inputs.py`` pins the 500 and will say so).
 
 Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
 reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
@@ -284,7 +284,7 @@ def apply_vllm_patches() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _vllm_pixel_limit_on() -> bool:
-    from visor_vllm.inputs import image_pixel_limit
+    from visor_vllm.engine.inputs import image_pixel_limit
 
     return image_pixel_limit() > 0
 

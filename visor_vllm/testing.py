@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from visor_vllm.config import preset_tiny
+from visor_vllm.model.config import preset_tiny
 
 
 def random_tiny_model(seed: int = 0, **overrides):
-    """Tiny `visor_vllm.reference.VisorForConditionalGeneration` with every parameter random."""
-    from visor_vllm.reference import VisorForConditionalGeneration
+    """Tiny `visor_vllm.model.reference.VisorForConditionalGeneration` with every parameter random."""
+    from visor_vllm.model.reference import VisorForConditionalGeneration
 
     cfg = preset_tiny()
     for k, v in overrides.items():
@@ -37,15 +37,15 @@ def write_random_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> P
     """A complete VISOR checkpoint dir (config, weights, tokenizer, processor) of `random_tiny_model`."""
     from safetensors.torch import save_file
 
-    from visor_vllm import checkpoint
+    from visor_vllm.checkpoints import files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = random_tiny_model(seed)
     model.config.save_pretrained(out)
-    checkpoint.build_tokenizer(out, routing_token=True)
-    checkpoint.write_processor_files(out, model.config, checkpoint.VISOR_CHAT_TEMPLATE)
-    checkpoint.write_generation_config(out)
+    files.build_tokenizer(out, routing_token=True)
+    files.write_processor_files(out, model.config, files.VISOR_CHAT_TEMPLATE)
+    files.write_generation_config(out)
     state = {k: v.contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_word_embeddings and k == "language_model.lm_head.weight")}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})

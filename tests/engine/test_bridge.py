@@ -1,0 +1,88 @@
+"""The worker-side bridge: row bookkeeping follows vLLM's batch updates; safe on both runners."""
+
+from types import SimpleNamespace as NS
+
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
+from vllm.v1.sample.logits_processor.interface import MoveDirectionality  # noqa: E402
+
+from visor_vllm.engine import bridge  # noqa: E402
+from visor_vllm.model.config import preset_tiny  # noqa: E402
+
+
+def vllm_config(model_type="visor"):
+    hf = preset_tiny() if model_type == "visor" else NS(model_type=model_type)
+    return NS(model_config=NS(hf_config=hf, model="/ckpt"), scheduler_config=NS(max_num_seqs=4))
+
+
+def update(added=(), removed=(), moved=()):
+    return BatchUpdate(batch_size=4, removed=list(removed), added=list(added), moved=list(moved))
+
+
+def test_rows_follow_adds_moves_swaps_and_removals():
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    b.update_state(update(added=[(0, SamplingParams(extra_args={"visor_sa_layers": [1, 6]}), [1, 2, 3], []),
+                                 (1, SamplingParams(extra_args={"visor_budget": "max"}), [1], [])]))
+    assert st.has_explicit[0] and st.explicit[0].nonzero().flatten().tolist() == [0, 5]
+    assert st.allowed[1].tolist() == [False, False, False, True] and st.prompt_len[0] == 3
+    st.sa_mask[1, 3] = True  # as if the model had routed row 1
+    b.update_state(update(moved=[(0, 1, MoveDirectionality.SWAP)]))
+    assert st.has_explicit[1] and not st.has_explicit[0] and st.sa_mask[0, 3]
+    b.update_state(update(moved=[(0, 2, MoveDirectionality.UNIDIRECTIONAL)], removed=[1]))
+    assert st.sa_mask[2, 3] and not st.has_explicit[1] and st.budgets[2].mode == "max"
+
+
+def test_validate_params_is_a_value_error_with_the_allowed_forms():
+    with pytest.raises(ValueError, match="visor_budget must be one of"):
+        bridge.VisorBudgetBridge.validate_params(SamplingParams(extra_args={"visor_budget": "x"}))
+
+
+def test_inert_for_other_models_and_under_model_runner_v2():
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2
+
+    assert issubclass(bridge.VisorBudgetBridge, V2)  # MRV2 would reject the entry point otherwise
+    assert not bridge.VisorBudgetBridge(vllm_config("llama"), "cpu", False).active
+    assert not bridge.VisorBudgetBridge(vllm_config(), NS()).active  # the V2 constructor
+
+
+def test_flops_caps_and_receipts_at_the_first_step(tmp_path, monkeypatch):
+    import torch
+
+    from visor_vllm.engine import receipts
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    route = st.cfg.routing_token_id
+    rid = receipts.new_id()
+    b.update_state(update(added=[
+        (0, SamplingParams(extra_args={"visor_max_flops": 1e-6, "visor_receipt": rid}), [5, route, 6], []),
+        (1, SamplingParams(extra_args={"visor_receipt": "not-an-id"}), [5, 6], []),
+    ]))
+    first, n_vision = torch.tensor([True, True, False, False]), torch.tensor([16, 0, 0, 0])
+    st.apply_flops_caps(first, n_vision)
+    assert st.allowed[0].tolist() == [True, False, False, False] and not st.cap_met[0]
+    assert st.allowed[1].all()  # no cap asked for
+    st.sa_mask[0, 0] = True
+    st.config_index[0] = 0
+    st.emit_receipts(first, n_vision, has_router=True)
+    files = list(tmp_path.glob("*.json"))
+    assert [f.stem for f in files] == [rid]  # the invalid id wrote nothing
+    r = receipts.take(rid)
+    assert r["sa_layers"] == [1] and r["n_text"] == 3 and r["n_routing"] == 1 and r["n_image"] == 16
+    assert r["flops_cap_met"] is False and r["routed"] is False and r["budget_source"] == "override"
+    assert r["model"] == "/ckpt"
+
+
+def test_bad_server_default_budget_stops_the_engine(monkeypatch):
+    from visor_vllm.model.budget import DEFAULT_ENV, BudgetError
+
+    monkeypatch.setenv(DEFAULT_ENV, "plenty")
+    with pytest.raises(BudgetError, match=DEFAULT_ENV):
+        bridge.VisorBudgetBridge(vllm_config(), "cpu", False)

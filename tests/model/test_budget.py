@@ -1,0 +1,93 @@
+"""Budget parsing: every allowed form, and a named error listing what is allowed otherwise."""
+
+import pytest
+
+from visor_vllm.model.budget import Budget, BudgetError, allowed_configs, parse_budget
+from visor_vllm.model.config import get_preset
+
+CFG = get_preset("visor-0.5b")
+
+
+@pytest.mark.parametrize("extra, mode", [(None, "auto"), ({}, "auto"), ({"visor_budget": "auto"}, "auto"),
+                                         ({"visor_budget": "MIN"}, "min"), ({"visor_budget": "max"}, "max"),
+                                         ({"visor_budget": 2}, "cap"), ({"visor_budget": "3"}, "cap"),
+                                         ({"other_key": 1}, "auto")])
+def test_forms(extra, mode):
+    assert parse_budget(extra, CFG).mode == mode
+
+
+def test_explicit_layers_are_1_based_and_checked():
+    assert parse_budget({"visor_sa_layers": [4, 1]}, CFG).sa_layers == (0, 3)
+    assert parse_budget({"visor_sa_layers": "1,7"}, CFG).sa_layers == (0, 6)
+    assert parse_budget({"visor_sa_layers": [4.0, "1"]}, CFG).sa_layers == (0, 3)
+    assert parse_budget({"visor_sa_layers": []}, CFG).sa_layers == ()  # CA only: the paper's 0-SA ablation
+    with pytest.raises(BudgetError, match=r"choose from \[1, 4, 7, 10, 16, 19, 22\]"):
+        parse_budget({"visor_sa_layers": [1, 2]}, CFG)
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"visor_budget": "lots"}, "auto"), ({"visor_budget": -1}, ">= 0"), ({"visor_budget": True}, ">= 0"),
+    ({"visor_budget": 1.5}, ">= 0"), ({"visor_sa_layers": 4}, "list"), ({"visor_sa_layers": ["a"]}, "integer"),
+    ({"visor_sa_layers": [1.5]}, "integer"), ({"visor_sa_layers": [True]}, "integer"),
+    ({"visor_sa_layers": [1, 1]}, "distinct"), ({"visor_colour": 1}, "allowed"),
+    ({"visor_budget": "max", "visor_sa_layers": [1]}, "give it alone"), ({"visor_budget": 0}, "smallest has 1"),
+])
+def test_bad_budgets(extra, match):
+    with pytest.raises(BudgetError, match=match):
+        parse_budget(extra, CFG)
+
+
+def test_allowed_masks():
+    n = len(CFG.sa_configs)
+    assert allowed_configs(CFG, Budget()) == [True] * n
+    assert allowed_configs(CFG, Budget("min")) == [True] + [False] * (n - 1)
+    assert allowed_configs(CFG, Budget("max")) == [False] * (n - 1) + [True]
+    cap = allowed_configs(CFG, Budget("cap", cap=2))  # at most 2 optional layers: 3 SA layers
+    assert cap == [len(c) <= 3 for c in CFG.sa_configs] and sum(cap) == 6
+
+
+def test_flops_cap_parses_and_combines_only_with_router_budgets():
+    b = parse_budget({"visor_max_flops": "0.25"}, CFG)
+    assert (b.mode, b.max_flops, b.source) == ("auto", 0.25, "override")
+    assert parse_budget({"visor_max_flops": 1, "visor_budget": 2}, CFG).cap == 2
+    for bad in (0, -0.1, 1.01, "x", True, [0.5]):
+        with pytest.raises(BudgetError, match=r"visor_max_flops must be a number in \(0, 1\]"):
+            parse_budget({"visor_max_flops": bad}, CFG)
+    with pytest.raises(BudgetError, match="combines with"):
+        parse_budget({"visor_max_flops": 0.5, "visor_budget": "min"}, CFG)
+
+
+def test_flops_cap_keeps_what_fits_and_reports_when_nothing_does():
+    from visor_vllm.model.budget import flops_fit
+    from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
+
+    nv, nt = 7290, 40
+    ratio = [prefill_flops(CFG, nv, nt, c) / dense_prefill_flops(CFG, nv, nt) for c in CFG.sa_configs]
+    cap = sorted(ratio)[5] + 1e-9
+    mask = allowed_configs(CFG, Budget(max_flops=cap), nv, nt)
+    assert mask == [r <= cap for r in ratio] and sum(mask) == 6
+    assert allowed_configs(CFG, Budget(max_flops=cap)) == [True] * len(ratio)  # no counts: no cap
+    fit, met = flops_fit(CFG, [True] * len(ratio), 1e-6, nv, nt)
+    assert not met and fit == [i == ratio.index(min(ratio)) for i in range(len(ratio))]
+    assert flops_fit(CFG, [True] * len(ratio), 1e-6, 0, nt)[1]  # text only: nothing to cap
+
+
+@pytest.mark.parametrize("env, mode, source", [("", "auto", "router"), ("auto", "auto", "router"),
+                                               ("min", "min", "default"), ("2", "cap", "default"),
+                                               ('{"visor_max_flops": 0.3}', "auto", "default")])
+def test_server_default_budget_applies_to_requests_without_budget_keys(monkeypatch, env, mode, source):
+    from visor_vllm.model.budget import DEFAULT_ENV
+
+    monkeypatch.setenv(DEFAULT_ENV, env)
+    b = parse_budget({"visor_receipt": "0" * 32, "other": 1}, CFG)
+    assert (b.mode, b.source) == (mode, source)
+    assert parse_budget({"visor_budget": "max"}, CFG).source == "override"
+
+
+@pytest.mark.parametrize("env", ["lots", "{bad json", "[]", '{"visor_colour": 1}'])
+def test_bad_server_default_names_the_variable(monkeypatch, env):
+    from visor_vllm.model.budget import DEFAULT_ENV, default_budget
+
+    monkeypatch.setenv(DEFAULT_ENV, env)
+    with pytest.raises(BudgetError, match=DEFAULT_ENV):
+        default_budget(CFG)

@@ -1,0 +1,149 @@
+"""The server middleware against a fake vLLM app: receipts in plain and streamed responses,
+``visor:*`` metrics, a client-supplied receipt id refused, no file left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from visor_vllm.engine import receipts
+from visor_vllm.model.config import preset_tiny
+from visor_vllm.model.flops import request_flops
+from visor_vllm.serving.middleware import VisorMiddleware
+
+N_OUT = 5
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path / "receipts"))
+    preset_tiny().save_pretrained(tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+def fake_vllm(model_dir, seen):
+    """Reads the request, 'runs' it (writes the receipt as the worker would), answers."""
+
+    async def app(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        seen.append(body)
+        rid = body["vllm_xargs"]["visor_receipt"]
+        receipts.write(rid, dict(sa_layers=[1, 4], config_index=1, n_image=16, n_text=20,
+                                 n_routing=1, routed=True, budget="auto", budget_source="router",
+                                 max_flops=None, flops_cap_met=True, model=model_dir))
+        usage = {"prompt_tokens": 20, "completion_tokens": N_OUT, "total_tokens": 20 + N_OUT}
+        if not body.get("stream"):
+            out = json.dumps({"id": "x", "choices": [{"index": 0, "message": {"content": "hi"},
+                                                      "finish_reason": "length"}], "usage": usage})
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(out)).encode())]})
+            await send({"type": "http.response.body", "body": out.encode()})
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        events = [{"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}] * 4
+        events += [{"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "length"}]}]
+        if body["stream_options"]["include_usage"]:
+            events += [{"choices": [], "usage": usage}]
+        for e in events:  # split one event across two sends, as a real server may
+            raw = b"data: " + json.dumps(e).encode() + b"\n\n"
+            await send({"type": "http.response.body", "body": raw[:7], "more_body": True})
+            await send({"type": "http.response.body", "body": raw[7:], "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+def post(app, body) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post("/v1/chat/completions", content=raw)
+
+    return asyncio.run(go())
+
+
+def sample(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_plain_response_carries_the_receipt_and_counts_flops(model_dir, tmp_path):
+    seen = []
+    app = VisorMiddleware(fake_vllm(model_dir, seen))
+    before = sample("visor:llm_flops_total", phase="prefill")
+    r = post(app, {"model": "m", "messages": [], "vllm_xargs": {"visor_budget": "auto"}})
+    assert r.status_code == 200
+    v = r.json()["visor"]
+    want = request_flops(preset_tiny(), 16, 20, N_OUT, [0, 3])
+    assert v["sa_layers"] == [1, 4] and v["visor_flops"] == want["visor_flops"]
+    assert r.headers["x-visor-sa-layers"] == "1,4" and int(r.headers["content-length"]) == len(r.content)
+    assert seen[0]["vllm_xargs"]["visor_budget"] == "auto"  # the client's own args pass through
+    assert sample("visor:llm_flops_total", phase="prefill") - before == want["visor_prefill_flops"]
+    assert not list((tmp_path / "receipts").glob("*.json"))  # taken, not left behind
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_stream_keeps_its_shape_and_adds_the_receipt_to_the_finishing_chunk(model_dir, include_usage):
+    seen = []
+    body = {"model": "m", "messages": [], "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    r = post(VisorMiddleware(fake_vllm(model_dir, seen)), body)
+    assert seen[0]["stream_options"]["include_usage"] is True  # asked for, to count tokens
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[5:]) for e in events[:-1]]
+    assert len(chunks) == 5 + include_usage
+    assert chunks[4]["choices"][0]["finish_reason"] == "length"
+    assert chunks[4]["visor"]["output_tokens"] == N_OUT
+    assert ("usage" in chunks[-1]) == include_usage
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == "aaaab"
+
+
+def test_client_supplied_receipt_id_is_refused(model_dir):
+    r = post(VisorMiddleware(fake_vllm(model_dir, [])),
+             {"model": "m", "messages": [], "vllm_xargs": {"visor_receipt": "0" * 32}})
+    assert r.status_code == 400 and "visor_receipt" in r.json()["error"]["message"]
+
+
+def test_other_paths_and_bad_bodies_pass_through(model_dir):
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"vllm says no"})
+
+    for body in (b"{not json", b"[1, 2]", {"vllm_xargs": "not a dict"}):
+        r = post(VisorMiddleware(app), body)
+        assert r.status_code == 400 and r.text == "vllm says no"
+    assert calls[:2] == [b"{not json", b"[1, 2]"]  # untouched: vLLM words the error
+
+
+def test_receipt_ids_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    receipts.write("../../etc/passwd", {"x": 1})
+    receipts.write("A" * 32, {"x": 1})
+    assert not list(tmp_path.iterdir())
+    rid = receipts.new_id()
+    receipts.write(rid, {"x": 1})
+    assert receipts.take(rid) == {"x": 1} and receipts.take(rid) is None
+
+
+def test_a_broken_receipt_never_breaks_the_response(model_dir, tmp_path):
+    async def app(scope, receive, send):
+        body = json.loads((await receive())["body"])
+        receipts.write(body["vllm_xargs"]["visor_receipt"], {"model": str(tmp_path / "gone")})
+        out = b'{"choices": [], "usage": {"completion_tokens": 1}}'
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+
+    r = post(VisorMiddleware(app), {"model": "m", "messages": []})
+    assert r.status_code == 200 and "visor" not in r.json() and "x-visor-flops" not in r.headers

@@ -1,0 +1,85 @@
+"""The package's import direction (README "Architecture"), checked statically on every module.
+
+Every ``import`` and ``from ... import`` anywhere in a module counts, including the lazy ones
+inside functions: a lazy import still makes the subpackage depend on what it imports.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "visor_vllm"
+
+# subpackage -> visor_vllm parts it may import (itself always; the top-level shared modules
+# `_compat`, `patches` and the package root's `register` are open to everyone except `model`)
+SHARED = {"visor_vllm", "visor_vllm._compat", "visor_vllm.patches"}
+ALLOWED = {
+    "model": {"model"},
+    "checkpoints": {"model", "checkpoints"},
+    "engine": {"model", "engine"},
+    "serving": {"model", "checkpoints", "engine", "serving"},
+    "training": {"model", "checkpoints", "training"},
+}
+# third-party packages a subpackage must never import
+FORBIDDEN_THIRD_PARTY = {
+    "model": {"vllm"},
+    "checkpoints": {"vllm"},
+    "training": {"vllm"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            if node.module == "visor_vllm":  # from visor_vllm import plan -> visor_vllm.plan
+                names.update(f"visor_vllm.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: relative import; use absolute visor_vllm.* imports")
+    return names
+
+
+def _modules(sub: str) -> list[Path]:
+    return sorted((PKG / sub).rglob("*.py"))
+
+
+def test_every_subpackage_has_a_rule():
+    subs = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert subs == set(ALLOWED), "a new subpackage needs a row in ALLOWED and in the README"
+
+
+@pytest.mark.parametrize("sub", sorted(ALLOWED))
+def test_import_direction(sub):
+    bad = []
+    for path in _modules(sub):
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if top in FORBIDDEN_THIRD_PARTY.get(sub, ()):
+                bad.append(f"{path.relative_to(PKG)} imports {name}")
+            if top != "visor_vllm" or name in SHARED and sub != "model":
+                continue
+            part = name.split(".")[1] if "." in name else None
+            if part in ALLOWED or part is None:
+                if part not in ALLOWED[sub]:
+                    bad.append(f"{path.relative_to(PKG)} imports {name}")
+            elif sub == "model":  # model may not even use the shared modules
+                bad.append(f"{path.relative_to(PKG)} imports {name}")
+    assert not bad, "import direction violated:\n" + "\n".join(bad)
+
+
+def test_serving_imports_only_receipts_from_the_engine():
+    """The server talks to the engine through vLLM; the receipt format is the one shared piece."""
+    used = {n for p in _modules("serving") for n in _imports(p) if n.startswith("visor_vllm.engine")}
+    assert used <= {"visor_vllm.engine", "visor_vllm.engine.receipts"}, used
+
+
+def test_the_checker_sees_lazy_and_from_imports(tmp_path):
+    mod = tmp_path / "m.py"
+    mod.write_text("def f():\n    from visor_vllm import receipts\n    import vllm.envs\n")
+    assert {"visor_vllm.receipts", "vllm.envs"} <= _imports(mod)

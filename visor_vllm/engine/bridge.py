@@ -1,0 +1,182 @@
+"""Per-request VISOR state inside a vLLM worker, carried by a no-op V1 logits processor.
+
+Why a logits processor. On the V1 model runner (the one vLLM-CPU uses) no request id or
+``SamplingParams`` reaches ``model.forward``. V1 logits processors, however, see every request
+join, leave and move in the persistent batch (``BatchUpdate``), in the worker process, *before*
+the forward pass, with the same row order as the forward pass (``gpu_model_runner.py``
+``_update_states -> input_batch.refresh_metadata``). `VisorBudgetBridge` mirrors each row's
+budget (parsed from ``extra_args`` = the OpenAI ``vllm_xargs``) into `RowState` tensors, and
+keeps the SA configuration the model chose for the row at its first step aligned with the row
+as vLLM moves it, until the request leaves. A preempted request leaves and re-joins: its
+state is rebuilt and its first step re-runs the router on the same prompt, so it re-derives
+the same configuration.
+
+At a request's first step the model also asks `RowState` to narrow FLOP-capped budgets to what
+fits the request's token counts (`apply_flops_caps`) and to write the request's receipt
+(`emit_receipts`, `visor_vllm.engine.receipts`) once the router has decided.
+
+It never changes logits (``is_argmax_invariant``). It is loaded for every model through the
+``vllm.logits_processors`` entry point and is inert unless the served model is VISOR.
+
+Footguns.
+* `RowState` is process-global (one per worker process: each tensor-parallel rank has its own
+  persistent batch).
+* The entry point is read by *both* model runners. Model Runner V2 (vLLM's GPU default) rejects
+  V1-interface classes and would then refuse to start *any* model, so the bridge also
+  implements the V2 interface -- there it only validates budgets. VISOR itself needs the V1
+  runner in vLLM 0.32 (the model says so at load); on MRV2 the channel would be a model state
+  class (``get_model_state_cls``) -- see the README.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from visor_vllm.engine import receipts
+from visor_vllm.model.budget import (Budget, BudgetError, allowed_configs, default_budget, flops_fit,
+                                     parse_budget)
+
+try:  # vllm is an optional dependency of the package as a whole
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+    from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+        LogitsProcessor as LogitsProcessorV2,
+    )
+except ImportError:  # pragma: no cover - reference-only installs
+    LogitsProcessor = LogitsProcessorV2 = object  # type: ignore[misc,assignment]
+
+STATE: RowState | None = None
+# The checkpoint's VisorConfig in the API-server process, set by the multimodal processing
+# info when vLLM builds it, so budget validation can check layer numbers at admission.
+FRONTEND_CONFIG = None
+
+
+class RowState:
+    """Row-indexed tensors (row = position in vLLM's persistent batch)."""
+
+    def __init__(self, cfg, max_rows: int, device: torch.device | str = "cpu", model_path: str = ""):
+        L, C = cfg.num_layers, len(cfg.sa_configs)
+        self.cfg = cfg
+        kw = dict(dtype=torch.bool, device=device)
+        self.config_masks = torch.zeros(C, L, **kw)                      # [C, L]
+        for c, layers in enumerate(cfg.sa_configs):
+            self.config_masks[c, layers] = True
+        self.always_on = torch.zeros(L, **kw)
+        self.always_on[cfg.always_on_sa_layers] = True
+        self.prompt_len = torch.zeros(max_rows, dtype=torch.long, device=device)  # [R]
+        self.allowed = torch.ones(max_rows, C, **kw)                    # [R, C] router choices
+        self.explicit = torch.zeros(max_rows, L, **kw)                  # [R, L] visor_sa_layers
+        self.has_explicit = torch.zeros(max_rows, **kw)                 # [R]
+        self.sa_mask = torch.zeros(max_rows, L, **kw)                   # [R, L] decided at step 1
+        self.config_index = torch.full((max_rows,), -1, dtype=torch.long, device=device)  # [R]
+        self.cap_met = torch.ones(max_rows, **kw)                       # [R] FLOP cap met
+        # Python-side, per row: read once per request (first step), never per token
+        self.budgets: list[Budget] = [Budget()] * max_rows
+        self.receipts: list[str | None] = [None] * max_rows
+        self.n_routing: list[int] = [0] * max_rows
+        self.model_path = model_path  # the checkpoint, named in receipts
+
+    _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
+                    "cap_met")
+    _ROW_LISTS = ("budgets", "receipts", "n_routing")
+
+    def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None) -> None:
+        prompt_ids = list(prompt_ids or ())
+        self.prompt_len[row] = len(prompt_ids)
+        self.has_explicit[row] = budget.mode == "layers"
+        self.explicit[row] = False
+        if budget.sa_layers is not None:
+            self.explicit[row, list(budget.sa_layers)] = True
+        self.allowed[row] = torch.tensor(allowed_configs(self.cfg, budget), device=self.allowed.device)
+        self.sa_mask[row] = False
+        self.config_index[row] = -1
+        self.cap_met[row] = True
+        self.budgets[row] = budget
+        self.receipts[row] = receipt if receipts.valid_id(receipt) else None
+        self.n_routing[row] = prompt_ids.count(self.cfg.routing_token_id)
+
+    def clear_row(self, row: int) -> None:
+        self.set_row(row, Budget())
+
+    def move(self, src: int, dst: int, swap: bool) -> None:
+        for name in self._ROW_TENSORS:
+            t = getattr(self, name)
+            if swap:
+                t[[src, dst]] = t[[dst, src]]
+            else:
+                t[dst] = t[src]
+        for name in self._ROW_LISTS:
+            s = getattr(self, name)
+            s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
+
+    def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor) -> None:
+        """Narrow ``allowed`` of first-step rows [R] with a FLOP cap to what fits their counts.
+
+        A Python loop over *capped first-step* rows only: once per such request, not per token.
+        """
+        for r in first.nonzero().flatten().tolist():
+            budget = self.budgets[r]
+            if budget.max_flops is None:
+                continue
+            mask, met = flops_fit(self.cfg, self.allowed[r].tolist(), budget.max_flops,
+                                  int(n_vision[r]), int(self.prompt_len[r]))
+            self.allowed[r] = torch.tensor(mask, device=self.allowed.device)
+            self.cap_met[r] = met
+
+    def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool) -> None:
+        """Write the receipt of every first-step row [R] that asked for one (`visor_vllm.engine.receipts`)."""
+        if not bool(first.any()):  # decode steps: one check, no per-row work
+            return
+        rows = [r for r in first.nonzero().flatten().tolist() if self.receipts[r]]
+        if not rows:
+            return
+        sa = self.sa_mask[rows].cpu()
+        allowed = self.allowed[rows].sum(-1).tolist()
+        for j, r in enumerate(rows):
+            budget, nv = self.budgets[r], int(n_vision[r])
+            layers = sa[j].nonzero().flatten().tolist() if nv else []
+            receipts.write(self.receipts[r], dict(
+                sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[r]),
+                n_image=nv, n_text=int(self.prompt_len[r]), n_routing=self.n_routing[r],
+                routed=bool(has_router and nv and budget.uses_router and allowed[j] > 1),
+                budget=budget.mode, budget_source=budget.source, max_flops=budget.max_flops,
+                flops_cap_met=bool(self.cap_met[r]), model=self.model_path))
+
+
+class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
+    """V1: tracks rows (see module docstring). V2: budget validation only (see footguns)."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        try:
+            parse_budget(sampling_params.extra_args, FRONTEND_CONFIG)
+        except BudgetError as e:
+            raise ValueError(str(e)) from None
+
+    def __init__(self, vllm_config, *args):
+        """V1: ``(vllm_config, device, is_pin_memory)``; V2: ``(vllm_config, req_states)``."""
+        global STATE
+        hf = vllm_config.model_config.hf_config
+        self.active = getattr(hf, "model_type", None) == "visor" and len(args) == 2
+        if self.active:
+            self.default = default_budget(hf)  # a bad VISOR_DEFAULT_BUDGET stops the engine here
+            STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0],
+                             vllm_config.model_config.model)
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not self.active or batch_update is None:
+            return
+        for row in batch_update.removed:
+            STATE.clear_row(row)
+        for row, params, prompt_ids, _out in batch_update.added:
+            extra = (getattr(params, "extra_args", None) if params is not None else None) or {}
+            STATE.set_row(row, parse_budget(extra, STATE.cfg, self.default), prompt_ids,
+                          extra.get(receipts.KEY))
+        for src, dst, direction in batch_update.moved:
+            STATE.move(src, dst, swap=direction == MoveDirectionality.SWAP)

@@ -1,0 +1,621 @@
+"""VISOR inside vLLM V1: vision K/V paged once per request, first-pass router, mixed batches.
+
+Layout (see ../shared/research/vllm-v1-feasibility.md section 3 and `visor_vllm.model.plan`):
+
+* The visual tokens are the **encoder sequence** (``is_encoder_decoder``); the decoder sequence
+  is the prompt without its image placeholders. Text K/V of every layer is ordinary paged KV
+  over text tokens only.
+* ``cross`` layers run `VisorCrossAttention` on vLLM's `CrossAttention`: the visual keys/values
+  (RMSNorm, per-image depthwise conv, k/v projections) are computed and written **once**, in
+  the request's first step, then only read by the CPU/GPU kernel.
+* ``self`` (SA-capable) layers: in the first step the visual stream of every row that runs the
+  layer is advanced through it (causal among its own visual tokens; ``V`` precedes ``T``) and
+  its keys/values are written once into the layer's ``vision_kv`` holder (a `CrossAttention`
+  used only for its CrossAttentionSpec allocation of ``Nv`` slots). Text queries then attend
+  ``[vision K/V of the layer ; causal text K/V]`` in one masked attention; a row that skips
+  the layer has its vision keys masked out, which is exactly text-only attention, so rows with
+  different configurations share one batch and one code path.
+* The router runs in the first step at ``config.router_layer`` on the prompt's routing tokens
+  (restricted by the request's budget) and fixes the row's configuration in `bridge.RowState`.
+
+Attention for SA layers. The CPU kernel returns no log-sum-exp, so two kernel calls cannot be
+merged. SA-capable layers therefore never go through vLLM's kernel: this module writes and
+reads their paged caches itself, in a layout it owns inside each block (`paged_kv_views`,
+asserted against the backend's shape), and runs one masked SDPA over gathered keys, batched
+over rows. On GPU the same seam takes two FlashAttention varlen calls with
+``return_softmax_lse`` and ``merge_attn_states`` (see `sa_text_attention`).
+
+Footguns.
+* Encoder outputs are matched to rows by order; `visor_vllm.patches` makes vLLM emit them in
+  persistent-batch row order (it otherwise follows scheduling order).
+* Enc-dec mode in vLLM 0.32 disables chunked prefill, prefix caching and the encoder cache:
+  every request's prompt is prefilled in one step (which is what lets the router run first).
+* No per-row Python loops on the hot path; shapes are noted next to tensors. ``R`` rows,
+  ``N`` scheduled tokens, ``Nv`` visual tokens of a row, ``L`` layers, ``C`` configurations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visor_vllm.patches import apply_transformers_patches
+
+apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module (ledger entry 2)
+
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: E402
+from vllm.forward_context import get_forward_context
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention.cross_attention import CrossAttention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                               ReplicatedLinear, RowParallelLinear)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead,
+                                                                 VocabParallelEmbedding)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llava import init_vision_tower_for_llava
+from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInputsBuilder,
+                                                        LlavaOnevisionForConditionalGeneration,
+                                                        LlavaOnevisionMultiModalProcessor,
+                                                        LlavaOnevisionMultiModalProjector,
+                                                        LlavaOnevisionProcessingInfo)
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
+from vllm.v1.attention.backend import AttentionType
+
+from visor_vllm import patches
+from visor_vllm.engine import bridge
+from visor_vllm.engine.inputs import check_images
+from visor_vllm.model import plan
+from visor_vllm.model.config import VisorConfig
+
+logger = init_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multimodal processing: encoder prompt = image placeholders, decoder prompt = the text
+# ---------------------------------------------------------------------------------------------
+
+class VisorProcessingInfo(LlavaOnevisionProcessingInfo):
+    def get_hf_config(self) -> VisorConfig:
+        cfg = self.ctx.get_hf_config(VisorConfig)
+        bridge.FRONTEND_CONFIG = cfg  # lets budget validation check layer numbers at admission
+        return cfg
+
+    def get_supported_mm_limits(self) -> Mapping[str, int | None]:
+        return {"image": None}  # enc-dec models serve one modality; videos are not VISOR's
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, num_images: int = 1) -> int:
+        """LLaVA-OV's rule: one image gets anyres tiles; several images get base crop + newline."""
+        if num_images > 1:
+            vc = self.get_hf_config().vision_config
+            return (vc.image_size // vc.patch_size) ** 2 + 1
+        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+
+
+class VisorDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
+    def get_dummy_text(self, mm_counts: Mapping[str, int]) -> str:
+        cfg = self.info.get_hf_config()
+        return self.info.get_hf_processor().image_token * mm_counts.get("image", 0) + cfg.routing_token
+
+    def get_dummy_mm_data(self, seq_len, mm_counts, mm_options):
+        return {"image": super().get_dummy_mm_data(seq_len, {**mm_counts, "video": 0},
+                                                   mm_options)["image"]}
+
+
+class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiModalProcessor):
+    skip_decoder_start_token = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        patches.apply_frontend_patches()  # oversized images: vLLM's 400, not PIL's 500
+
+    def create_encoder_prompt(self, prompt, mm_items) -> list[int]:
+        return [self.info.get_hf_config().image_token_index] * mm_items.get_count("image", strict=False)
+
+    def create_decoder_prompt(self, prompt, mm_items):
+        cfg = self.info.get_hf_config()
+        if isinstance(prompt, str):
+            return prompt.replace(self.info.get_hf_processor().image_token, "")
+        return [t for t in prompt if t != cfg.image_token_index]
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        """Images only; several images go to transformers as *one* prompt's images, so they get
+        LLaVA-OV's multi-image preprocessing (one crop each), exactly as the reference's inputs."""
+        hf_data, hf_kwargs, passthrough = self._get_hf_mm_inputs(mm_items, hf_kwargs)
+        if not hf_data:
+            return self._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough)
+        call = dict(hf_data)
+        images = call.get("images") or []
+        check_images(images)  # zero-sized image -> 400, not a division by zero
+        if len(images) > 1:
+            call["images"] = [list(images)]
+        processed = self.info.ctx.call_hf_processor(
+            self.info.get_hf_processor(**hf_kwargs), call, hf_kwargs)
+        hf_data.pop("text", None)
+        return self._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough, processed)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        from vllm.multimodal.parse import ImageProcessorItems
+        from vllm.multimodal.processing import PromptReplacement
+
+        cfg = self.info.get_hf_config()
+        n_images = mm_items.get_count("image", strict=False)
+
+        def replacement(item_idx: int):
+            size = mm_items.get_items("image", ImageProcessorItems).get_image_size(item_idx)
+            n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height,
+                                               num_images=n_images)
+            return [cfg.image_token_index] * n
+
+        return [PromptReplacement(modality="image", target=[cfg.image_token_index],
+                                  replacement=replacement)]
+
+    def apply(self, inputs, timing_ctx):
+        out = super().apply(inputs, timing_ctx)
+        # All images at encoder offset 0. vLLM 0.32's scheduler compares *decoder* token counts
+        # with *encoder* placeholder offsets (scheduler.py, _try_schedule_encoder_inputs, the
+        # disable_chunked_mm_input roll-back), so a second image at offset > decoder prompt
+        # length is never scheduled. Offsets mean nothing else in enc-dec mode (the encoder
+        # length is the sum of placeholder lengths); order is kept. Ledger: visor_vllm.patches.
+        out["mm_placeholders"] = {m: [dataclasses.replace(p, offset=0) for p in ps]
+                                  for m, ps in out["mm_placeholders"].items()}
+        cfg = self.info.get_hf_config()
+        if (inputs.mm_data_items.get_count("image", strict=False) and plan.needs_router(cfg)
+                and cfg.routing_token_id not in out["prompt_token_ids"]):
+            raise ValueError(
+                f"a VISOR prompt with images needs the routing token {cfg.routing_token!r} after "
+                "the question; the model's chat template adds it (use chat.completions)")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged K/V that this module owns (SA-capable layers and their vision holders)
+# ---------------------------------------------------------------------------------------------
+
+def paged_kv_views(kv_cache: torch.Tensor, head_dim: int):
+    """``(K, V)`` views ``[num_blocks, block_size, Hkv, D]`` of one layer's paged cache.
+
+    Only this module reads and writes SA-capable layers' caches, so the layout *inside* a block
+    is ours (plain K and V, unlike the CPU kernel's ISA-dependent transposed K); the block
+    boundaries stay the backend's, because vLLM may share one raw tensor between KV groups.
+    """
+    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_dim:   # CPU: [nb, Hkv, bs, 2D]
+        nb, hkv, bs, _ = kv_cache.shape
+        kv = kv_cache.view(nb, hkv, bs, 2, head_dim)
+        return kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:                  # flash: [2, nb, bs, Hkv, D]
+        return kv_cache[0], kv_cache[1]
+    raise NotImplementedError(f"VISOR does not know the KV cache layout {tuple(kv_cache.shape)}")
+
+
+def write_paged(views, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k/v ``[n, Hkv, D]`` at flat slots ``[n]`` (``block * block_size + offset``)."""
+    kc, vc = views
+    bs = kc.shape[1]
+    keep = slots >= 0  # padding tokens carry slot -1
+    slots, k, v = slots[keep].long(), k[keep], v[keep]
+    kc[slots // bs, slots % bs] = k.to(kc.dtype)
+    vc[slots // bs, slots % bs] = v.to(vc.dtype)
+
+
+def gather_paged(views, block_table: torch.Tensor, lengths: torch.Tensor):
+    """The first ``lengths[r]`` tokens of every row: k/v ``[R, Lmax, Hkv, D]``, valid ``[R, Lmax]``."""
+    kc, vc = views
+    bs = kc.shape[1]
+    lmax = int(lengths.max()) if lengths.numel() else 0
+    idx = torch.arange(lmax, device=block_table.device)
+    blocks = block_table[:, idx // bs].long()  # [R, Lmax]
+    valid = idx[None, :] < lengths[:, None]
+    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
+    return kc[blocks, idx % bs], vc[blocks, idx % bs], valid
+
+
+def masked_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [R, Q, H, D], k/v [R, K, Hkv, D], mask [R, Q, K] (True = attend) -> [R, Q, H, D].
+
+    On CPU the math runs in fp32: bf16 SDPA is ~6x slower there without AMX (1.7 vs 0.3 ms for
+    one decode query over 1.5k keys, 2 cores), and fp32 is also what the reference computes.
+    """
+    dtype = q.dtype
+    work = torch.float32 if q.device.type == "cpu" else dtype
+    q, k, v = (t.transpose(1, 2).to(work) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                         enable_gqa=True)
+    return out.transpose(1, 2).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+class VisorCrossAttention(nn.Module):
+    """Text queries, visual keys/values (paper Sec. 4.2.1); same math as the reference's."""
+
+    def __init__(self, cfg: VisorConfig, cache_config, quant_config, prefix: str):
+        super().__init__()
+        tc = cfg.text_config
+        d, self.total_heads = tc.hidden_size, tc.num_attention_heads
+        self.head_dim = d // self.total_heads
+        self.text_norm = RMSNorm(d, eps=tc.rms_norm_eps)
+        self.vision_norm = RMSNorm(d, eps=tc.rms_norm_eps)
+        k = cfg.cross_attn_conv_kernel
+        self.pos_conv = nn.Conv1d(d, d, k, padding=k // 2, groups=d)  # replicated under TP
+        kv = tc.num_key_value_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(d, self.total_heads * self.head_dim, bias=True,
+                                           quant_config=quant_config, prefix=f"{prefix}.q_proj")
+        self.kv_proj = MergedColumnParallelLinear(d, [kv, kv], bias=True, quant_config=quant_config,
+                                                  prefix=f"{prefix}.kv_proj")
+        self.o_proj = RowParallelLinear(self.total_heads * self.head_dim, d, bias=False,
+                                        quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.kv_size = self.kv_proj.output_size_per_partition // 2
+        heads = self.q_proj.output_size_per_partition // self.head_dim
+        self.attn = CrossAttention(heads, self.head_dim, self.head_dim ** -0.5,
+                                   num_kv_heads=self.kv_size // self.head_dim,
+                                   cache_config=cache_config, prefix=f"{prefix}.attn",
+                                   attn_type=AttentionType.ENCODER_DECODER)
+
+    def vision_kv(self, vis: torch.Tensor, item_lens: Sequence[int]):
+        """vis [Nv_new, d] (new rows, row order) -> k, v [Nv_new, Hkv_local * D]."""
+        x = self.vision_norm(vis)
+        x = x + plan.segment_depthwise_conv1d(x, item_lens, self.pos_conv.weight, self.pos_conv.bias)
+        kv, _ = self.kv_proj(x)
+        return kv.split([self.kv_size, self.kv_size], dim=-1)
+
+    def forward(self, h: torch.Tensor, vis: torch.Tensor | None, item_lens) -> torch.Tensor:
+        """The residual update ``[N, d]``; vision K/V are written only when ``vis`` is given."""
+        q, _ = self.q_proj(self.text_norm(h))
+        k = v = None
+        if vis is not None and vis.shape[0]:
+            k, v = self.vision_kv(vis, item_lens)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class VisorRouter(nn.Module):
+    def __init__(self, cfg: VisorConfig, prefix: str):
+        super().__init__()
+        tc = cfg.text_config
+        self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
+        self.fc1 = ReplicatedLinear(tc.hidden_size, cfg.router_hidden_size, bias=True,
+                                    prefix=f"{prefix}.fc1")
+        self.fc2 = ReplicatedLinear(cfg.router_hidden_size, len(cfg.sa_configs), bias=True,
+                                    prefix=f"{prefix}.fc2")
+
+    def forward(self, x):  # [M, d] -> [M, C]
+        h, _ = self.fc1(self.norm(x))
+        out, _ = self.fc2(F.gelu(h))
+        return out
+
+
+class _Step:
+    """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
+
+    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs):
+        md = get_forward_context().attn_metadata
+        text_md = md[model.layers[0].self_attn.attn.layer_name]
+        x_md = md[model.first_cross_name]
+        dev = input_ids.device
+        self.qsl = text_md.query_start_loc.long()                      # [R+1]
+        self.R, self.N = self.qsl.numel() - 1, int(self.qsl[-1])
+        q_lens = self.qsl[1:] - self.qsl[:-1]                           # [R]
+        self.seq_lens = text_md.seq_lens[: self.R].long()               # [R] after this step
+        self.computed = self.seq_lens - q_lens                          # [R]
+        self.n_vision = x_md.seq_lens[: self.R].long()                  # [R]
+        self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
+        self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
+        self.q_max = int(q_lens.max()) if self.R else 0
+        pos = positions.clone()
+        pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
+        self.positions = pos
+        # rows whose encoder outputs arrive now (first step, with images), in row order
+        self.new = (self.computed == 0) & (self.n_vision > 0)           # [R]
+        enc = list(encoder_outputs or [])
+        self.item_lens = [int(e.shape[0]) for e in enc]
+        self.vis = torch.cat(enc).to(model.dtype) if enc else None      # [Nv_new, d]
+        new_lens = self.n_vision[self.new]
+        if sum(self.item_lens) != int(new_lens.sum()):
+            raise RuntimeError(f"VISOR: encoder outputs {self.item_lens} do not cover the visual "
+                               f"tokens {new_lens.tolist()} of the rows in their first step")
+        self.vis_row = torch.repeat_interleave(self.new.nonzero().flatten(), new_lens)  # [Nv_new]
+        self.vis_col = (torch.arange(self.vis_row.numel(), device=dev)
+                        - torch.repeat_interleave(new_lens.cumsum(0) - new_lens, new_lens))
+        self.text_md, self.md = text_md, md
+
+
+class VisorDecoder(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        cfg: VisorConfig = vllm_config.model_config.hf_config
+        tc, cache, quant = cfg.text_config, vllm_config.cache_config, vllm_config.quant_config
+        self.cfg, self.dtype = cfg, vllm_config.model_config.dtype
+        self.embed_tokens = VocabParallelEmbedding(tc.vocab_size, tc.hidden_size,
+                                                   prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            Qwen2DecoderLayer(tc, cache, quant, prefix=f"{prefix}.layers.{i}")
+            for i in range(cfg.num_layers))
+        for i in cfg.cross_layers:
+            self.layers[i].cross_attn = VisorCrossAttention(cfg, cache, quant,
+                                                            prefix=f"{prefix}.layers.{i}.cross_attn")
+        for i in cfg.sa_capable_layers:
+            sa = self.layers[i].self_attn
+            self.layers[i].vision_kv = CrossAttention(
+                sa.num_heads, sa.head_dim, sa.scaling, num_kv_heads=sa.num_kv_heads,
+                cache_config=cache, prefix=f"{prefix}.layers.{i}.vision_kv",
+                attn_type=AttentionType.ENCODER_DECODER)
+        first = min(cfg.cross_layers + cfg.sa_capable_layers)
+        holder = self.layers[first].cross_attn.attn if first in cfg.cross_layers else self.layers[first].vision_kv
+        self.first_cross_name = holder.layer_name
+        self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
+        self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
+        self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
+
+    # -- the step --------------------------------------------------------------------------------
+    def forward(self, input_ids, positions, encoder_outputs=None) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        md = get_forward_context().attn_metadata
+        if not isinstance(md, dict) or self.first_cross_name not in md:  # profiling/dummy run
+            for layer in self.layers:
+                hs, res = layer(positions, h, None)
+                h = hs + res
+            return self.norm(h)
+        s = _Step(self, input_ids, positions, encoder_outputs)
+        state = bridge.STATE
+        if state is None:
+            raise RuntimeError("visor_vllm.engine.bridge:VisorBudgetBridge is not loaded; install "
+                               "visor-vllm (entry point vllm.logits_processors) or pass "
+                               "--logits-processors visor_vllm.engine.bridge:VisorBudgetBridge")
+        sa_mask = self._initial_sa_mask(s, state)                      # [R, L]
+        vis = s.vis
+        for i, layer in enumerate(self.layers):
+            kind = self.cfg.layer_types[i]
+            if kind == "cross":
+                delta = layer.cross_attn(h, vis, s.item_lens)
+                has_vis = (s.n_vision > 0)[s.row]                       # [N]
+                h[: s.N] = h[: s.N] + torch.where(has_vis[:, None], delta[: s.N], 0)
+            if kind == "self":
+                h, vis = self._sa_layer(i, layer, h, vis, s, sa_mask[:, i])
+            else:
+                hs, res = layer(s.positions, h, None)
+                h = hs + res
+            if i == self.cfg.router_layer and self.router is not None:
+                sa_mask = self._route(h, input_ids, s, state, sa_mask)
+        if self.writes_receipts:
+            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None)
+        return self.norm(h)
+
+    def _initial_sa_mask(self, s: _Step, state) -> torch.Tensor:
+        """Decode rows: the stored configuration. First-step rows: explicit, forced or always-on."""
+        R = s.R
+        mask = state.sa_mask[:R].clone()
+        new = s.new
+        if bool(new.any()):
+            state.apply_flops_caps(new, s.n_vision)  # needs this step's token counts
+            single = state.allowed[:R].sum(-1) == 1                      # min / max budgets
+            forced = state.config_masks[state.allowed[:R].float().argmax(-1)]  # [R, L]
+            init = torch.where(single[:, None], forced, state.always_on.expand(R, -1))
+            init = torch.where(state.has_explicit[:R, None], state.explicit[:R], init)
+            mask = torch.where(new[:, None], init, mask)
+            if self.router is None:  # one configuration: nothing to choose
+                mask = torch.where(new[:, None] & ~state.has_explicit[:R, None],
+                                   state.config_masks[0].expand(R, -1), mask)
+            state.sa_mask[:R] = mask
+            idx = torch.where(single, state.allowed[:R].float().argmax(-1), -1)
+            state.config_index[:R] = torch.where(new, idx, state.config_index[:R])
+        return mask
+
+    def _route(self, h, input_ids, s: _Step, state, sa_mask) -> torch.Tensor:
+        """Router on the routing tokens of first-step rows; the costliest vote per row wins."""
+        R, C = s.R, len(self.cfg.sa_configs)
+        needs = s.new & ~state.has_explicit[:R] & (state.allowed[:R].sum(-1) > 1)   # [R]
+        if not bool(needs.any()):
+            return sa_mask
+        tok = (input_ids[: s.N] == self.cfg.routing_token_id) & needs[s.row] \
+            & (s.computed[s.row] + s.col < state.prompt_len[:R][s.row])             # [N]
+        rows = s.row[tok]                                                             # [M]
+        logits = self.router(h[: s.N][tok]).float()                                   # [M, C]
+        logits = logits.masked_fill(~state.allowed[:R][rows], float("-inf"))
+        votes = logits.argmax(-1)                                                     # [M]
+        sizes = state.config_masks.sum(-1)                                            # [C]
+        key = sizes[votes] * C + votes
+        best = torch.full((R,), -1, dtype=torch.long, device=h.device)
+        best = best.scatter_reduce(0, rows, key, reduce="amax")
+        missing = needs & (best < 0)
+        if bool(missing.any()):  # the processor rejects such prompts; never crash the engine
+            logger.warning("VISOR: %d row(s) had no routing token; using their costliest "
+                           "allowed configuration", int(missing.sum()))
+            allowed_key = torch.where(state.allowed[:R], sizes[None] * C + torch.arange(C), -1)
+            best = torch.where(missing, allowed_key.max(-1).values, best)
+        chosen = torch.where(needs, best % C, -1)
+        sa_mask = torch.where(needs[:, None], state.config_masks[chosen.clamp(min=0)], sa_mask)
+        state.sa_mask[:R] = sa_mask
+        state.config_index[:R] = torch.where(needs, chosen, state.config_index[:R])
+        return sa_mask
+
+    # -- SA-capable layer ------------------------------------------------------------------------
+    def _sa_layer(self, i: int, layer, h, vis, s: _Step, active: torch.Tensor):
+        """active [R]: rows whose configuration runs layer i."""
+        attn = layer.self_attn
+        holder = layer.vision_kv
+        x_md = s.md[holder.layer_name]
+        vviews = paged_kv_views(holder.kv_cache, attn.head_dim)
+        # 1) first-step rows that run the layer: advance their visual stream, store its K/V once
+        if vis is not None:
+            sel = active[s.vis_row]                                    # [Nv_new]
+            if bool(sel.any()):
+                x, k, v = self._vision_block(layer, vis[sel], s.vis_row[sel], s.vis_col[sel], s.R)
+                vis = vis.clone()
+                vis[sel] = x
+                blocks = x_md.block_table[s.vis_row[sel], s.vis_col[sel] // vviews[0].shape[1]]
+                write_paged(vviews, blocks.long() * vviews[0].shape[1]
+                            + s.vis_col[sel] % vviews[0].shape[1], k, v)
+        # 2) text tokens attend [vision K/V of this layer (active rows) ; causal text K/V]
+        residual = h
+        x = layer.input_layernorm(h)
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(s.positions, q, k)
+        n, hd = s.N, attn.head_dim
+        t_md = s.md[attn.attn.layer_name]  # KV groups may differ per layer: use this layer's
+        tviews = paged_kv_views(attn.attn.kv_cache, hd)
+        write_paged(tviews, t_md.slot_mapping[:n], k[:n].view(n, -1, hd), v[:n].view(n, -1, hd))
+        out = sa_text_attention(q[:n].view(n, -1, hd), s, tviews, t_md.block_table, vviews,
+                                x_md.block_table, active, attn.scaling)
+        o = torch.zeros_like(q)
+        o[:n] = out.reshape(n, -1)
+        o, _ = attn.o_proj(o)
+        h = residual + o
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, vis
+
+    def _vision_block(self, layer, x, rows, cols, R: int):
+        """The ordinary layer on visual tokens only (V precedes T, so T cannot change V)."""
+        attn = layer.self_attn
+        hd = attn.head_dim
+        y = layer.input_layernorm(x)
+        qkv, _ = attn.qkv_proj(y)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(cols, q, k)  # vision positions 0..Nv-1
+        n = x.shape[0]
+        q3, k3, v3 = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)
+        lens = torch.bincount(rows, minlength=R)                       # [R]
+        qmax = int(lens.max())
+        pad_q = q3.new_zeros(R, qmax, *q3.shape[1:])
+        pad_k = k3.new_zeros(R, qmax, *k3.shape[1:])
+        pad_v = v3.new_zeros(R, qmax, *v3.shape[1:])
+        pad_q[rows, cols], pad_k[rows, cols], pad_v[rows, cols] = q3, k3, v3
+        idx = torch.arange(qmax, device=x.device)
+        valid = idx[None, :] < lens[:, None]                           # [R, qmax]
+        mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
+        mask = mask | ~valid[:, :, None]  # padded query rows: any key, result dropped
+        out = masked_attention(pad_q, pad_k, pad_v, mask, attn.scaling)[rows, cols]
+        o, _ = attn.o_proj(out.reshape(n, -1))
+        x = x + o
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x, k3, v3
+
+
+def sa_text_attention(q, s: _Step, tviews, text_block_table, vviews, vision_block_table,
+                      active, scale):
+    """Text queries [N, H, D] over ``[vision K/V if the row runs the layer ; causal text K/V]``.
+
+    CPU path: gather both paged caches for the batch's rows and run one masked SDPA.
+    GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
+    pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
+    ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
+    """
+    R = s.R
+    kt, vt, tvalid = gather_paged(tviews, text_block_table[:R], s.seq_lens)         # [R, T, ...]
+    nv = torch.where(active, s.n_vision, 0)                                          # [R]
+    kv_, vv_, vvalid = gather_paged(vviews, vision_block_table[:R], nv)              # [R, V, ...]
+    qp = q.new_zeros(R, s.q_max, *q.shape[1:])
+    qp[s.row, s.col] = q                                                             # [R, Q, H, D]
+    qi = torch.arange(s.q_max, device=q.device)
+    ti = torch.arange(kt.shape[1], device=q.device)
+    causal = ti[None, None, :] <= (s.computed[:, None, None] + qi[None, :, None])    # [R, Q, T]
+    mask = torch.cat([vvalid[:, None, :].expand(-1, s.q_max, -1), causal & tvalid[:, None, :]], -1)
+    out = masked_attention(qp, torch.cat([kv_, kt], 1), torch.cat([vv_, vt], 1), mask, scale)
+    return out[s.row, s.col]                                                          # [N, H, D]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class VisorLanguageModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        tc = vllm_config.model_config.hf_config.text_config
+        self.model = VisorDecoder(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if tc.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(tc.vocab_size, tc.hidden_size,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(tc.vocab_size)
+
+
+@MULTIMODAL_REGISTRY.register_processor(VisorMultiModalProcessor, info=VisorProcessingInfo,
+                                        dummy_inputs=VisorDummyInputsBuilder)
+class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """LLaVA-OV's vision path (inherited: SigLIP, projector, anyres packing) + the VISOR decoder."""
+
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"router.": "language_model.model.router."})
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"],
+                              "kv_proj": ["k_proj", "v_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        nn.Module.__init__(self)
+        from visor_vllm import patches
+
+        patches.apply_vllm_patches()
+        config: VisorConfig = vllm_config.model_config.hf_config
+        if vllm_config.use_v2_model_runner:
+            raise NotImplementedError(
+                "VISOR needs vLLM's V1 model runner (per-request state reaches the model through "
+                "a V1 logits processor); set VLLM_USE_V2_MODEL_RUNNER=0")
+        if config.token_packing_ratio is not None:
+            raise NotImplementedError("VISOR-TR checkpoints are not served yet (reference only)")
+        self.config = config
+        self.multimodal_config = vllm_config.model_config.multimodal_config
+        with self._mark_tower_model(vllm_config, {"image"}):
+            self.vision_tower = init_vision_tower_for_llava(
+                config, quant_config=vllm_config.quant_config, require_post_norm=False,
+                prefix=maybe_prefix(prefix, "vision_tower"))
+            self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+            self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        with self._mark_language_model(vllm_config):
+            self.language_model = VisorLanguageModel(vllm_config=vllm_config,
+                                                     prefix=maybe_prefix(prefix, "language_model"))
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        return self.language_model.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                encoder_outputs=None, **kwargs):
+        return self.language_model.model(input_ids, positions, encoder_outputs)
+
+    def compute_logits(self, hidden_states):
+        lm = self.language_model
+        return lm.logits_processor(lm.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        skip = ["language_model.lm_head."] if self.config.text_config.tie_word_embeddings else []
+        return AutoWeightsLoader(self, ignore_unexpected_prefixes=skip).load_weights(
+            weights, mapper=self.hf_to_vllm_mapper)
+
+
+def _decoder_load_weights(self: VisorDecoder, weights) -> set[str]:
+    """Checkpoint names (llava-hf layout under ``language_model.model.``) -> packed vLLM params."""
+    stacked = [(".self_attn.qkv_proj", ".self_attn.q_proj", "q"),
+               (".self_attn.qkv_proj", ".self_attn.k_proj", "k"),
+               (".self_attn.qkv_proj", ".self_attn.v_proj", "v"),
+               (".mlp.gate_up_proj", ".mlp.gate_proj", 0), (".mlp.gate_up_proj", ".mlp.up_proj", 1),
+               (".cross_attn.kv_proj", ".cross_attn.k_proj", 0),
+               (".cross_attn.kv_proj", ".cross_attn.v_proj", 1)]
+    params = dict(self.named_parameters())
+    loaded = set()
+    for name, w in weights:
+        for packed, part, shard in stacked:
+            if part in name:
+                name = name.replace(part, packed)
+                p = params[name]
+                p.weight_loader(p, w, shard)
+                break
+        else:
+            p = params[name]
+            getattr(p, "weight_loader", default_weight_loader)(p, w)
+        loaded.add(name)
+    return loaded
+
+
+VisorDecoder.load_weights = _decoder_load_weights
