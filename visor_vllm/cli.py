@@ -12,8 +12,9 @@ import sys
 
 # module -> sub-commands it adds (documentation only; each module registers its own)
 SUBCOMMAND_MODULES = ("visor_vllm.model.flops", "visor_vllm.checkpoints.build",
-                      "visor_vllm.checkpoints.convert",
-                      "visor_vllm.serving.serve")
+                      "visor_vllm.checkpoints.convert", "visor_vllm.serving.serve",
+                      "visor_vllm.training.synthetic", "visor_vllm.training.trainer",
+                      "visor_vllm.training.pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(tmp_path_factory, *extra: str):
-    """``(base_url, log_path)`` of a ready ``vllm serve`` on a fresh tiny checkpoint."""
+def serving(tmp_path_factory, *extra: str, ckpt=None):
+    """``(base_url, log_path)`` of a ready ``vllm serve`` on ``ckpt`` (default: a fresh tiny one)."""
     from visor_vllm.testing import write_random_tiny_checkpoint
 
-    ckpt = write_random_tiny_checkpoint(tmp_path_factory.mktemp("serve-ckpt"))
+    if ckpt is None:
+        ckpt = write_random_tiny_checkpoint(tmp_path_factory.mktemp("serve-ckpt"))
     port = free_port()
     log = Path(tmp_path_factory.mktemp("serve-log")) / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}

@@ -75,20 +75,24 @@ def _prepare_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0,
-                               dtype: torch.dtype = torch.float32, real_sizes: bool = False) -> Path:
+                               dtype: torch.dtype = torch.float32, real_sizes: bool = False,
+                               preset: str | None = None,
+                               extra_corpus: tuple[str, ...] = ()) -> Path:
     """A LLaVA-OneVision checkpoint dir in the llava-hf layout (the converter's source).
 
-    Tiny: `preset_tiny`'s LLaVA-OV part with random weights. ``real_sizes=True``: LLaVA-OV-0.5B
-    dims (`preset_0_5b`'s sub-configs), config/tokenizer/processor only -- for vLLM's
-    ``--load-format dummy``.
+    Tiny: `preset_tiny`'s LLaVA-OV part with random weights (``preset`` picks another small
+    preset, e.g. ``synthetic``). ``real_sizes=True``: LLaVA-OV-0.5B dims (`preset_0_5b`'s
+    sub-configs), config/tokenizer/processor only -- for vLLM's ``--load-format dummy``.
+    ``extra_corpus``: more BPE training text (`files.build_tokenizer`).
     """
     out = _prepare_dir(out_dir)
-    cfg = llava_onevision_config(get_preset("visor-0.5b" if real_sizes else "tiny"))
+    cfg = llava_onevision_config(get_preset("visor-0.5b" if real_sizes else preset or "tiny"))
     cfg.dtype = "bfloat16" if real_sizes else str(dtype).removeprefix("torch.")
     cfg.save_pretrained(str(out))
-    build_tokenizer(out, routing_token=False)
+    vocab = cfg.text_config.vocab_size
+    build_tokenizer(out, routing_token=False, extra_corpus=extra_corpus, vocab_size=vocab)
     write_processor_files(out, cfg, LLAVA_OV_CHAT_TEMPLATE)
-    write_generation_config(out)
+    write_generation_config(out, vocab)
     if not real_sizes:
         save_state_dict(llava_onevision_state_dict(cfg, seed, dtype), out)
     return out

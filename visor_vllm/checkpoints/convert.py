@@ -55,7 +55,7 @@ import torch
 from visor_vllm.checkpoints.files import (CheckpointError, chat_template, load_state_dict,
                                           save_state_dict, write_generation_config,
                                           write_processor_files)
-from visor_vllm.model.config import SPECIAL_TOKENS, VisorConfig, get_preset
+from visor_vllm.model.config import SPECIAL_TOKENS, VisorConfig, get_preset, special_tokens
 
 INITS = ("converter", "random")
 HUB_EMBED = "language_model.model.embed_tokens.weight"
@@ -372,7 +372,8 @@ def _init_routing_rows(cfg: VisorConfig, out: dict[str, torch.Tensor]) -> None:
         if name not in out:
             continue
         w = out[name].clone()  # [V, d]; never edit the source tensor
-        w[cfg.routing_token_id] = w[:min(REGULAR_VOCAB, w.shape[0])].float().mean(0).to(w.dtype)
+        regular = min(special_tokens(w.shape[0]).values())  # REGULAR_VOCAB for Qwen2's
+        w[cfg.routing_token_id] = w[:regular].float().mean(0).to(w.dtype)
         out[name] = w
 
 

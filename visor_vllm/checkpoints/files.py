@@ -2,7 +2,7 @@
 
 What.
 * `build_tokenizer` -- a byte-level BPE trained on a small built-in corpus, padded to Qwen2's id
-  space, with the Qwen2 / LLaVA-OV special tokens at their real ids (`config.SPECIAL_TOKENS`) and
+  space, with the Qwen2 / LLaVA-OV special tokens at their real ids (`config.special_tokens`; compact vocabularies keep them in their last rows) and
   a ChatML chat template (LLaVA-OV's, or VISOR's that appends the routing token after each user
   message: `chat_template`).
 * `write_processor_files` / `load_processor` -- what `LlavaOnevisionProcessor.from_pretrained`
@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-from visor_vllm.model.config import QWEN2_VOCAB, SPECIAL_TOKENS
+from visor_vllm.model.config import QWEN2_VOCAB, special_tokens
 
 ROUTE = "<|route|>"
 IMAGE, VIDEO = "<image>", "<video>"
 MAX_SHARD_BYTES = 2 * 1024 ** 3
-_LLAVA_SPECIALS = {k: v for k, v in SPECIAL_TOKENS.items() if k != ROUTE}
 _FILLER = "<filler{}>"            # unreachable: no BPE merge produces it
 _SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]  # SigLIP normalisation, as in the llava-hf processors
 
@@ -114,28 +113,31 @@ LLAVA_OV_CHAT_TEMPLATE = chat_template()
 VISOR_CHAT_TEMPLATE = chat_template(ROUTE)
 
 
-def _train_bpe(extra_corpus: tuple[str, ...] = ()):
-    """Byte-level BPE (~1000 entries) trained on `_CORPUS` (+ ``extra_corpus``); deterministic."""
+def _train_bpe(extra_corpus: tuple[str, ...] = (), vocab_size: int = 1000):
+    """Byte-level BPE (<= ``vocab_size`` entries) on `_CORPUS` (+ ``extra_corpus``); deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator((list(_CORPUS) + list(extra_corpus)) * 20, trainer)
     return tok
 
 
-def _tokenizer_object(routing_token: bool, extra_corpus: tuple[str, ...] = ()):
-    """The `tokenizers.Tokenizer`: BPE + fillers + specials at their real ids."""
+def _tokenizer_object(routing_token: bool, extra_corpus: tuple[str, ...] = (),
+                      vocab_size: int = QWEN2_VOCAB):
+    """The `tokenizers.Tokenizer`: BPE + fillers + specials at their ids (`special_tokens`)."""
     from tokenizers import Tokenizer
 
-    specials = SPECIAL_TOKENS if routing_token else _LLAVA_SPECIALS
-    # with the routing token: every id < QWEN2_VOCAB has an entry; without: stop right after
+    specials = special_tokens(vocab_size)
+    if not routing_token:
+        specials.pop(ROUTE)
+    # with the routing token: every id < vocab_size has an entry; without: stop right after
     # the specials, like the real LLaVA-OV tokenizer (see module footguns)
-    size = QWEN2_VOCAB if routing_token else max(specials.values()) + 1
-    data = json.loads(_train_bpe(extra_corpus).to_str())
+    size = vocab_size if routing_token else max(specials.values()) + 1
+    data = json.loads(_train_bpe(extra_corpus, min(1000, min(specials.values()))).to_str())
     vocab = data["model"]["vocab"]  # token -> id, ids 0..n-1
     taken = set(specials.values())
     for i in range(len(vocab), size):
@@ -155,18 +157,19 @@ def _tokenizer_object(routing_token: bool, extra_corpus: tuple[str, ...] = ()):
 
 
 def build_tokenizer(out_dir: str | os.PathLike, routing_token: bool = True,
-                    extra_corpus: tuple[str, ...] = ()):
+                    extra_corpus: tuple[str, ...] = (), vocab_size: int = QWEN2_VOCAB):
     """Write a `PreTrainedTokenizerFast` (tokenizer.json, tokenizer_config.json, chat template).
 
     ``routing_token=True``: VISOR -- ``<|route|>`` at 151648 and the VISOR chat template.
     ``routing_token=False``: LLaVA-OneVision -- no routing token, LLaVA-OV chat template.
     ``extra_corpus``: more training text for the BPE, so that a task's words become single
     tokens (the synthetic task's questions would otherwise cost ~3 tokens a word).
+    ``vocab_size``: Qwen2's (real special-token ids) or a compact one (`special_tokens`).
     """
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_tokenizer_object(routing_token, tuple(extra_corpus)),
+        tokenizer_object=_tokenizer_object(routing_token, tuple(extra_corpus), vocab_size),
         eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO},
     )
@@ -230,12 +233,13 @@ def load_processor(path: str | os.PathLike):
     return LlavaOnevisionProcessor.from_pretrained(str(path), local_files_only=True)
 
 
-def write_generation_config(out_dir: str | os.PathLike) -> None:
+def write_generation_config(out_dir: str | os.PathLike, vocab_size: int = QWEN2_VOCAB) -> None:
     """ChatML stops at ``<|im_end|>``; ``<|endoftext|>`` also ends (Qwen2 convention)."""
+    sp = special_tokens(vocab_size)
     _write_json(Path(out_dir) / "generation_config.json", {
-        "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
-        "eos_token_id": [SPECIAL_TOKENS["<|im_end|>"], SPECIAL_TOKENS["<|endoftext|>"]],
-        "pad_token_id": SPECIAL_TOKENS["<|endoftext|>"],
+        "bos_token_id": sp["<|endoftext|>"],
+        "eos_token_id": [sp["<|im_end|>"], sp["<|endoftext|>"]],
+        "pad_token_id": sp["<|endoftext|>"],
     })
 
 

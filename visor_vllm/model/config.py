@@ -49,6 +49,24 @@ SPECIAL_TOKENS = {
     "<|route|>": 151648,
 }
 QWEN2_VOCAB = 151936
+COMPACT_SPECIALS_FROM_END = 24  # a compact vocabulary keeps its specials in its last rows
+
+
+def special_tokens(vocab_size: int = QWEN2_VOCAB) -> dict[str, int]:
+    """Special-token ids for a vocabulary size: Qwen2's real ids, or a compact block.
+
+    Every real-size preset (and ``tiny``) uses Qwen2's 151,936-row vocabulary with the real ids.
+    A compact vocabulary (the ``synthetic`` preset's 1,024 rows: a 151,936-row head would be
+    ~90% of a 0.6M-parameter model's step) puts the same tokens, in the same order, at
+    ``vocab_size - 24`` onwards; the BPE fills the rows below.
+    """
+    if vocab_size == QWEN2_VOCAB:
+        return dict(SPECIAL_TOKENS)
+    base = vocab_size - COMPACT_SPECIALS_FROM_END
+    if base < 256:
+        raise VisorConfigError(f"vocab_size {vocab_size} is too small for a byte-level BPE")
+    first = min(SPECIAL_TOKENS.values())
+    return {k: base + v - first for k, v in SPECIAL_TOKENS.items()}
 
 # Appendix A, 1-based layer numbers, cheapest first (the order the paper lists them).
 PAPER_SA_CONFIGS_0_5B = [
@@ -220,25 +238,28 @@ def _siglip_so400m() -> SiglipVisionConfig:
                               vision_use_head=False, layer_norm_eps=1e-6)
 
 
-def _qwen2(hidden, inter, layers, heads, kv_heads) -> Qwen2Config:
-    return Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=hidden, intermediate_size=inter,
+def _qwen2(hidden, inter, layers, heads, kv_heads, vocab=QWEN2_VOCAB) -> Qwen2Config:
+    sp = special_tokens(vocab)
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=kv_heads, max_position_embeddings=32768,
                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
                        rms_norm_eps=1e-6, tie_word_embeddings=True,
-                       bos_token_id=151643, eos_token_id=151645)
+                       bos_token_id=sp["<|endoftext|>"], eos_token_id=sp["<|im_end|>"])
 
 
 def _make(vision, text, schedule, pinpoints=None, **extra) -> VisorConfig:
+    sp = special_tokens(text.vocab_size)
     cfg = VisorConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(),
-        image_token_index=SPECIAL_TOKENS["<image>"], video_token_index=SPECIAL_TOKENS["<video>"],
+        image_token_index=sp["<image>"], video_token_index=sp["<video>"],
+        routing_token_id=sp["<|route|>"],
         vision_feature_select_strategy="full", vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9", tie_word_embeddings=True,
         image_grid_pinpoints=pinpoints, **schedule, **extra,
         # vLLM: visual tokens are the encoder sequence, text the decoder sequence (vllm_model);
         # the decoder start token is never prepended (the processor skips it) but must exist.
-        is_encoder_decoder=True, decoder_start_token_id=SPECIAL_TOKENS["<|im_start|>"],
+        is_encoder_decoder=True, decoder_start_token_id=sp["<|im_start|>"],
     )
     cfg.architectures = ["VisorForConditionalGeneration"]
     return cfg
@@ -274,6 +295,7 @@ def preset_tiny() -> VisorConfig:
     return _make(vision, text, schedule, pinpoints=pinpoints, router_hidden_size=32)
 
 
+SYNTHETIC_VOCAB = 1024      # compact vocabulary: BPE rows 0..999, specials from 1000
 SYNTHETIC_IMAGE_SIZE = 32  # a 4x4 grid of 8-px cells: one visual token per cell and crop
 
 
@@ -287,11 +309,12 @@ def preset_synthetic() -> VisorConfig:
     that the recipe makes cell-local (attention output zeroed) and pretrains on per-cell
     attributes before freezing it: a frozen, good, non-mixing encoder, so that every cross-cell
     relation is the LLM's work (with a trained mixing tower the effects vanished there).
+    A compact 1,024-token vocabulary (`special_tokens`) and an untied head, as the prototype.
     """
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=SYNTHETIC_IMAGE_SIZE,
                                 patch_size=8, vision_use_head=False, layer_norm_eps=1e-6)
-    text = _qwen2(64, 256, 8, 2, 2)
+    text = _qwen2(64, 256, 8, 2, 2, vocab=SYNTHETIC_VOCAB)
     text.tie_word_embeddings = False  # as the measured prototype: a separate head, default init
     optional = [[], [2], [4], [6], [2, 4], [2, 6], [4, 6], [2, 4, 6]]  # cheapest first
     schedule = dict(layer_types=["self", "cross"] * 4,

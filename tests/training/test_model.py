@@ -1,0 +1,125 @@
+"""The batched trainer forward == the reference model, per sample and configuration (fp32)."""
+
+import pytest
+import torch
+
+from visor_vllm.model.reference import VisorForConditionalGeneration
+from visor_vllm.testing import random_tiny_model
+from visor_vllm.training.data import IGNORE, Encoded, collate
+from visor_vllm.training.model import (VisorTrainStep, answer_loss, answer_stats, set_trainable,
+                                       visor_hidden)
+
+ROUTE, IMAGE, IM_START, IM_END = 151648, 151646, 151644, 151645
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_tiny_model()
+
+
+def _n_image_tokens(model, size):
+    pix = torch.zeros(1, 40, 3, 32, 32)
+    return sum(x.shape[0] for x in model.embed_images(pix, torch.tensor([size])))
+
+
+def _sample(model, g, size, n_q, with_image=True):
+    """ChatML-shaped ids with one image (anyres) of ``size`` and a question of ``n_q`` tokens."""
+    question = torch.randint(5, 900, (n_q,), generator=g).tolist()
+    head = [IM_START, 5, 6]
+    body = question + [ROUTE, IM_END, IM_START, 10, 11, 12, IM_END]
+    if not with_image:
+        ids = head + body
+        return Encoded(torch.tensor(ids), torch.tensor(ids), None, None)
+    n = _n_image_tokens(model, size)
+    ids = head + [IMAGE] * n + body
+    crops = model.crops_per_image(torch.tensor([size]))[0]
+    pix = torch.zeros(1, 10, 3, 32, 32)
+    pix[0, :crops] = torch.randn(crops, 3, 32, 32, generator=g)
+    labels = [IGNORE] * (len(ids) - 4) + ids[-4:]
+    return Encoded(torch.tensor(ids), torch.tensor(labels), pix, torch.tensor([size]))
+
+
+@pytest.fixture(scope="module")
+def samples(model):
+    g = torch.Generator().manual_seed(3)
+    return [_sample(model, g, (50, 70), 5), _sample(model, g, (32, 32), 11),
+            _sample(model, g, (90, 40), 2), _sample(model, g, None, 7, with_image=False)]
+
+
+@pytest.mark.parametrize("config", [[0], [0, 3], [0, 5], [0, 3, 5]])
+def test_batched_logits_equal_reference_per_sample(model, samples, config):
+    batch = collate(samples, pad_id=0)
+    with torch.no_grad():
+        hidden, labels = visor_hidden(model, batch, config)
+        logits = model.language_model.lm_head(hidden)
+    for b, s in enumerate(samples):
+        ref = model(s.input_ids, s.pixel_values, s.image_sizes, sa_layers=config).logits
+        got = logits[b, :ref.shape[0]]
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+        text = s.input_ids != IMAGE
+        assert torch.equal(labels[b, :ref.shape[0]], s.labels[text])
+
+
+def test_configurations_change_the_batched_output(model, samples):
+    batch = collate(samples, pad_id=0)
+    with torch.no_grad():
+        a, _ = visor_hidden(model, batch, [0])
+        b, _ = visor_hidden(model, batch, [0, 3, 5])
+    assert not torch.allclose(a[0], b[0], atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model, samples):
+    batch = collate(samples, pad_id=0)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        loss, n = VisorTrainStep(model, gradient_checkpointing=ckpt)(batch, [0, 3])
+        (loss / n).backward()
+        grads.append(model.language_model.model.layers[1].cross_attn.q_proj.weight.grad.clone())
+    model.zero_grad()
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_answer_stats_is_greedy_exact_match():
+    lm_head = torch.nn.Identity()
+    # vocab 4; sample 0 predicts its answer, sample 1 gets its 2nd answer token wrong
+    hidden = torch.full((2, 4, 4), -5.0)
+    labels = torch.full((2, 4), IGNORE)
+    labels[:, 2:] = torch.tensor([[1, 2], [1, 2]])
+    hidden[0, 1, 1] = hidden[0, 2, 2] = 5
+    hidden[1, 1, 1] = hidden[1, 2, 3] = 5
+    ok, loss, n = answer_stats(hidden, labels, lm_head)
+    assert ok.tolist() == [True, False] and n.tolist() == [2, 2]
+    total, count = answer_loss(hidden, labels, lm_head)
+    torch.testing.assert_close(total, loss.sum())
+    assert count == 4
+
+
+def test_stage1_changes_only_new_modules_and_the_routing_row(samples):
+    model = random_tiny_model(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = set_trainable(model, "stage1")
+    assert names and all(".cross_attn." in n or "embed_tokens" in n for n in names)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)
+    batch = collate(samples, pad_id=0)
+    loss, n = VisorTrainStep(model)(batch, [0, 3, 5])
+    (loss / n).backward()
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    changed.discard("language_model.lm_head.weight")  # tied: the embedding, checked below
+    assert model.config.tie_word_embeddings
+    assert changed and all(".cross_attn." in k or "embed_tokens" in k for k in changed)
+    emb0, emb1 = before["language_model.model.embed_tokens.weight"], after[
+        "language_model.model.embed_tokens.weight"]
+    rows = (emb0 != emb1).any(1).nonzero().flatten().tolist()
+    assert rows == [model.config.routing_token_id]
+
+
+def test_stage2_freezes_vision_tower_and_router():
+    model = random_tiny_model(seed=1)
+    names = set_trainable(model, "stage2")
+    assert not any(n.startswith(("vision_tower.", "router.")) for n in names)
+    assert any(".cross_attn." in n for n in names) and any(".mlp." in n for n in names)
+    assert isinstance(model, VisorForConditionalGeneration)

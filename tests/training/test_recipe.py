@@ -1,0 +1,47 @@
+"""Recipe files: one versioned YAML, strict keys, batch arithmetic."""
+
+import pytest
+
+from visor_vllm.training.pipeline import load_recipe
+from visor_vllm.training.recipe import RecipeError, StageSpec, TrainRecipe
+
+BASE = {"init": "i", "data": {"train": "t.jsonl"}, "output_dir": "o",
+        "stages": [{"kind": "stage1", "steps": 3, "lr": 1e-3}]}
+
+
+def test_round_trip(tmp_path):
+    r = TrainRecipe.from_dict(BASE)
+    r.dump(tmp_path / "r.yaml")
+    assert TrainRecipe.load(tmp_path / "r.yaml") == r
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({**BASE, "lr": 1}, "unknown key"),
+    ({**BASE, "stages": [{"kind": "stage3", "steps": 1, "lr": 1}]}, "stage kind"),
+    ({**BASE, "stages": [{"kind": "stage2", "steps": 1, "lr": 1, "sampling": "x"}]}, "sampling"),
+    ({**BASE, "stages": [{"kind": "stage1", "steps": 1, "lr": 1, "configs": "viable"}]},
+     "one configuration"),
+    ({**BASE, "recipe_version": 9}, "recipe_version"),
+    ({**BASE, "stages": []}, "at least one stage"),
+    ({**BASE, "data": {"train": "x", "typo": 1}}, "unknown key"),
+])
+def test_bad_recipes_are_named_errors(bad, match):
+    with pytest.raises(RecipeError, match=match):
+        TrainRecipe.from_dict(bad)
+
+
+def test_accumulation_is_derived_and_checked():
+    s = StageSpec(kind="stage2", steps=1, lr=1.0, batch_size=64, micro_batch_size=16)
+    assert s.accumulation(1) == (16, 4) and s.accumulation(2) == (16, 2)
+    with pytest.raises(RecipeError, match="multiple"):
+        s.accumulation(3)
+    assert StageSpec(kind="dense", steps=1, lr=1.0, batch_size=8).accumulation(2) == (4, 1)
+
+
+def test_shipped_synthetic_recipe_parses_and_quick_overrides_it():
+    full, quick = load_recipe(), load_recipe(quick=True)
+    for cfg in (full, quick):
+        for k in ("dense", "stage1", "stage2"):
+            StageSpec(**cfg[k])
+    assert quick["dense"]["steps"] < full["dense"]["steps"]
+    assert full["stage1"]["configs"] == "max" and full["stage2"]["configs"] == "viable"

@@ -1,0 +1,362 @@
+"""Training data: LLaVA conversation files or Hugging Face datasets -> the tokens the server sees.
+
+What.
+* `load_records` reads local data only (never a hub): a LLaVA-style ``.json`` (a list) or
+  ``.jsonl`` file, a directory written by ``datasets.Dataset.save_to_disk``, or ``.parquet``
+  files. A record has ``conversations`` (``[{"from": "human"|"gpt"|"system", "value": ...}]``,
+  ``<image>`` placeholders in the text) and optionally ``image``: a path (relative to
+  ``image_folder``, default the data file's directory), a list of paths, PIL images, or
+  ``{"bytes": ...}`` as `datasets` stores images.
+* `SampleEncoder` turns a record into ``input_ids`` (image placeholders expanded exactly as the
+  checkpoint's LLaVA-OV processor expands them), ``labels`` (the assistant answers and their
+  ``<|im_end|>``, everything else ``-100``), ``pixel_values`` and ``image_sizes``. It renders the
+  *checkpoint's own* chat template: for a VISOR checkpoint that appends the routing token after
+  every question, for LLaVA-OV it does not -- the same text `vllm serve` builds for a request.
+* `EncodedDataset` encodes on access and *skips* bad samples (missing or corrupt image, no
+  answer, too long, placeholders that do not match the images), counting each reason in
+  `SkipCounter`; `collate` pads a list of encoded samples into a batch.
+
+Why. One path from a conversation to tokens for every model the recipe trains (dense LLaVA-OV
+and VISOR) and for evaluation, so nothing the model learns depends on a side format.
+
+Footguns.
+* Labels: the conversation is rendered and tokenized once; each answer starts right after the
+  template's generation prompt (``<|im_start|>assistant\n`` for ChatML, found by rendering an
+  empty conversation with ``add_generation_prompt``) and runs to its end token. When the
+  headers found do not match the assistant turns one to one the sample is bad
+  (``answer_not_located``), never silently mislabelled.
+* Label positions follow transformers' convention: ``labels[i]`` is predicted from position
+  ``i - 1`` (`visor_vllm.training.model.answer_loss` shifts).
+* `EncodedDataset` returns `Skipped` for a bad sample; `collate` drops them, so a batch can be
+  smaller than asked (the loss is normalised by answer tokens, so that is harmless).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """Training data that cannot be read at all (missing file, unknown format)."""
+
+
+class BadSample(ValueError):
+    """One sample that cannot be used; ``reason`` is a short key counted by `SkipCounter`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records
+# ---------------------------------------------------------------------------------------------
+
+def load_records(path: str | os.PathLike) -> list[Mapping]:
+    """Every record of a local LLaVA JSON/JSONL file, a saved `datasets` dir, or parquet."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"training data {p} does not exist")
+    if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json",
+                                                     "dataset_dict.json")):
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(p))
+        if hasattr(ds, "keys"):  # a DatasetDict: take its 'train' split
+            if "train" not in ds:
+                raise DataError(f"{p} is a DatasetDict without a 'train' split: {list(ds)}")
+            ds = ds["train"]
+        return ds
+    if p.suffix == ".parquet" or p.is_dir() and any(p.glob("*.parquet")):
+        from datasets import load_dataset
+
+        files = [str(p)] if p.is_file() else sorted(str(f) for f in p.glob("*.parquet"))
+        return load_dataset("parquet", data_files=files, split="train")
+    if p.suffix == ".jsonl":
+        out = []
+        with open(p) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        out.append({"_bad": f"line {n}: {e}"})
+        return out
+    if p.suffix == ".json":
+        data = json.loads(p.read_text())
+        if not isinstance(data, list):
+            raise DataError(f"{p}: a LLaVA .json file holds a list of records")
+        return data
+    raise DataError(f"{p}: unknown data format (want .json, .jsonl, .parquet or a saved "
+                    "datasets directory)")
+
+
+def default_image_folder(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def _open_image(item, folder: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(item, Image.Image):
+            img = item
+        elif isinstance(item, Mapping) and item.get("bytes") is not None:
+            img = Image.open(io.BytesIO(item["bytes"]))
+        elif isinstance(item, Mapping) and item.get("path"):
+            img = Image.open(folder / item["path"])
+        elif isinstance(item, (str, os.PathLike)):
+            img = Image.open(folder / item)
+        else:
+            raise BadSample("bad_image_field", repr(item)[:80])
+        img.load()
+    except FileNotFoundError as e:
+        raise BadSample("missing_image", str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadSample("corrupt_image", str(e)) from None
+    if min(img.size) < 1:
+        raise BadSample("corrupt_image", f"{img.size[0]}x{img.size[1]} pixels")
+    return img.convert("RGB")
+
+
+def record_images(record: Mapping, folder: Path) -> list:
+    item = record.get("image", record.get("images"))
+    if item is None:
+        return []
+    items = item if isinstance(item, (list, tuple)) else [item]
+    return [_open_image(x, folder) for x in items]
+
+
+def record_messages(record: Mapping) -> list[dict]:
+    """LLaVA ``conversations`` -> chat messages; ``<image>`` placeholders become image parts."""
+    if "_bad" in record:
+        raise BadSample("unreadable_record", record["_bad"])
+    conv = record.get("conversations")
+    if not isinstance(conv, Sequence) or not conv:
+        raise BadSample("no_conversations")
+    messages = []
+    for turn in conv:
+        role = ROLES.get(str(turn.get("from", turn.get("role", ""))))
+        value = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(value, str):
+            raise BadSample("bad_turn", repr(turn)[:80])
+        if role == "user" and IMAGE_PLACEHOLDER in value:
+            parts = [{"type": "image"}] * value.count(IMAGE_PLACEHOLDER)
+            text = value.replace(IMAGE_PLACEHOLDER, "").strip()
+            messages.append({"role": role, "content": parts + [{"type": "text", "text": text}]})
+        else:
+            messages.append({"role": role, "content": [{"type": "text", "text": value}]})
+    if not any(m["role"] == "assistant" and m["content"][0]["text"].strip() for m in messages):
+        raise BadSample("no_answer")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor          # [L] long, image placeholders expanded
+    labels: torch.Tensor             # [L] long, IGNORE outside the answers
+    pixel_values: torch.Tensor | None  # [n_images, crops, 3, S, S]
+    image_sizes: torch.Tensor | None   # [n_images, 2]
+    meta: dict = field(default_factory=dict)
+
+
+class SampleEncoder:
+    """Record -> `Encoded`, with a checkpoint directory's tokenizer, template and processor."""
+
+    def __init__(self, checkpoint: str | os.PathLike, max_length: int = 4096):
+        from visor_vllm.checkpoints.files import load_processor
+
+        self.processor = load_processor(checkpoint)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        self.max_length = max_length
+        # what the template puts before every answer ("<|im_start|>assistant\n" for ChatML)
+        probe = [{"role": "user", "content": [{"type": "text", "text": "?"}]}]
+        bare, prompted = self._ids(probe), self._ids(probe, add_generation_prompt=True)
+        self._generation_prompt = prompted[len(bare):]
+        if prompted[:len(bare)] != bare or not self._generation_prompt:
+            raise DataError(f"{checkpoint}: the chat template renders no generation prompt")
+
+    def _ids(self, messages, add_generation_prompt=False) -> list[int]:
+        text = self.processor.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, record: Mapping, folder: Path) -> Encoded:
+        messages = record_messages(record)
+        images = record_images(record, folder)
+        n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
+        if n_placeholders != len(images):
+            raise BadSample("image_count_mismatch",
+                            f"{n_placeholders} <image> placeholders, {len(images)} images")
+        ids = self._ids(messages)
+        labels = [IGNORE] * len(ids)
+        starts = _find_all(ids, self._generation_prompt)
+        n_answers = sum(m["role"] == "assistant" for m in messages)
+        if len(starts) != n_answers:
+            raise BadSample("answer_not_located",
+                            f"{len(starts)} assistant headers for {n_answers} answers")
+        for s in starts:
+            # the answer and its end token; the template's trailing newline is not predicted
+            stop = s
+            while stop < len(ids) and ids[stop] != self.tokenizer.eos_token_id:
+                stop += 1
+            labels[s:stop + 1] = ids[s:stop + 1]
+        pixel_values = image_sizes = None
+        if images:
+            out = self.processor.image_processor(images, return_tensors="pt")
+            pixel_values, image_sizes = out["pixel_values"], out["image_sizes"]
+            counts = self._image_token_counts(image_sizes, len(images))
+            ids, labels = _expand(ids, labels, self.image_token_id, counts)
+        if len(ids) > self.max_length:
+            raise BadSample("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
+        if all(x == IGNORE for x in labels):
+            raise BadSample("no_answer", "every answer was cut")
+        return Encoded(torch.tensor(ids), torch.tensor(labels), pixel_values, image_sizes,
+                       {k: record[k] for k in ("id", "family", "families") if k in record})
+
+    def _image_token_counts(self, image_sizes: torch.Tensor, n_images: int) -> list[int]:
+        """Tokens per image, as LLaVA-OV's processor counts them (anyres for a single image)."""
+        crop = self.processor.image_processor.size
+        h, w = crop["height"], crop["width"]
+        if n_images > 1:  # several images: base crop + newline each (LLaVA-OV's rule)
+            base = self.processor.num_image_tokens
+            return [base + 1] * n_images
+        return [self.processor._get_number_of_features(int(s[0]), int(s[1]), h, w)
+                for s in image_sizes]
+
+
+def _find_all(ids: list[int], pattern: list[int]) -> list[int]:
+    """Indices just after each occurrence of ``pattern`` in ``ids``."""
+    k, first, out = len(pattern), pattern[0], []
+    for i, t in enumerate(ids):
+        if t == first and ids[i:i + k] == pattern:
+            out.append(i + k)
+    return out
+
+
+def _expand(ids, labels, image_id: int, counts: list[int]):
+    out_ids, out_labels, k = [], [], 0
+    for t, y in zip(ids, labels):
+        if t == image_id:
+            if k >= len(counts):
+                raise BadSample("image_count_mismatch", "more <image> tokens than images")
+            out_ids += [image_id] * counts[k]
+            out_labels += [IGNORE] * counts[k]
+            k += 1
+        else:
+            out_ids.append(t)
+            out_labels.append(y)
+    if k != len(counts):
+        raise BadSample("image_count_mismatch", f"{k} <image> tokens, {len(counts)} images")
+    return out_ids, out_labels
+
+
+class SkipCounter(Counter):
+    """Bad samples by reason (`BadSample.reason`), plus up to 5 examples per reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, err: BadSample, where: str) -> None:
+        self[err.reason] += 1
+        ex = self.examples.setdefault(err.reason, [])
+        if len(ex) < 5:
+            ex.append(f"{where}: {err}")
+
+    def summary(self) -> dict:
+        return {"skipped": sum(self.values()), "by_reason": dict(self),
+                "examples": self.examples}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What `EncodedDataset` returns for a bad sample; `collate` drops it."""
+
+    reason: str
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Map-style dataset of encoded records; a bad record gives `Skipped` and is counted."""
+
+    def __init__(self, records, encoder: SampleEncoder, image_folder: str | os.PathLike):
+        self.records, self.encoder = records, encoder
+        self.folder = Path(image_folder)
+        self.skipped = SkipCounter()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Encoded | Skipped:
+        record = self.records[i]
+        try:
+            return self.encoder.encode(record, self.folder)
+        except BadSample as e:
+            name = record.get("id", "?") if isinstance(record, Mapping) else "?"
+            self.skipped.add(e, f"sample {i} ({name})")
+            return Skipped(e.reason)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor        # [B, L] right-padded with pad_id
+    attention_mask: torch.Tensor   # [B, L] 1 on real tokens
+    labels: torch.Tensor           # [B, L] IGNORE on padding
+    pixel_values: torch.Tensor | None  # [n_images_total, max_crops, 3, S, S]
+    image_sizes: torch.Tensor | None   # [n_images_total, 2]
+    images_per_sample: list[int]
+    meta: list[dict]
+    skipped: list[str] = field(default_factory=list)  # reasons of the samples collate dropped
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
+                     move(self.pixel_values), move(self.image_sizes), self.images_per_sample,
+                     self.meta, self.skipped)
+
+
+def collate(samples: Sequence[Encoded | Skipped | None], pad_id: int) -> Batch | None:
+    """Pad encoded samples into a `Batch`; skipped ones are dropped (None if nothing is left)."""
+    skipped = [s.reason for s in samples if isinstance(s, Skipped)]
+    samples = [s for s in samples if isinstance(s, Encoded)]
+    if not samples:
+        return None
+    n = max(s.input_ids.numel() for s in samples)
+    ids = torch.full((len(samples), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), n), dtype=torch.long)
+    for b, s in enumerate(samples):
+        k = s.input_ids.numel()
+        ids[b, :k], labels[b, :k], mask[b, :k] = s.input_ids, s.labels, 1
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    pixel_values = image_sizes = None
+    if pix:
+        crops = max(p.shape[1] for p in pix)
+        pixel_values = torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1]))
+                                  for p in pix])
+        image_sizes = torch.cat([s.image_sizes for s in samples if s.image_sizes is not None])
+    per = [0 if s.pixel_values is None else s.pixel_values.shape[0] for s in samples]
+    return Batch(ids, mask, labels, pixel_values, image_sizes, per, [s.meta for s in samples],
+                 skipped)

@@ -1,0 +1,107 @@
+"""Offline accuracy of a checkpoint on LLaVA-style data: per family, per SA configuration.
+
+What. `evaluate(checkpoint, data)` scores every sample by greedy exact match of its answer
+(`visor_vllm.training.model.answer_stats`: teacher-forced argmax at every answer token, which
+*is* greedy decoding's exact match) and its answer loss, for a dense LLaVA-OV checkpoint once
+or for a VISOR checkpoint under each requested configuration. Returns per-family and per-group
+(easy/hard, from the dataset's ``dataset.json`` when present) accuracies and the per-sample
+records (the raw material of pseudo-labels).
+
+Why offline. The recipe measures the models it trains before any server exists, with the
+trainer's own forward; accuracy *through the server* is the adaptive-inference issue's
+``visor-vllm eval``. Both read the same data and the same chat template.
+
+Footguns. One question per sample is assumed for per-family numbers (the synthetic val/test
+splits); a multi-turn sample counts as correct only if every answer is.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from visor_vllm.training.data import (EncodedDataset, SampleEncoder, collate, default_image_folder,
+                                      load_records)
+from visor_vllm.training.model import answer_stats, dense_hidden, visor_hidden
+
+
+def dataset_groups(data: str | Path) -> dict[str, str]:
+    meta = default_image_folder(data) / "dataset.json"
+    return json.loads(meta.read_text()).get("groups", {}) if meta.exists() else {}
+
+
+@torch.no_grad()
+def score(model, kind: str, ds: EncodedDataset, pad: int, sa_layers=None,
+          batch_size: int = 64) -> list[dict]:
+    """Per sample: ``{"index", "family", "correct", "loss", "tokens"}`` (bad samples skipped)."""
+    model.eval()
+    out = []
+    for start in range(0, len(ds), batch_size):
+        idx = list(range(start, min(start + batch_size, len(ds))))
+        items = [ds[i] for i in idx]
+        keep = [i for i, x in zip(idx, items) if not hasattr(x, "reason")]
+        batch = collate(items, pad)
+        if batch is None:
+            continue
+        if kind == "dense":
+            hidden, labels = dense_hidden(model, batch)
+            head = model.lm_head
+        else:
+            hidden, labels = visor_hidden(model, batch, sa_layers)
+            head = model.language_model.lm_head
+        ok, loss, n = answer_stats(hidden, labels, head)
+        for j, i in enumerate(keep):
+            out.append({"index": i, "family": batch.meta[j].get("family", "all"),
+                        "correct": bool(ok[j]), "loss": float(loss[j]), "tokens": int(n[j])})
+    return out
+
+
+def summarise(records: list[dict], groups: dict[str, str]) -> dict:
+    fam = defaultdict(list)
+    for r in records:
+        fam[r["family"]].append(r["correct"])
+    families = {f: sum(v) / len(v) for f, v in sorted(fam.items())}
+    by_group = defaultdict(list)
+    for f, acc in families.items():
+        by_group[groups.get(f, "all")].append(acc)
+    return {"accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
+            "families": families,
+            "groups": {g: sum(v) / len(v) for g, v in sorted(by_group.items())},
+            "samples": len(records)}
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, configs: list[list[int]] | None = None,
+             batch_size: int = 64, max_samples: int | None = None,
+             keep_records: bool = False) -> dict:
+    """Accuracy of ``checkpoint`` on ``data``; VISOR: one entry per configuration."""
+    from visor_vllm.training.trainer import load_model
+
+    cfg = json.loads((Path(checkpoint) / "config.json").read_text())
+    kind = "visor" if cfg.get("model_type") == "visor" else "dense"
+    model = load_model("dense" if kind == "dense" else "stage2", checkpoint)
+    records = load_records(data)
+    if max_samples is not None:
+        records = records[:max_samples]
+    encoder = SampleEncoder(checkpoint)
+    ds = EncodedDataset(records, encoder, default_image_folder(data))
+    pad = encoder.tokenizer.pad_token_id
+    groups = dataset_groups(data)
+    result = {"checkpoint": str(checkpoint), "kind": kind, "data": str(data)}
+    if kind == "dense":
+        recs = score(model, "dense", ds, pad, batch_size=batch_size)
+        result["dense"] = summarise(recs, groups)
+        if keep_records:
+            result["dense"]["records"] = recs
+    else:
+        result["configs"] = []
+        for c in configs if configs is not None else model.config.sa_configs:
+            recs = score(model, "visor", ds, pad, sa_layers=c, batch_size=batch_size)
+            entry = {"sa_layers": list(c), **summarise(recs, groups)}
+            if keep_records:
+                entry["records"] = recs
+            result["configs"].append(entry)
+    result["skipped"] = ds.skipped.summary()
+    return result

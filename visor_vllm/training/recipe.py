@@ -1,0 +1,183 @@
+"""Recipe files: every stage and hyper-parameter of a training run in one versioned YAML file.
+
+What. `TrainRecipe` is what ``visor-vllm train RECIPE.yaml`` (and ``accelerate launch -m
+visor_vllm.training RECIPE.yaml``) runs: an initial checkpoint, training data, an output
+directory and a list of `StageSpec` run in order, each starting from the previous one's output.
+
+```yaml
+recipe_version: 1
+seed: 0
+init: checkpoints/visor-converted     # a VISOR dir (stage1/stage2) or LLaVA-OV dir (dense)
+data: {train: data/train.jsonl, image_folder: null, max_length: 2048}
+output_dir: runs/visor
+save_every: 200                       # optimizer steps between resumable states
+log_every: 10
+stages:
+  - {kind: stage1, steps: 400, lr: 1.0e-3, batch_size: 64, micro_batch_size: 64,
+     configs: max}
+  - {kind: stage2, steps: 2000, lr: 5.0e-4, batch_size: 64, configs: viable,
+     sampling: sandwich}
+```
+
+Stage kinds (paper Sec. 4.2.3 / 5.1): ``dense`` trains transformers' LLaVA-OneVision (the
+accuracy anchor); ``stage1`` trains only the new modules (cross-attention, conv, the routing
+token's embedding row) on one configuration; ``stage2`` trains the whole model (vision tower
+if ``train_vision_tower``), one configuration per optimisation step drawn from ``configs``.
+
+``configs``: ``max`` -- the maximal configuration, i.e. every SA-capable layer (see below);
+``min``; ``viable`` -- every configuration in the checkpoint's ``sa_configs``; or an explicit
+list of 0-based layer lists. ``sampling``: ``uniform`` (Once-for-All, the paper) or
+``sandwich`` (max, min, then two uniform draws, repeating -- what the feasibility study used).
+
+The maximal configuration. The paper pre-trains stage 1 with ``|L_SA| = L/3`` SA layers, then
+keeps the viable subsets. A VISOR config can only run SA on SA-capable layers, and the
+schedule makes a layer SA-capable exactly when some viable configuration uses it. So ``max``
+is the union of the viable configurations: for ``visor-0.5b`` that is Appendix A's costliest,
+1-based ``[1, 4, 7, 10, 16, 19, 22]`` (7 of the 8 grid slots: no configuration the paper kept
+uses layer 13, so stage 1 does not train it either); for ``synthetic`` it is ``[0, 2, 4, 6]``.
+
+Footguns. ``batch_size`` is the *global* batch (samples per optimizer step);
+``micro_batch_size`` is per process and micro-step; gradient accumulation is derived
+(``batch_size / (micro_batch_size * processes)``) and must be a whole number. Unknown keys are
+errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECIPE_VERSION = 1
+KINDS = ("dense", "stage1", "stage2")
+
+
+class RecipeError(ValueError):
+    """A recipe file that is malformed or inconsistent."""
+
+
+@dataclass
+class StageSpec:
+    kind: str
+    steps: int
+    lr: float
+    batch_size: int = 64
+    micro_batch_size: int | None = None     # default: batch_size / processes
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0               # the paper: AdamW without weight decay
+    configs: str | list = "max"
+    sampling: str = "uniform"
+    train_vision_tower: bool = False
+    gradient_checkpointing: bool = False
+    name: str | None = None                 # output subdirectory; default: kind
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise RecipeError(f"stage kind {self.kind!r}; kinds: {list(KINDS)}")
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
+            raise RecipeError(f"stage {self.kind}: steps, lr and batch_size must be positive")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise RecipeError(f"stage {self.kind}: micro_batch_size must be positive")
+        if self.sampling not in ("uniform", "sandwich"):
+            raise RecipeError(f"stage {self.kind}: sampling is 'uniform' or 'sandwich'")
+        if isinstance(self.configs, str) and self.configs not in ("max", "min", "viable"):
+            raise RecipeError(f"stage {self.kind}: configs is max, min, viable or a list")
+        if self.kind == "stage1" and self.configs not in ("max", "min") and not (
+                isinstance(self.configs, list) and len(self.configs) == 1):
+            raise RecipeError("stage1 trains one configuration (configs: max, or one list)")
+        self.name = self.name or self.kind
+
+    def accumulation(self, processes: int) -> tuple[int, int]:
+        """``(micro_batch_size, gradient accumulation steps)`` for ``processes`` processes."""
+        micro = self.micro_batch_size or max(self.batch_size // processes, 1)
+        accum, rest = divmod(self.batch_size, micro * processes)
+        if rest or accum < 1:
+            raise RecipeError(
+                f"stage {self.name}: batch_size {self.batch_size} is not a multiple of "
+                f"micro_batch_size {micro} x {processes} process(es)")
+        return micro, accum
+
+
+@dataclass
+class DataSpec:
+    train: str
+    image_folder: str | None = None
+    max_length: int = 2048
+    num_workers: int = 1                    # DataLoader workers encoding samples ahead
+
+
+@dataclass
+class TrainRecipe:
+    init: str
+    data: DataSpec
+    output_dir: str
+    stages: list[StageSpec]
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    recipe_version: int = RECIPE_VERSION
+    mixed_precision: str = "no"            # no | bf16
+    extra: dict = field(default_factory=dict)  # free-form notes, copied into the outputs
+
+    def __post_init__(self):
+        if self.recipe_version != RECIPE_VERSION:
+            raise RecipeError(f"recipe_version {self.recipe_version}; this build reads "
+                              f"{RECIPE_VERSION}")
+        if not self.stages:
+            raise RecipeError("a recipe needs at least one stage")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise RecipeError("mixed_precision is 'no' or 'bf16'")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise RecipeError(f"stage names must be unique, got {names}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainRecipe:
+        d = dict(d)
+        _no_unknown(d, cls, "recipe")
+        try:
+            data = d.pop("data")
+            _no_unknown(data, DataSpec, "data")
+            stages = [_stage(s) for s in d.pop("stages")]
+            return cls(data=DataSpec(**data), stages=stages, **d)
+        except (KeyError, TypeError) as e:
+            raise RecipeError(f"recipe: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainRecipe:
+        import yaml
+
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError(f"recipe {p} does not exist")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {p}: {e}") from None
+        if not isinstance(d, dict):
+            raise RecipeError(f"recipe {p}: expected a mapping at the top level")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def dump(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _stage(d) -> StageSpec:
+    if not isinstance(d, dict):
+        raise RecipeError(f"a stage is a mapping, got {d!r}")
+    _no_unknown(d, StageSpec, "stage")
+    return StageSpec(**d)
+
+
+def _no_unknown(d: dict, cls, what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise RecipeError(f"{what}: unknown key(s) {bad}; known: {sorted(known)}")
