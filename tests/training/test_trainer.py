@@ -66,17 +66,27 @@ def test_stage2_visits_several_configurations(tmp_path, visor_ckpt_synth, synth_
     assert cfg["model_type"] == "visor" and (out / "tokenizer.json").exists()
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, visor_ckpt_synth, synth_data):
-    stages = [{"kind": "stage1", "steps": 3, "lr": 1e-3, "batch_size": 4},
-              {"kind": "stage2", "steps": 4, "lr": 1e-3, "batch_size": 4, "configs": "viable"}]
-    whole = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "a", stages), progress=False)
-    killed = tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "b", stages)
-    with pytest.raises(Stopped):
-        run(killed, stop_after=2, progress=False)     # stage 1 dies after its step-2 state
-    assert not (tmp_path / "b" / "stage1" / "model").exists()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, visor_ckpt_synth, synth_data):
+    out = tmp_path_factory.mktemp("whole")
+    return out, run(tiny_recipe(visor_ckpt_synth, synth_data, out, KILL_STAGES), progress=False)
+
+
+KILL_STAGES = [{"kind": "stage1", "steps": 3, "lr": 1e-3, "batch_size": 4},
+               {"kind": "stage2", "steps": 4, "lr": 1e-3, "batch_size": 4, "configs": "viable"}]
+
+
+@pytest.mark.parametrize("kill_at, where", [(2, "stage1"), (5, "stage2")])
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, visor_ckpt_synth, synth_data,
+                                                          uninterrupted, kill_at, where):
+    (a_dir, whole) = uninterrupted
+    killed = tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "b", KILL_STAGES)
+    with pytest.raises(Stopped, match=where):
+        run(killed, stop_after=kill_at, progress=False)  # dies right after a saved state
+    assert not (tmp_path / "b" / where / "model").exists()
     resumed = run(killed, progress=False)
     for stage in ("stage1", "stage2"):
-        ca, cb = _curve(tmp_path / "a" / stage), _curve(tmp_path / "b" / stage)
+        ca, cb = _curve(a_dir / stage), _curve(tmp_path / "b" / stage)
         assert [(s, c) for s, _, c in ca] == [(s, c) for s, _, c in cb]
         assert [x for _, x, _ in ca] == pytest.approx([x for _, x, _ in cb], abs=1e-6)
     a, b = _weights(whole), _weights(resumed)

@@ -220,26 +220,39 @@ class Stopped(Exception):
 
 
 def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = True) -> Path:
-    """Train every stage of ``recipe``; returns the last stage's ``model/`` directory."""
-    from accelerate import Accelerator
+    """Train every stage of ``recipe``; returns the last stage's ``model/`` directory.
 
-    acc = Accelerator(mixed_precision=recipe.mixed_precision, cpu=not torch.cuda.is_available())
+    ``stop_after``: raise `Stopped` once this run has taken that many optimizer steps (over all
+    stages), as a kill would -- tests resume from the saved state afterwards.
+    """
     out = Path(recipe.output_dir)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        recipe.dump(out / "recipe.yaml")
     init = Path(recipe.init)
-    try:
-        for spec in recipe.stages:
-            init = _train_stage(acc, recipe, spec, init, out / spec.name, stop_after, progress)
-    finally:
-        acc.wait_for_everyone()
-        acc.end_training()
+    budget = [stop_after]
+    for i, spec in enumerate(recipe.stages):
+        # One Accelerator per stage: Accelerate saves every model, optimizer and registered
+        # object it has prepared, so a shared one would save stage 1's model into stage 2's
+        # state and load it back into stage 2's model on resume.
+        acc = _accelerator(recipe)
+        if i == 0 and acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            recipe.dump(out / "recipe.yaml")
+        try:
+            init = _train_stage(acc, recipe, spec, init, out / spec.name, budget, progress)
+        finally:
+            acc.wait_for_everyone()
+            acc.free_memory()
+    acc.end_training()  # gloo jobs abort at exit without it (shared/research)
     return init
 
 
+def _accelerator(recipe: TrainRecipe):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=recipe.mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def _train_stage(acc, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_dir: Path,
-                 stop_after: int | None, progress: bool) -> Path:
+                 budget: list, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     final = stage_dir / "model"
@@ -328,10 +341,12 @@ def _train_stage(acc, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_di
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if state.step % recipe.save_every == 0 or state.step == spec.steps:
             _save_state(acc, states, state.step)
-        if stop_after is not None and state.step >= stop_after:
-            bar.close()
-            log.close()
-            raise Stopped(f"stopped after step {state.step}")
+        if budget[0] is not None:
+            budget[0] -= 1
+            if budget[0] <= 0:
+                bar.close()
+                log.close()
+                raise Stopped(f"stopped at step {state.step} of {spec.name}")
     bar.close()
     log.close()
     if main:
