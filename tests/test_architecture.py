@@ -22,12 +22,14 @@ ALLOWED = {
     "engine": {"model", "engine"},
     "serving": {"model", "checkpoints", "engine", "serving"},
     "training": {"model", "checkpoints", "training"},
+    "evaluation": {"model", "training", "evaluation"},
 }
 # third-party packages a subpackage must never import
 FORBIDDEN_THIRD_PARTY = {
     "model": {"vllm"},
     "checkpoints": {"vllm"},
     "training": {"vllm"},
+    "evaluation": {"vllm"},
 }
 
 

@@ -88,8 +88,8 @@ def test_answer_stats_is_greedy_exact_match():
     labels[:, 2:] = torch.tensor([[1, 2], [1, 2]])
     hidden[0, 1, 1] = hidden[0, 2, 2] = 5
     hidden[1, 1, 1] = hidden[1, 2, 3] = 5
-    ok, loss, n = answer_stats(hidden, labels, lm_head)
-    assert ok.tolist() == [True, False] and n.tolist() == [2, 2]
+    ok, loss, n, prefix = answer_stats(hidden, labels, lm_head)
+    assert ok.tolist() == [True, False] and n.tolist() == [2, 2] and prefix.tolist() == [2, 1]
     total, count = answer_loss(hidden, labels, lm_head)
     torch.testing.assert_close(total, loss.sum())
     assert count == 4

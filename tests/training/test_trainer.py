@@ -155,3 +155,18 @@ def test_two_processes_give_the_parameters_of_one(tmp_path, visor_ckpt_synth, sy
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
         changed += not torch.equal(a[k], _weights(visor_ckpt_synth)[k])
     assert changed > 10
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, visor_ckpt_synth, synth_data):
+    """Through the CLI in its own process: Accelerate's precision is fixed per process."""
+    tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "bf16",
+                [{"kind": "stage2", "steps": 2, "lr": 1e-3, "batch_size": 4,
+                  "micro_batch_size": 2, "gradient_checkpointing": True}],
+                save_every=100, mixed_precision="bf16").dump(tmp_path / "r.yaml")
+    done = _launch([sys.executable, "-m", "visor_vllm.training", str(tmp_path / "r.yaml"),
+                    "--no-progress"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    curve = _curve(tmp_path / "bf16" / "stage2")
+    assert len(curve) == 2 and all(0 < loss < 100 for _, loss, _ in curve)
+    state = json.loads((tmp_path / "bf16" / "stage2" / "model" / "trainer_state.json").read_text())
+    assert state["accumulation"] == 2

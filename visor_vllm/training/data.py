@@ -360,3 +360,13 @@ def collate(samples: Sequence[Encoded | Skipped | None], pad_id: int) -> Batch |
     per = [0 if s.pixel_values is None else s.pixel_values.shape[0] for s in samples]
     return Batch(ids, mask, labels, pixel_values, image_sizes, per, [s.meta for s in samples],
                  skipped)
+
+
+def iter_batches(ds: EncodedDataset, pad_id: int, batch_size: int):
+    """``(indices of the usable samples, Batch)`` over ``ds`` in order (evaluation, features)."""
+    for start in range(0, len(ds), batch_size):
+        idx = list(range(start, min(start + batch_size, len(ds))))
+        items = [ds[i] for i in idx]
+        batch = collate(items, pad_id)
+        if batch is not None:
+            yield [i for i, x in zip(idx, items) if isinstance(x, Encoded)], batch

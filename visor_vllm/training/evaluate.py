@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from visor_vllm.training.data import (EncodedDataset, SampleEncoder, collate, default_image_folder,
-                                      load_records)
+from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
+                                      iter_batches, load_records)
 from visor_vllm.training.model import answer_stats, dense_hidden, visor_hidden
 
 
@@ -36,26 +36,21 @@ def dataset_groups(data: str | Path) -> dict[str, str]:
 @torch.no_grad()
 def score(model, kind: str, ds: EncodedDataset, pad: int, sa_layers=None,
           batch_size: int = 64) -> list[dict]:
-    """Per sample: ``{"index", "family", "correct", "loss", "tokens"}`` (bad samples skipped)."""
+    """Per sample: ``{"index", "family", "correct", "loss", "tokens", "prefix"}`` (bad ones skipped)."""
     model.eval()
     out = []
-    for start in range(0, len(ds), batch_size):
-        idx = list(range(start, min(start + batch_size, len(ds))))
-        items = [ds[i] for i in idx]
-        keep = [i for i, x in zip(idx, items) if not hasattr(x, "reason")]
-        batch = collate(items, pad)
-        if batch is None:
-            continue
+    for keep, batch in iter_batches(ds, pad, batch_size):
         if kind == "dense":
             hidden, labels = dense_hidden(model, batch)
             head = model.lm_head
         else:
             hidden, labels = visor_hidden(model, batch, sa_layers)
             head = model.language_model.lm_head
-        ok, loss, n = answer_stats(hidden, labels, head)
+        ok, loss, n, prefix = answer_stats(hidden, labels, head)
         for j, i in enumerate(keep):
             out.append({"index": i, "family": batch.meta[j].get("family", "all"),
-                        "correct": bool(ok[j]), "loss": float(loss[j]), "tokens": int(n[j])})
+                        "correct": bool(ok[j]), "loss": float(loss[j]), "tokens": int(n[j]),
+                        "prefix": int(prefix[j])})
     return out
 
 

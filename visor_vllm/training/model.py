@@ -194,8 +194,12 @@ def split_batch(model: VisorForConditionalGeneration, batch: Batch):
 
 
 def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
-                 gradient_checkpointing: bool = False):
-    """``(hidden [B, Nt_max, d], text_labels [B, Nt_max])`` under SA layers ``sa_layers``."""
+                 gradient_checkpointing: bool = False, upto_layer: int | None = None):
+    """``(hidden [B, Nt_max, d], text_labels [B, Nt_max])`` under SA layers ``sa_layers``.
+
+    ``upto_layer``: stop after that layer and return its *output* (no final norm) and the text
+    token ids instead of the labels -- the router's input (`visor_vllm.training.router`).
+    """
     cfg = model.config
     sa = set(sa_layers)
     bad = sa - set(cfg.sa_capable_layers)
@@ -223,6 +227,8 @@ def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
             t, vis = checkpoint(run, i, layer, t, vis, use_reentrant=False)
         else:
             t, vis = run(i, layer, t, vis)
+        if i == upto_layer:
+            return t, t_ids
     return lm.norm(t), t_labels
 
 
@@ -254,21 +260,27 @@ def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module):
 
 @torch.no_grad()
 def answer_stats(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module):
-    """Per sample: ``(exact match of every answer token under greedy decoding, loss sum, tokens)``.
+    """Per sample: ``(exact match, loss sum, answer tokens, right tokens before the first wrong)``.
 
     Teacher-forced argmax == target at every answer token is exactly "greedy decoding
     reproduces the answer" (each greedy step sees the correct prefix iff all earlier ones were
-    right), so this is the served model's greedy exact match, computed in one pass.
+    right), so this is the served model's greedy exact match, computed in one pass; the last
+    value is Appendix D's oracle score.
     """
     logits, target, where = _answer_logits(hidden, labels, lm_head)
     row = where.nonzero()[:, 0]                                   # [K] sample of each token
     B = labels.shape[0]
+    hit = logits.argmax(-1) == target                             # [K]
     wrong = torch.zeros(B, dtype=torch.long, device=labels.device).index_add_(
-        0, row, (logits.argmax(-1) != target).long())
+        0, row, (~hit).long())
     loss = torch.zeros(B, device=labels.device).index_add_(
         0, row, F.cross_entropy(logits, target, reduction="none"))
     n = where.sum(1)
-    return (wrong == 0) & (n > 0), loss, n
+    first = torch.cumsum(n, 0) - n                                # index of each row's 1st token
+    grid = torch.zeros(B, int(n.max()) if B else 0, device=labels.device)
+    grid[row, torch.arange(row.numel(), device=labels.device) - first[row]] = hit.float()
+    prefix = grid.cumprod(1).sum(1).long()
+    return (wrong == 0) & (n > 0), loss, n, prefix
 
 
 class VisorTrainStep(nn.Module):

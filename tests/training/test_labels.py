@@ -1,0 +1,57 @@
+"""The pseudo-label rules on hand-made per-configuration results, ties included."""
+
+import pytest
+
+from visor_vllm.training.labels import full_index, group_labels, oracle_labels, per_sample
+
+CONFIGS = [[0], [0, 2], [0, 4], [0, 2, 4]]
+
+
+def _res(correct, loss, family, prefix=None):
+    return [{"correct": c, "loss": l, "family": f, "prefix": c if prefix is None else p}
+            for c, l, f, p in zip(correct, loss, family, prefix or correct)]
+
+
+def test_group_rule_cheapest_within_99_percent_then_loss():
+    fam = ["easy"] * 4 + ["hard"] * 4
+    results = [
+        _res([1, 1, 1, 1, 0, 0, 1, 0], [1] * 8, fam),     # [0]: easy 1.0, hard .25
+        _res([1, 1, 1, 1, 1, 1, 1, 0], [2] * 8, fam),     # [0,2]: hard .75, higher loss
+        _res([1, 1, 1, 1, 1, 1, 1, 0], [1] * 8, fam),     # [0,4]: hard .75, lower loss
+        _res([1, 1, 1, 1, 1, 1, 1, 0], [3] * 8, fam),     # full: hard .75
+    ]
+    got = group_labels(CONFIGS, results)
+    assert got["easy"]["config"] == 0                        # ties on accuracy -> fewest layers
+    assert got["hard"]["config"] == 2                        # same size -> lowest loss
+    assert got["hard"]["kept"] == [1, 2, 3]
+    assert per_sample(CONFIGS, results) == [0] * 4 + [2] * 4
+
+
+def test_group_rule_99_percent_threshold_is_relative_to_the_full_configuration():
+    fam = ["f"] * 100
+    results = [_res([1] * 98 + [0] * 2, [1] * 100, fam), _res([1] * 99 + [0], [1] * 100, fam),
+               _res([1] * 97 + [0] * 3, [1] * 100, fam), _res([1] * 100, [1] * 100, fam)]
+    got = group_labels(CONFIGS, results)
+    assert got["f"]["kept"] == [1, 3] and got["f"]["config"] == 1   # .98 < .99 <= .99
+
+
+def test_full_index_ties_go_to_the_later_configuration():
+    assert full_index([[0], [0, 2], [0, 4]]) == 2
+
+
+def test_oracle_most_matched_tokens_then_fewest_layers_then_loss():
+    fam = ["x"] * 3
+    results = [_res([0, 1, 0], [5, 1, 1], fam, prefix=[1, 2, 0]),
+               _res([1, 1, 0], [1, 1, 1], fam, prefix=[2, 2, 0]),
+               _res([1, 1, 0], [0.5, 1, 0.5], fam, prefix=[2, 2, 0]),
+               _res([1, 1, 0], [0.1, 1, 2], fam, prefix=[2, 2, 0])]
+    assert oracle_labels(CONFIGS, results) == [2, 0, 0]  # nothing right: the cheapest
+
+
+def test_bad_inputs_are_errors():
+    with pytest.raises(ValueError, match="one list"):
+        group_labels(CONFIGS, [[]])
+    with pytest.raises(ValueError, match="same samples"):
+        group_labels(CONFIGS[:2], [_res([1], [1], ["a"]), _res([1, 1], [1, 1], ["a", "a"])])
+    with pytest.raises(ValueError, match="rule"):
+        per_sample(CONFIGS, [_res([1], [1], ["a"])] * 4, rule="x")

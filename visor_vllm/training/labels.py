@@ -1,0 +1,132 @@
+"""Pseudo-labels for the router (paper Sec. 4.3, Appendices D and G): which configuration each
+training sample should get.
+
+What. Input: per-configuration per-sample results, as `visor_vllm.training.evaluate` writes
+them (``correct``, ``loss``, ``prefix`` -- answer tokens right before the first wrong one --
+and ``family``). Two rules, both kept; the router trains on the one a recipe names:
+
+* `group_labels` (the paper's; per dataset there, per question family here, Appendix G):
+  within a group, keep the configurations whose accuracy is at least ``ratio`` (0.99) of the
+  *full* configuration's (the costliest one), then take the one with the fewest SA layers,
+  then the lowest summed answer loss, then the lower index. Every sample of the group gets it.
+* `oracle_labels` (Appendix D): per sample, the configuration whose greedy answer matches the
+  ground truth for the most tokens (counted up to the first mismatch); ties go to the fewest
+  SA layers, then the lowest loss, then the lower index.
+
+Why both. The feasibility study measured that per-sample labels are dominated by the cheapest
+configuration (most samples are right with it, and yes/no samples are right by chance) and
+invert the easy/hard routing, while per-family labels route correctly; the oracle stays the
+upper bound of what routing could reach.
+
+Footguns. Configurations are given as 0-based layer lists; the "full" configuration is the one
+with the most SA layers (ties: the later). A group whose full configuration scores 0 keeps
+every configuration (99% of 0), so it gets the cheapest.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+
+def _cost_key(configs: Sequence[Sequence[int]], i: int) -> tuple[int, int]:
+    return (len(configs[i]), i)
+
+
+def full_index(configs: Sequence[Sequence[int]]) -> int:
+    return max(range(len(configs)), key=lambda i: _cost_key(configs, i))
+
+
+def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[dict]],
+                 ratio: float = 0.99) -> dict[str, dict]:
+    """Per group: ``{"config": index, "accuracy": [...], "kept": [...]}``.
+
+    ``results[c]`` lists the samples' records under configuration ``c`` (same samples, same
+    order in every configuration).
+    """
+    if not configs or len(results) != len(configs):
+        raise ValueError("one list of results per configuration is needed")
+    n = len(results[0])
+    if any(len(r) != n for r in results):
+        raise ValueError("every configuration must score the same samples")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for j, rec in enumerate(results[0]):
+        groups[rec.get("family", "all")].append(j)
+    full = full_index(configs)
+    out = {}
+    for g, idx in sorted(groups.items()):
+        acc = [sum(results[c][j]["correct"] for j in idx) / len(idx) for c in range(len(configs))]
+        loss = [sum(results[c][j]["loss"] for j in idx) for c in range(len(configs))]
+        kept = [c for c in range(len(configs)) if acc[c] >= ratio * acc[full] - 1e-12]
+        best = min(kept, key=lambda c: (len(configs[c]), loss[c], c))
+        out[g] = {"config": best, "accuracy": acc, "loss": loss, "kept": kept,
+                  "samples": len(idx)}
+    return out
+
+
+def oracle_labels(configs: Sequence[Sequence[int]],
+                  results: Sequence[Sequence[dict]]) -> list[int]:
+    """Per sample: the configuration index of Appendix D's oracle."""
+    if not configs or len(results) != len(configs):
+        raise ValueError("one list of results per configuration is needed")
+    n = len(results[0])
+    labels = []
+    for j in range(n):
+        labels.append(min(range(len(configs)), key=lambda c: (
+            -results[c][j].get("prefix", int(results[c][j]["correct"])), len(configs[c]),
+            results[c][j]["loss"], c)))
+    return labels
+
+
+def per_sample(configs, results, rule: str = "family", ratio: float = 0.99) -> list[int]:
+    """One label per sample under ``rule`` (``family`` or ``oracle``)."""
+    if rule == "oracle":
+        return oracle_labels(configs, results)
+    if rule != "family":
+        raise ValueError(f"rule is 'family' or 'oracle', got {rule!r}")
+    by_group = group_labels(configs, results, ratio)
+    return [by_group[r.get("family", "all")]["config"] for r in results[0]]
+
+
+def label_checkpoint(checkpoint, data, ratio: float = 0.99, batch_size: int = 64,
+                     max_samples: int | None = None) -> dict:
+    """Run every viable configuration on ``data``; both label rules and the raw records."""
+    from visor_vllm.training.evaluate import evaluate
+
+    ev = evaluate(checkpoint, data, None, batch_size, max_samples, keep_records=True)
+    configs = [c["sa_layers"] for c in ev["configs"]]
+    results = [c["records"] for c in ev["configs"]]
+    index = [r["index"] for r in results[0]]
+    return {"checkpoint": str(checkpoint), "data": str(data), "ratio": ratio,
+            "configs": configs, "samples": index,
+            "family": group_labels(configs, results, ratio),
+            "per_sample": {"family": per_sample(configs, results, "family", ratio),
+                           "oracle": oracle_labels(configs, results)},
+            "accuracy": [c["accuracy"] for c in ev["configs"]],
+            "records": results, "skipped": ev["skipped"]}
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("label", help="pseudo-labels: every viable configuration on DATA")
+    p.add_argument("checkpoint")
+    p.add_argument("data", help="LLaVA JSON/JSONL (one question per sample), datasets dir, parquet")
+    p.add_argument("--out", required=True, help="labels JSON")
+    p.add_argument("--ratio", type=float, default=0.99)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.set_defaults(func=_cli_label)
+
+
+def _cli_label(args) -> int:
+    import json
+    import sys
+
+    try:
+        out = label_checkpoint(args.checkpoint, args.data, args.ratio,
+                               max_samples=args.max_samples)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+    print(json.dumps({g: out["configs"][v["config"]] for g, v in out["family"].items()}))
+    return 0

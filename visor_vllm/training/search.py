@@ -1,0 +1,148 @@
+"""Viable-configuration search (paper Sec. 4.2.3 step 2, Appendix A): which SA subsets to keep.
+
+What. `search` evaluates every subset of the optional SA layers (the always-on ones fixed), or
+a candidate list, on validation data: accuracy per family (Fig. 6's heatmap data) and prefill
+FLOPs relative to dense LLaVA-OV (the FLOP model, at the data's own token counts). `viable`
+picks the set to keep; `write_configs` writes it into a copy of the checkpoint as
+``sa_configs`` (cheapest first), resizing the router's output layer.
+
+The rule (documented, since the paper gives it only in words: "those that maintain high
+accuracy at least in certain cases"): keep a configuration if
+
+* it is on the accuracy/FLOPs frontier (no cheaper-or-equal configuration is more accurate
+  overall), or
+* on some family it beats every strictly cheaper configuration by more than ``tolerance``
+  (default 0.02) -- it is worth its extra cost for some kind of question;
+
+and always keep the cheapest and the costliest (the budgets ``min`` and ``max``).
+
+Footguns. Only SA-capable layers can be searched: a layer the checkpoint's schedule marks
+``text`` has no trained SA path. Router rows of configurations that are new to the
+checkpoint start at zero; train the router afterwards (`visor_vllm.training.router`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+
+def subsets(cfg) -> list[list[int]]:
+    """Every configuration: the always-on layers plus any subset of the optional ones."""
+    always, optional = list(cfg.always_on_sa_layers), list(cfg.optional_sa_layers)
+    out = []
+    for k in range(len(optional) + 1):
+        for extra in itertools.combinations(optional, k):
+            out.append(sorted(always + list(extra)))
+    return out
+
+
+def search(checkpoint: str | Path, data: str | Path, candidates=None, batch_size: int = 64,
+           max_samples: int | None = None) -> dict:
+    from visor_vllm.model.config import VisorConfig
+    from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
+    from visor_vllm.training.data import SampleEncoder, default_image_folder, load_records
+    from visor_vllm.training.evaluate import evaluate
+
+    cfg = VisorConfig.from_pretrained(str(checkpoint))
+    configs = [sorted(c) for c in candidates] if candidates else subsets(cfg)
+    ev = evaluate(checkpoint, data, configs, batch_size, max_samples)
+    enc = SampleEncoder(checkpoint)
+    first = enc.encode(load_records(data)[0], default_image_folder(data))
+    nv = int((first.input_ids == enc.image_token_id).sum())
+    nt = int(first.input_ids.numel()) - nv
+    dense = dense_prefill_flops(cfg, nv, nt)
+    rows = [{"sa_layers": c["sa_layers"], "sa_layers_1based": [i + 1 for i in c["sa_layers"]],
+             "flops_vs_dense": prefill_flops(cfg, nv, nt, c["sa_layers"]) / dense,
+             "accuracy": c["accuracy"], "families": c["families"], "groups": c["groups"]}
+            for c in ev["configs"]]
+    families = sorted(rows[0]["families"]) if rows else []
+    return {"checkpoint": str(checkpoint), "data": str(data), "image_tokens": nv,
+            "text_tokens": nt, "configs": rows,
+            "heatmap": {"rows": [r["sa_layers_1based"] for r in rows], "columns": families,
+                        "accuracy": [[r["families"][f] for f in families] for r in rows]}}
+
+
+def viable(rows: list[dict], tolerance: float = 0.02) -> list[list[int]]:
+    """The configurations to keep (see the module docstring), cheapest first."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["flops_vs_dense"], i))
+    keep = {order[0], order[-1]}
+    best = -1.0
+    for i in order:  # frontier: strictly better than everything cheaper
+        if rows[i]["accuracy"] > best + 1e-12:
+            keep.add(i)
+            best = rows[i]["accuracy"]
+    for i in order:
+        cheaper = [j for j in order if rows[j]["flops_vs_dense"] < rows[i]["flops_vs_dense"]]
+        if cheaper and any(acc > max(rows[j]["families"][f] for j in cheaper) + tolerance
+                           for f, acc in rows[i]["families"].items()):
+            keep.add(i)
+    return [rows[i]["sa_layers"] for i in sorted(keep, key=lambda i: (
+        len(rows[i]["sa_layers"]), rows[i]["flops_vs_dense"], rows[i]["sa_layers"]))]
+
+
+def write_configs(checkpoint: str | Path, configs: list[list[int]], out: str | Path) -> Path:
+    """A copy of ``checkpoint`` whose ``sa_configs`` are ``configs``; the router resized."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from visor_vllm.checkpoints.files import save_state_dict
+    from visor_vllm.model.config import VisorConfig, validate_schedule
+
+    src, out = Path(checkpoint), Path(out)
+    cfg = VisorConfig.from_pretrained(str(src))
+    old = [list(c) for c in cfg.sa_configs]
+    configs = [sorted(c) for c in configs]
+    used = set().union(*map(set, configs))
+    cfg.layer_types = [("text" if t == "self" and i not in used else t)
+                       for i, t in enumerate(cfg.layer_types)]
+    cfg.sa_configs = configs
+    cfg.always_on_sa_layers = sorted(set.intersection(*map(set, configs)))
+    validate_schedule(cfg)
+    state = load_file(str(src / "model.safetensors"))
+    for name in ("router.fc2.weight", "router.fc2.bias"):
+        if name in state:
+            w = state[name]
+            rows = [w[old.index(c)] if c in old else torch.zeros_like(w[0]) for c in configs]
+            state[name] = torch.stack(rows).contiguous()
+    if len(configs) < 2:  # one configuration needs no router
+        state = {k: v for k, v in state.items() if not k.startswith("router.")}
+    out.mkdir(parents=True, exist_ok=False)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copyfile(f, out / f.name)
+    save_state_dict(state, out)
+    cfg.save_pretrained(str(out))
+    return out
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("search", help="evaluate SA-layer subsets, keep the viable ones")
+    p.add_argument("checkpoint")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="search results JSON (heatmap data included)")
+    p.add_argument("--write", help="also write a checkpoint with the viable set as sa_configs")
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--max-samples", type=int, default=None)
+    p.set_defaults(func=_cli_search)
+
+
+def _cli_search(args) -> int:
+    import sys
+
+    try:
+        res = search(args.checkpoint, args.data, max_samples=args.max_samples)
+        res["viable"] = viable(res["configs"], args.tolerance)
+        res["tolerance"] = args.tolerance
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        if args.write:
+            write_configs(args.checkpoint, res["viable"], args.write)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"viable_1based": [[i + 1 for i in c] for c in res["viable"]]}))
+    return 0
