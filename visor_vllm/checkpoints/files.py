@@ -7,7 +7,8 @@ What.
   message: `chat_template`).
 * `write_processor_files` / `load_processor` -- what `LlavaOnevisionProcessor.from_pretrained`
   reads (PIL image processor, hand-written processor_config.json, chat template).
-* `write_generation_config`, `save_state_dict` / `load_state_dict` (one file or shards + index).
+* `write_generation_config`, `save_state_dict` / `load_state_dict` (one file or shards + index),
+  `write_checkpoint` (weights + config + another dir's tokenizer and processor files, atomically).
 
 Why. Everything that writes a checkpoint (the tiny builders in `visor_vllm.checkpoints.build`,
 the converter, the trainer) writes these same files, so every directory loads through the same
@@ -292,3 +293,27 @@ def save_state_dict(state: Mapping[str, torch.Tensor], out_dir: str | os.PathLik
              "weight_map": {k: name for name, group in zip(names, groups) for k in group}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return names
+
+
+def write_checkpoint(out_dir: str | os.PathLike, config, state: dict[str, torch.Tensor],
+                     like: str | os.PathLike) -> Path:
+    """A checkpoint dir: ``state`` + ``config`` with ``like``'s tokenizer/processor/template files.
+
+    Written to ``<out>.tmp`` and renamed, so a crash never leaves a half-written ``out``
+    (an existing ``out`` is replaced).
+    """
+    import shutil
+
+    out, like = Path(out_dir), Path(like)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in like.iterdir():  # tokenizer, processor, chat template, generation config
+        if f.is_file() and not (f.name.startswith("model") and ".safetensors" in f.name) \
+                and f.name != "config.json":
+            shutil.copyfile(f, tmp / f.name)
+    save_state_dict(state, tmp)
+    config.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -370,3 +370,11 @@ def iter_batches(ds: EncodedDataset, pad_id: int, batch_size: int):
         batch = collate(items, pad_id)
         if batch is not None:
             yield [i for i, x in zip(idx, items) if isinstance(x, Encoded)], batch
+
+
+def prompt_lengths(checkpoint: str | os.PathLike, data: str | os.PathLike) -> tuple[int, int]:
+    """Image and text tokens of ``data``'s first prompt: the request shape FLOP ratios use."""
+    encoder = SampleEncoder(checkpoint)
+    enc = encoder.encode(load_records(data)[0], default_image_folder(data))
+    n_img = int((enc.input_ids == encoder.image_token_id).sum())
+    return n_img, int(enc.input_ids.numel()) - n_img

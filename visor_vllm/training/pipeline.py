@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from visor_vllm.training import synthetic
+from visor_vllm.training.data import prompt_lengths
 from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe
 
 
@@ -239,7 +240,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     shutil.rmtree(visor_dir, ignore_errors=True)
     shutil.copytree(final, visor_dir)
 
-    nv, nt = _typical_lengths(final, test)
+    nv, nt = prompt_lengths(final, test)
     dense_f = dense_prefill_flops(vcfg, nv, nt)
     table = []
     for c in ev["stage2"]:
@@ -273,16 +274,6 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
 def _brief(entries: list[dict]) -> list[dict]:
     return [{"sa_layers": e["sa_layers"], "easy": e["groups"].get("easy"),
              "hard": e["groups"].get("hard"), "families": e["families"]} for e in entries]
-
-
-def _typical_lengths(ckpt: Path, test: Path) -> tuple[int, int]:
-    """Image and text tokens of the first test prompt (the FLOP ratios' request shape)."""
-    from visor_vllm.training.data import SampleEncoder, default_image_folder, load_records
-
-    encoder = SampleEncoder(ckpt)
-    enc = encoder.encode(load_records(test)[0], default_image_folder(test))
-    n_img = int((enc.input_ids == encoder.image_token_id).sum())
-    return n_img, int(enc.input_ids.numel()) - n_img
 
 
 def _findings(dense: dict, table: list[dict]) -> dict:

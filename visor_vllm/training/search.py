@@ -44,16 +44,13 @@ def search(checkpoint: str | Path, data: str | Path, candidates=None, batch_size
            max_samples: int | None = None) -> dict:
     from visor_vllm.model.config import VisorConfig
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
-    from visor_vllm.training.data import SampleEncoder, default_image_folder, load_records
+    from visor_vllm.training.data import prompt_lengths
     from visor_vllm.training.evaluate import evaluate
 
     cfg = VisorConfig.from_pretrained(str(checkpoint))
     configs = [sorted(c) for c in candidates] if candidates else subsets(cfg)
     ev = evaluate(checkpoint, data, configs, batch_size, max_samples)
-    enc = SampleEncoder(checkpoint)
-    first = enc.encode(load_records(data)[0], default_image_folder(data))
-    nv = int((first.input_ids == enc.image_token_id).sum())
-    nt = int(first.input_ids.numel()) - nv
+    nv, nt = prompt_lengths(checkpoint, data)
     dense = dense_prefill_flops(cfg, nv, nt)
     rows = [{"sa_layers": c["sa_layers"], "sa_layers_1based": [i + 1 for i in c["sa_layers"]],
              "flops_vs_dense": prefill_flops(cfg, nv, nt, c["sa_layers"]) / dense,
@@ -86,14 +83,12 @@ def viable(rows: list[dict], tolerance: float = 0.02) -> list[list[int]]:
 
 def write_configs(checkpoint: str | Path, configs: list[list[int]], out: str | Path) -> Path:
     """A copy of ``checkpoint`` whose ``sa_configs`` are ``configs``; the router resized."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from visor_vllm.checkpoints.files import save_state_dict
+    from visor_vllm.checkpoints.files import load_state_dict, write_checkpoint
     from visor_vllm.model.config import VisorConfig, validate_schedule
 
     src, out = Path(checkpoint), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; write_configs makes a new checkpoint dir")
     cfg = VisorConfig.from_pretrained(str(src))
     old = [list(c) for c in cfg.sa_configs]
     configs = [sorted(c) for c in configs]
@@ -103,7 +98,7 @@ def write_configs(checkpoint: str | Path, configs: list[list[int]], out: str | P
     cfg.sa_configs = configs
     cfg.always_on_sa_layers = sorted(set.intersection(*map(set, configs)))
     validate_schedule(cfg)
-    state = load_file(str(src / "model.safetensors"))
+    state = load_state_dict(src)
     for name in ("router.fc2.weight", "router.fc2.bias"):
         if name in state:
             w = state[name]
@@ -111,13 +106,7 @@ def write_configs(checkpoint: str | Path, configs: list[list[int]], out: str | P
             state[name] = torch.stack(rows).contiguous()
     if len(configs) < 2:  # one configuration needs no router
         state = {k: v for k, v in state.items() if not k.startswith("router.")}
-    out.mkdir(parents=True, exist_ok=False)
-    for f in src.iterdir():
-        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
-            shutil.copyfile(f, out / f.name)
-    save_state_dict(state, out)
-    cfg.save_pretrained(str(out))
-    return out
+    return write_checkpoint(out, cfg, state, src)
 
 
 def add_cli(subparsers) -> None:

@@ -189,26 +189,14 @@ def load_model(kind: str, path: str | Path):
 def save_model(kind: str, model, like: str | Path, out: str | Path) -> Path:
     """Write ``model`` as an HF checkpoint dir with ``like``'s tokenizer and processor files."""
     from visor_vllm.checkpoints.convert import HUB_LM_HEAD, to_hub_names
-    from visor_vllm.checkpoints.files import save_state_dict
+    from visor_vllm.checkpoints.files import write_checkpoint
 
-    out, like = Path(out), Path(like)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in like.iterdir():  # tokenizer, processor, chat template, generation config
-        if f.is_file() and not (f.name.startswith("model") and ".safetensors" in f.name) \
-                and f.name != "config.json":
-            shutil.copyfile(f, tmp / f.name)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if kind == "dense":
         state = to_hub_names(state)
     if model.config.tie_word_embeddings:
         state.pop(HUB_LM_HEAD, None)
-    save_state_dict(state, tmp)
-    model.config.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return write_checkpoint(out, model.config, state, like)
 
 
 # ---------------------------------------------------------------------------------------------
