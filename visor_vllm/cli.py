@@ -14,9 +14,10 @@ import sys
 SUBCOMMAND_MODULES = ("visor_vllm.model.flops", "visor_vllm.checkpoints.build",
                       "visor_vllm.checkpoints.convert", "visor_vllm.serving.serve",
                       "visor_vllm.training.synthetic", "visor_vllm.training.trainer",
-                      "visor_vllm.training.pipeline", "visor_vllm.training.labels",
+                      "visor_vllm.training.labels",
                       "visor_vllm.training.router", "visor_vllm.training.search",
-                      "visor_vllm.evaluation.served")
+                      "visor_vllm.evaluation.served",
+                      "visor_vllm.evaluation.recipe")
 
 
 def build_parser() -> argparse.ArgumentParser:

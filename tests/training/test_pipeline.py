@@ -5,11 +5,14 @@ This is plumbing only: accuracies at this size are chance (the README has the fu
 
 import json
 
-from visor_vllm.training.pipeline import run_synthetic
+import pytest
 
-TINY = {"data": {"n_train": 48, "n_val": 8, "n_test": 32}, "encoder": {"steps": 3},
+from visor_vllm.training.pipeline import findings, run_synthetic
+
+TINY = {"data": {"n_train": 48, "n_val": 8, "n_test": 32, "n_label": 16}, "encoder": {"steps": 3},
         "dense": {"steps": 3, "batch_size": 4}, "stage1": {"steps": 2, "batch_size": 4},
         "stage2": {"steps": 4, "batch_size": 4}, "eval": {"batch_size": 16},
+        "router": {"steps": 20}, "serve": {"budgets": ["auto", "configs"], "max_samples": 16},
         "save_every": 2, "log_every": 1}
 
 
@@ -19,12 +22,74 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     assert on_disk["loss_curve"] == report["loss_curve"]
     assert [len(report["loss_curve"][s]) for s in ("dense", "stage1", "stage2")] == [3, 2, 4]
     assert set(report["dense"]) >= {"easy", "hard", "families"}
-    assert len(report["configs"]) == 8  # every viable configuration of the synthetic preset
+    assert len(report["configs"]) == 8  # every configuration stage 2 trained
     flops = [c["prefill_flops_vs_dense"] for c in report["configs"]]
     assert flops[0] == min(flops) and flops[-1] == max(flops) < 1
     assert all(c["easy"] is not None and c["hard"] is not None for c in report["configs"])
     assert report["encoder"]["colour"] >= 0 and report["image_tokens"] == 36
-    assert (tmp_path / "r" / "visor" / "config.json").exists()
+    # adaptive inference: search on val -> viable set -> labels -> router, all in the report
+    viable = report["search"]["viable"]
+    assert viable[0] == [0] and viable[-1] == [0, 2, 4, 6]
+    assert len(report["search"]["heatmap"]["rows"]) == 8
+    assert set(report["labels"]["family"]) == set(report["dense"]["families"])
+    offline = report["router"]["offline"]
+    assert set(offline["mean_sa_layers"]) == {"easy", "hard"} and 0 < offline["flops_vs_dense"] < 1
+    assert "finding3_router_spends_on_hard_and_keeps_accuracy" in report["findings"]
+    served = json.loads((tmp_path / "r" / "visor" / "config.json").read_text())
+    assert served["sa_configs"] == viable  # DIR/visor is the routed checkpoint
+    assert (tmp_path / "r" / "data" / "label.jsonl").read_text().count("\n") == 16
     # a rerun resumes: finished phases are not redone
     again = run_synthetic(tmp_path / "r", quick=True, progress=False, overrides=TINY)
     assert "dense" in again["wall_seconds"] and again["wall_seconds"]["dense"] < 5
+    assert "data_label" not in again["wall_seconds"]
+
+
+def _row(n, easy, hard, flops):
+    return {"n_sa": n, "easy": easy, "hard": hard, "accuracy": (easy + hard) / 2,
+            "flops_vs_dense": flops}
+
+
+def test_findings_from_numbers():
+    table = [_row(1, 0.80, 0.60, 0.4), _row(2, 0.80, 0.70, 0.5), _row(2, 0.80, 0.62, 0.5),
+             _row(3, 0.81, 0.75, 0.6)]
+    router = {"accuracy": 0.775, "mean_sa_layers": {"easy": 1.0, "hard": 2.4},
+              "flops_vs_dense": 0.47}
+    f = findings({"easy": 0.81, "hard": 0.75}, table, router, source="served")
+    assert f["finding1_cheapest_matches_dense_on_easy"]
+    assert f["hard_accuracy_by_number_of_sa_layers"] == {1: 0.6, 2: 0.66, 3: 0.75}
+    assert f["finding2_hard_rises_with_sa_layers"]
+    assert f["finding3_router_spends_on_hard_and_keeps_accuracy"]  # 0.775 >= 0.99 * 0.78
+    # each clause of finding 3 can fail on its own
+    for bad in ({"accuracy": 0.70}, {"mean_sa_layers": {"easy": 2.0, "hard": 2.0}},
+                {"flops_vs_dense": 0.6}):
+        assert not findings({"easy": 0.81}, table, {**router, **bad})[
+            "finding3_router_spends_on_hard_and_keeps_accuracy"]
+    # finding 1 fails 3 points below dense; finding 2 fails on a flat curve
+    assert not findings({"easy": 0.83}, table)["finding1_cheapest_matches_dense_on_easy"]
+    flat = [_row(1, 0.8, 0.7, 0.4), _row(2, 0.8, 0.705, 0.5)]
+    assert not findings({"easy": 0.8}, flat)["finding2_hard_rises_with_sa_layers"]
+    assert "finding3_router_spends_on_hard_and_keeps_accuracy" not in findings({"easy": .8}, flat)
+
+
+@pytest.mark.vllm
+@pytest.mark.e2e
+def test_whole_recipe_serves_and_evaluates(tmp_path):
+    """The recipe's last phase: vllm serve of DIR/visor and of the dense model, then eval."""
+    from visor_vllm.evaluation.recipe import run_recipe
+
+    report = run_recipe(tmp_path / "r", quick=True, progress=False, overrides=TINY)
+    served = report["served"]
+    assert served["requests"] == 16 and set(served["dense"]) >= {"easy", "hard"}
+    names = [p["budget"] for p in served["passes"]]
+    assert names[0] == "auto" and names[1:] == [
+        "sa:" + ",".join(str(i + 1) for i in c) for c in report["search"]["viable"]]
+    assert [r["n_sa"] for r in served["configs"]] == [len(c) for c in report["search"]["viable"]]
+    assert all(0 < r["flops_vs_dense"] < 1 for r in served["configs"])
+    router = report["router"]["served"]
+    assert set(router["mean_sa_layers"]) == {"easy", "hard"}
+    assert 0 < router["flop_savings_vs_dense"] < 1
+    assert report["findings"]["source"] == "served"
+    assert report["findings_offline"]["source"] == "offline"
+    assert "served_eval" in report["wall_seconds"]
+    assert (tmp_path / "r" / "serve" / "visor.log").exists()
+    assert (tmp_path / "r" / "serve" / "dense.log").exists()

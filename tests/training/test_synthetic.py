@@ -59,3 +59,20 @@ def test_cli_writes_llava_jsonl(tmp_path):
 def test_cli_refuses_bad_arguments(tmp_path, capsys):
     assert cli.main(["data", "synth", str(tmp_path / "x"), "--families", "nope"]) == 2
     assert "unknown families" in capsys.readouterr().err
+
+
+def test_label_split_and_add_split(tmp_path):
+    from visor_vllm.training.synthetic import FAMILIES, SyntheticTaskError, add_split, write_dataset
+
+    out = write_dataset(tmp_path / "d", n_train=2, n_val=1, n_test=1, n_label=8, progress=False)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["splits"]["label"] == {"samples": 8, "turns": 1}
+    lines = [json.loads(x) for x in (out / "label.jsonl").read_text().splitlines()]
+    assert [r["family"] for r in lines] == list(FAMILIES)  # one question each, families in turn
+    # a later split of an existing dataset: same seed and families, its own stream
+    path = add_split(out, "extra", 3)
+    assert path.read_text().count("\n") == 3
+    assert json.loads((out / "dataset.json").read_text())["splits"]["extra"]["samples"] == 3
+    assert (out / "images" / "extra-000002.png").exists()
+    with pytest.raises(SyntheticTaskError, match="dataset.json"):
+        add_split(tmp_path / "nothing", "label", 3)

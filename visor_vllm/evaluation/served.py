@@ -93,14 +93,15 @@ def _ask(client, model: str, req: dict, xargs: dict, retries: int) -> dict:
 def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
                     budgets: list[str] | None = None, concurrency: int = 4, retries: int = 2,
                     groups: dict | None = None, progress: bool = True,
-                    sa_configs: list | None = None) -> dict:
+                    sa_configs: list | None = None, max_samples: int | None = None,
+                    keep_samples: bool = False) -> dict:
     import openai
     from tqdm.auto import tqdm
 
     client = openai.OpenAI(base_url=base_url.rstrip("/") + ("" if base_url.rstrip("/").endswith(
         "/v1") else "/v1"), api_key="none", timeout=120)
     model = model or client.models.list().data[0].id
-    reqs = requests_for(data)
+    reqs = requests_for(data)[:max_samples]
     meta = default_image_folder(data) / "dataset.json"
     groups = groups or (json.loads(meta.read_text()).get("groups", {}) if meta.exists() else {})
     passes = budgets_for(sa_configs, budgets)
@@ -118,7 +119,7 @@ def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
         sa_hist = defaultdict(lambda: defaultdict(int))
         have_receipts = all(a["visor"] for a in answers)
         for req, a in zip(reqs, answers):
-            ok = a["text"].strip().lower().rstrip(".") == req["answer"].strip().lower()
+            ok = _correct(a["text"], req["answer"])
             fam[req["family"]].append(ok)
             if a["visor"]:
                 flops += a["visor"]["visor_flops"]
@@ -138,8 +139,17 @@ def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
             "flops_vs_dense": flops / dense if have_receipts and dense else None,
             "sa_layers_histogram": {f: dict(h) for f, h in sa_hist.items()},
             "mean_sa_layers": {g: _mean_sa(sa_hist, groups, g) for g in by_group} if have_receipts else None,
-            "requests": len(reqs)})
+            "requests": len(reqs),
+            **({"samples": [{"index": r["index"], "family": r["family"], "answer": a["text"],
+                             "correct": _correct(a["text"], r["answer"]),
+                             "sa_layers": (a["visor"] or {}).get("sa_layers")}
+                            for r, a in zip(reqs, answers)]} if keep_samples else {})})
     return result
+
+
+def _correct(reply: str, answer: str) -> bool:
+    """Exact match, stripped and case-folded (a trailing full stop forgiven)."""
+    return reply.strip().lower().rstrip(".") == answer.strip().lower()
 
 
 def _mean_sa(hist, groups, group):
@@ -163,6 +173,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--checkpoint", help="the served VISOR checkpoint dir (for --budgets configs)")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--retries", type=int, default=2)
+    p.add_argument("--max-samples", type=int, default=None, help="only the first N samples")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cli_eval)
 
@@ -174,7 +185,7 @@ def _cli_eval(args) -> int:
     try:
         res = evaluate_served(args.base_url, args.data, args.model,
                               [b for b in args.budgets.split(",") if b], args.concurrency,
-                              args.retries, sa_configs=configs)
+                              args.retries, sa_configs=configs, max_samples=args.max_samples)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,8 +14,15 @@ Phases, each writing under ``--out DIR`` (a rerun resumes: finished phases are k
 4. ``visor-init/`` -- ``visor-vllm convert`` of the dense model (CA o_proj and conv at zero,
    router biased to the costliest configuration).
 5. ``visor/stage1``, ``visor/stage2`` -- the two stages (paper Sec. 4.2.3, 5.1).
-6. evaluation of dense and of VISOR under every viable configuration on the test split;
-   ``report.json`` and the final checkpoint in ``DIR/visor`` (a copy of stage 2's ``model/``).
+6. offline evaluation of dense and of VISOR under every configuration on the test split;
+7. adaptive inference (paper Sec. 4.2.3 step 2, 4.3): ``search`` of every SA subset on val and
+   the viable set written into ``visor-viable/``; pseudo-labels of every viable configuration
+   on the ``label`` split (``labels.json``); the router trained on them (``visor-routed/``) and
+   its offline ``auto`` accuracy, SA layers and FLOPs on the test split;
+8. ``report.json`` and the final, routed checkpoint in ``DIR/visor``.
+
+Serving the result and measuring it through ``vllm serve`` is the evaluation side's
+(`visor_vllm.evaluation.recipe`, which the ``visor-vllm recipe`` command runs after this).
 
 ``recipes/synthetic.yaml`` holds every hyper-parameter; its ``quick`` section overrides it for
 smoke runs (``--quick``: a plumbing check in minutes -- the study found that the effects need
@@ -203,12 +210,16 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         return r
 
     data = out / "data"
-    if not (data / "dataset.json").exists():
+    d = cfg["data"]
+    if not {"train", "val", "test"} <= set(_splits(data)):
         shutil.rmtree(data, ignore_errors=True)
-        d = cfg["data"]
         phase("data", lambda: synthetic.write_dataset(
             data, seed=seed, n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"],
-            turns=d["turns"], families=d.get("families", synthetic.FAMILIES), progress=progress))
+            turns=d["turns"], families=d.get("families", synthetic.FAMILIES), progress=progress,
+            n_label=d.get("n_label", 0)))
+    if d.get("n_label") and _splits(data).get("label", {}).get("samples") != d["n_label"]:
+        phase("data_label", lambda: synthetic.add_split(data, "label", d["n_label"],
+                                                        progress=progress))
     dense_init = out / "dense-init"
     if not (dense_init / "encoder.json").exists():
         phase("encoder", lambda: build_dense_init(dense_init, cfg, seed, progress))
@@ -235,10 +246,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         visor_init, test, [cheapest, costliest], bs, n_eval))["configs"]
     ev["stage1"] = phase("eval_stage1", lambda: evaluate(
         s1, test, [cheapest, costliest], bs, n_eval))["configs"]
-    ev["stage2"] = phase("eval_stage2", lambda: evaluate(final, test, None, bs, n_eval))["configs"]
-    visor_dir = out / "visor"
-    shutil.rmtree(visor_dir, ignore_errors=True)
-    shutil.copytree(final, visor_dir)
+    ev["stage2"] = phase("eval_stage2", lambda: evaluate(final, test, None, bs, n_eval,
+                                                         keep_records=True))["configs"]
 
     nv, nt = prompt_lengths(final, test)
     dense_f = dense_prefill_flops(vcfg, nv, nt)
@@ -250,6 +259,16 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
                                                       / dense_f, 4),
                       "easy": c["groups"].get("easy"), "hard": c["groups"].get("hard"),
                       "accuracy": c["accuracy"], "families": c["families"]})
+
+    adaptive = None
+    if cfg.get("router", {}).get("enabled", True) and len(vcfg.sa_configs) > 1:
+        adaptive = _adaptive(out, data, final, test, ev["stage2"], cfg, phase, bs, n_eval)
+        routed = out / "visor-routed"
+    else:
+        routed = final
+    visor_dir = out / "visor"
+    shutil.rmtree(visor_dir, ignore_errors=True)
+    shutil.copytree(routed, visor_dir)
     wall["total"] = round(time.time() - t_all, 1)
     report = {
         "recipe": "synthetic", "quick": quick, "seed": seed,
@@ -264,7 +283,10 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
                   "accuracy": ev["dense"]["accuracy"], "families": ev["dense"]["families"]},
         "converted": _brief(ev["converted"]), "stage1": _brief(ev["stage1"]),
         "configs": table,
-        "findings": _findings(ev["dense"], table),
+        **({"search": adaptive["search"], "labels": adaptive["labels"],
+            "router": {"offline": adaptive["router"]}} if adaptive else {}),
+        "findings": findings(_groups(ev["dense"]), table,
+                             adaptive["router"] if adaptive else None, source="offline"),
         "recipe_config": cfg,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -276,50 +298,147 @@ def _brief(entries: list[dict]) -> list[dict]:
              "hard": e["groups"].get("hard"), "families": e["families"]} for e in entries]
 
 
-def _findings(dense: dict, table: list[dict]) -> dict:
-    """The paper's first two findings, stated from the numbers (the third needs the router)."""
+def _groups(entry: dict) -> dict:
+    return {"easy": entry["groups"].get("easy"), "hard": entry["groups"].get("hard"),
+            "accuracy": entry["accuracy"]}
+
+
+def findings(dense: dict, table: list[dict], router: dict | None = None,
+             source: str = "offline") -> dict:
+    """The paper's three findings, stated from the numbers (pure; offline or served ones).
+
+    ``dense``: ``{"easy", "hard"}``; ``table``: rows with ``n_sa``, ``easy``, ``hard``,
+    ``accuracy`` and a FLOP ratio (``flops_vs_dense`` or ``prefill_flops_vs_dense``);
+    ``router``: ``{"easy", "hard", "accuracy", "mean_sa_layers": {"easy", "hard"},
+    "flops_vs_dense"}`` of the ``auto`` budget, or None (finding 3 is then not judged).
+    """
+    def flops(r):
+        return r.get("flops_vs_dense", r.get("prefill_flops_vs_dense"))
+
     by_n: dict[int, list[float]] = {}
     for r in table:
         by_n.setdefault(r["n_sa"], []).append(r["hard"])
     hard_by_n = {n: round(sum(v) / len(v), 4) for n, v in sorted(by_n.items())}
-    cheapest = min(table, key=lambda r: r["n_sa"])
+    cheapest = min(table, key=lambda r: (r["n_sa"], flops(r) or 0))
     ns = sorted(hard_by_n)
-    return {
-        "cheapest_easy_vs_dense_easy": [cheapest["easy"], dense["groups"].get("easy")],
+    out = {
+        "source": source,
+        "cheapest_easy_vs_dense_easy": [cheapest["easy"], dense.get("easy")],
         "finding1_cheapest_matches_dense_on_easy":
-            cheapest["easy"] is not None and dense["groups"].get("easy") is not None
-            and cheapest["easy"] >= dense["groups"]["easy"] - 0.02,
+            cheapest["easy"] is not None and dense.get("easy") is not None
+            and cheapest["easy"] >= dense["easy"] - 0.02,
         "hard_accuracy_by_number_of_sa_layers": hard_by_n,
         "finding2_hard_rises_with_sa_layers":
-            all(hard_by_n[a] <= hard_by_n[b] + 0.005 for a, b in zip(ns, ns[1:]))
+            len(ns) > 1 and all(hard_by_n[a] <= hard_by_n[b] + 0.005 for a, b in zip(ns, ns[1:]))
             and hard_by_n[ns[-1]] > hard_by_n[ns[0]] + 0.02,
         "tolerances": "finding 1: within 2 points; finding 2: non-decreasing within 0.5 point "
-                      "per step and +2 points from fewest to most SA layers",
+                      "per step and +2 points from fewest to most SA layers; finding 3: mean SA "
+                      "layers on hard > on easy, accuracy >= 99% of the costliest "
+                      "configuration's, fewer FLOPs than it",
     }
+    if router is not None:
+        full = max(table, key=lambda r: (r["n_sa"], flops(r) or 0))
+        sa = router["mean_sa_layers"]
+        out["router_vs_costliest"] = {
+            "accuracy": [router["accuracy"], full["accuracy"]],
+            "accuracy_ratio": round(router["accuracy"] / full["accuracy"], 4)
+            if full["accuracy"] else None,
+            "flops_vs_dense": [router["flops_vs_dense"], flops(full)],
+            "mean_sa_layers_easy_hard": [sa.get("easy"), sa.get("hard")]}
+        out["finding3_router_spends_on_hard_and_keeps_accuracy"] = bool(
+            sa.get("easy") is not None and sa.get("hard") is not None
+            and sa["hard"] > sa["easy"]
+            and router["accuracy"] >= 0.99 * full["accuracy"] - 1e-9
+            and router["flops_vs_dense"] is not None and flops(full) is not None
+            and router["flops_vs_dense"] < flops(full))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# Adaptive inference: search -> viable set -> pseudo-labels -> router (paper Sec. 4.2.3, 4.3)
 # ---------------------------------------------------------------------------------------------
 
-def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("recipe", help="run a whole built-in training recipe")
-    p.add_argument("name", choices=["synthetic"])
-    p.add_argument("--out", required=True)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run in minutes (a plumbing check, not evidence)")
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=_cli_recipe)
+def _splits(data: Path) -> dict:
+    meta = data / "dataset.json"
+    return json.loads(meta.read_text()).get("splits", {}) if meta.exists() else {}
 
 
-def _cli_recipe(args) -> int:
-    import sys
+def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[dict],
+              cfg: dict, phase, bs: int, n_eval) -> dict:
+    """Search on val, write the viable set, label the label split, train the router.
 
-    try:
-        report = run_synthetic(args.out, quick=args.quick, seed=args.seed)
-    except (RecipeError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: report[k] for k in ("wall_seconds", "dense", "findings")}, indent=2))
-    print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'visor'}")
-    return 0
+    Writes ``out/search.json``, ``out/visor-viable/``, ``out/labels.json`` and
+    ``out/visor-routed/``; returns the report's ``search``, ``labels`` and offline ``router``.
+    The router's offline accuracy on the test split reuses stage 2's per-sample records (the
+    routed checkpoint differs from stage 2's only in the router and the kept configurations).
+    """
+    from visor_vllm.model.config import VisorConfig
+    from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
+    from visor_vllm.training.evaluate import dataset_groups
+    from visor_vllm.training.labels import label_checkpoint
+    from visor_vllm.training.router import route_data, train_router_on_data
+    from visor_vllm.training.search import search, viable, write_configs
+
+    sc, lc, rc = cfg.get("search", {}), cfg.get("labels", {}), cfg.get("router", {})
+    found = phase("search", lambda: search(final, data / f"{sc.get('split', 'val')}.jsonl",
+                                           sc.get("candidates"), bs, sc.get("max_samples")))
+    keep = viable(found["configs"], sc.get("tolerance", 0.02))
+    found["viable"], found["tolerance"] = keep, sc.get("tolerance", 0.02)
+    (out / "search.json").write_text(json.dumps(found, indent=2) + "\n")
+    viable_dir = out / "visor-viable"
+    shutil.rmtree(viable_dir, ignore_errors=True)
+    write_configs(final, keep, viable_dir)
+
+    label_data = data / f"{lc.get('split', 'label')}.jsonl"
+    lab = phase("labels", lambda: label_checkpoint(viable_dir, label_data, lc.get("ratio", 0.99),
+                                                   bs, lc.get("max_samples")))
+    (out / "labels.json").write_text(json.dumps(lab) + "\n")
+    rule = lc.get("rule", "family")
+    per = dict(zip(lab["samples"], lab["per_sample"][rule]))
+    routed = out / "visor-routed"
+    shutil.rmtree(routed, ignore_errors=True)
+    fit = phase("router", lambda: train_router_on_data(
+        viable_dir, label_data, per, routed, rc.get("steps", 400), rc.get("lr", 3e-3),
+        cfg["seed"]))
+    picked = phase("route_test", lambda: route_data(routed, test, bs))
+
+    vcfg = VisorConfig.from_pretrained(str(routed))
+    records = {tuple(e["sa_layers"]): {r["index"]: r for r in e["records"]} for e in stage2_eval}
+    nv, nt = prompt_lengths(routed, test)
+    dense_f = dense_prefill_flops(vcfg, nv, nt)
+    groups = dataset_groups(test)
+    acc, sa, fl = {}, {}, []
+    for i, c in picked.items():
+        layers = vcfg.sa_configs[c]
+        rec = records[tuple(layers)].get(i)
+        if rec is None or (n_eval is not None and i >= n_eval):
+            continue
+        g = groups.get(rec["family"], "all")
+        acc.setdefault(g, []).append(rec["correct"])
+        sa.setdefault(g, []).append(len(layers))
+        fl.append(prefill_flops(vcfg, nv, nt, layers) / dense_f)
+    everything = [x for v in acc.values() for x in v]
+    router = {"rule": rule, "label_accuracy": fit["sample_accuracy"],
+              "token_accuracy": fit["token_accuracy"], "confusion": fit["confusion"],
+              "accuracy": sum(everything) / max(len(everything), 1),
+              **{g: sum(v) / len(v) for g, v in sorted(acc.items())},
+              "mean_sa_layers": {g: sum(v) / len(v) for g, v in sorted(sa.items())},
+              "flops_vs_dense": sum(fl) / max(len(fl), 1)}
+    label_brief = {"rule": rule, "ratio": lab["ratio"], "data": str(label_data),
+                   "configs": lab["configs"],
+                   "family": {f: {"config": v["config"], "sa_layers": lab["configs"][v["config"]],
+                                  "accuracy": v["accuracy"], "kept": v["kept"]}
+                              for f, v in lab["family"].items()},
+                   "oracle_histogram": _histogram(lab["per_sample"]["oracle"], len(lab["configs"]))}
+    search_brief = {"data": found["data"], "tolerance": found["tolerance"], "viable": keep,
+                    "viable_1based": [[i + 1 for i in c] for c in keep],
+                    "heatmap": found["heatmap"],
+                    "flops_vs_dense": [round(r["flops_vs_dense"], 4) for r in found["configs"]]}
+    return {"search": search_brief, "labels": label_brief, "router": router}
+
+
+def _histogram(labels: list[int], n: int) -> list[int]:
+    h = [0] * n
+    for c in labels:
+        h[c] += 1
+    return h

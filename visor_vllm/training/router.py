@@ -116,6 +116,18 @@ def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[
     return report
 
 
+def route_data(checkpoint: str | Path, data: str | Path, batch_size: int = 64) -> dict[int, int]:
+    """What ``checkpoint``'s router picks for every usable sample of ``data`` (offline ``auto``)."""
+    from visor_vllm.training.data import load_records
+    from visor_vllm.training.trainer import load_model
+
+    model = load_model("stage2", checkpoint)
+    enc = SampleEncoder(checkpoint)
+    ds = EncodedDataset(load_records(data), enc, default_image_folder(data))
+    feats, owner = routing_features(model, ds, enc.tokenizer.pad_token_id, batch_size)
+    return route(model, feats, owner)
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("train-router", help="fit the router to pseudo-labels (frozen backbone)")
     p.add_argument("checkpoint")

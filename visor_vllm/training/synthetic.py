@@ -208,38 +208,61 @@ def sample(seed: int, split: str, index: int, families: Iterable[str], turns: in
 
 def write_dataset(out: str | Path, seed: int = 0, n_train: int = 20000, n_val: int = 800,
                   n_test: int = 2400, turns: int = 4, families: Iterable[str] = FAMILIES,
-                  progress: bool = True) -> Path:
-    """Write the synthetic dataset to ``out`` (a new or empty directory); returns ``out``."""
-    from PIL import Image
-    from tqdm.auto import tqdm
+                  progress: bool = True, n_label: int = 0) -> Path:
+    """Write the synthetic dataset to ``out`` (a new or empty directory); returns ``out``.
 
+    Splits: ``train`` (``turns`` questions per image), ``val`` and ``test`` (one question each,
+    families in turn) and, with ``n_label``, ``label``: one question per image from the
+    training distribution's generator but its own stream, for pseudo-labels and the router.
+    """
     families = list(families)
     bad = [f for f in families if f not in FAMILIES]
     if bad or not families:
         raise SyntheticTaskError(f"unknown families {bad}; choose among {list(FAMILIES)}")
-    if min(n_train, n_val, n_test) < 1 or turns < 1:
+    if min(n_train, n_val, n_test) < 1 or turns < 1 or n_label < 0:
         raise SyntheticTaskError("every split needs at least one sample and turns >= 1")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise SyntheticTaskError(f"{out} exists and is not empty")
     (out / "images").mkdir(parents=True)
     sizes = {"train": (n_train, turns), "val": (n_val, 1), "test": (n_test, 1)}
-    total = sum(n for n, _ in sizes.values())
-    with tqdm(total=total, desc="synthetic data", unit="img", disable=not progress) as bar:
-        for split, (n, t) in sizes.items():
-            with open(out / f"{split}.jsonl", "w") as f:
-                for i in range(n):
-                    rec = sample(seed, split, i, families, t)
-                    name = f"images/{split}-{i:06d}.png"
-                    Image.fromarray(rec.pop("image")).save(out / name, compress_level=1)
-                    rec = {"id": f"{split}-{i}", "image": name, **rec}
-                    f.write(json.dumps(rec) + "\n")
-                    bar.update()
+    if n_label:
+        sizes["label"] = (n_label, 1)
     meta = {"task": "synthetic-grid", "seed": seed, "grid": GRID, "cell_px": CELL,
-            "families": families, "groups": {f: GROUP[f] for f in families},
-            "splits": {k: {"samples": n, "turns": t} for k, (n, t) in sizes.items()}}
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "families": families, "groups": {f: GROUP[f] for f in families}, "splits": {}}
+    for split, (n, t) in sizes.items():
+        _write_split(out, meta, split, n, t, progress)
     return out
+
+
+def add_split(out: str | Path, split: str, n: int, turns: int = 1,
+              progress: bool = True) -> Path:
+    """Add (or rewrite) one split of an existing dataset, with its seed and families."""
+    out = Path(out)
+    meta_path = out / "dataset.json"
+    if not meta_path.exists():
+        raise SyntheticTaskError(f"{out} has no dataset.json: write the dataset first")
+    if n < 1 or turns < 1:
+        raise SyntheticTaskError("a split needs at least one sample and turns >= 1")
+    _write_split(out, json.loads(meta_path.read_text()), split, n, turns, progress)
+    return out / f"{split}.jsonl"
+
+
+def _write_split(out: Path, meta: dict, split: str, n: int, turns: int, progress: bool) -> None:
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    with open(out / f"{split}.jsonl", "w") as f, tqdm(
+            total=n, desc=f"synthetic {split}", unit="img", disable=not progress) as bar:
+        for i in range(n):
+            rec = sample(meta["seed"], split, i, meta["families"], turns)
+            name = f"images/{split}-{i:06d}.png"
+            Image.fromarray(rec.pop("image")).save(out / name, compress_level=1)
+            rec = {"id": f"{split}-{i}", "image": name, **rec}
+            f.write(json.dumps(rec) + "\n")
+            bar.update()
+    meta["splits"][split] = {"samples": n, "turns": turns}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")  # after the split
 
 
 def cell_labels(scene: Scene) -> tuple[list[int], list[int]]:
@@ -262,6 +285,8 @@ def add_cli(subparsers) -> None:
     s.add_argument("--n-train", type=int, default=20000)
     s.add_argument("--n-val", type=int, default=800)
     s.add_argument("--n-test", type=int, default=2400)
+    s.add_argument("--n-label", type=int, default=0,
+                   help="one-question samples of the 'label' split (pseudo-labels, router)")
     s.add_argument("--turns", type=int, default=4, help="questions per training image")
     s.add_argument("--families", default=",".join(FAMILIES))
     s.set_defaults(func=_cli_synth)
@@ -272,7 +297,7 @@ def _cli_synth(args) -> int:
 
     try:
         out = write_dataset(args.out, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                            n_test=args.n_test, turns=args.turns,
+                            n_test=args.n_test, turns=args.turns, n_label=args.n_label,
                             families=[f for f in args.families.split(",") if f])
     except (SyntheticTaskError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,164 @@
+"""``visor-vllm recipe synthetic``: train everything, then serve it and measure it as users get it.
+
+What. `run_recipe` runs the training side (`visor_vllm.training.pipeline.run_synthetic`: data,
+dense baseline, convert, stage 1, stage 2, search, pseudo-labels, router; offline accuracy of
+every model) and then, unless ``serve=False``:
+
+1. ``vllm serve DIR/visor`` (the routed checkpoint, with the receipts middleware) and
+   `visor_vllm.evaluation.served.evaluate_served` on the test split: the ``auto`` budget (the
+   router) and every viable configuration (``visor_sa_layers``), FLOPs from the receipts;
+2. ``vllm serve`` of the dense LLaVA-OneVision (vLLM's own model, no VISOR code) the same way;
+3. ``report.json`` gains ``served`` (every pass, per family; agreement with the offline
+   numbers), ``router.served`` (accuracy on easy and hard, mean SA layers chosen on each, FLOPs
+   vs dense) and ``findings`` judged on the served numbers (the offline ones stay as
+   ``findings_offline``).
+
+Why served. The offline numbers use the trainer's forward, teacher-forced; the served ones go
+through the chat template, vLLM's kernels, the first-pass router and greedy decoding. Both are
+kept, and their per-sample agreement is reported, so a serving bug cannot hide.
+
+Footguns. Serving needs the ``vllm`` CLI of this environment and two free CPU cores' worth of
+patience (~50 requests/s for VISOR, ~100 for dense here). Server logs go to ``DIR/serve/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from visor_vllm.evaluation.launch import ServerError, served
+from visor_vllm.evaluation.served import evaluate_served
+from visor_vllm.training.pipeline import findings, load_recipe, run_synthetic
+
+
+def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
+               serve: bool = True, progress: bool = True, overrides: dict | None = None) -> dict:
+    """The whole recipe into ``out``; returns (and writes) ``out/report.json``."""
+    report = run_synthetic(out, quick=quick, seed=seed, progress=progress, overrides=overrides)
+    if not serve:
+        return report
+    out = Path(out)
+    cfg = report["recipe_config"]
+    t0 = time.time()
+    report = serve_and_evaluate(out, report, cfg.get("serve", {}), progress)
+    report["wall_seconds"]["served_eval"] = round(time.time() - t0, 1)
+    report["wall_seconds"]["total"] = round(report["wall_seconds"]["total"]
+                                            + report["wall_seconds"]["served_eval"], 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def serve_and_evaluate(out: Path, report: dict, sc: dict, progress: bool = True) -> dict:
+    """Serve ``out/visor`` and the dense model, evaluate both; the report with ``served``."""
+    data = out / "data" / f"{sc.get('split', 'test')}.jsonl"
+    visor = out / "visor"
+    dense = out / "dense-run" / "dense" / "model"
+    configs = json.loads((visor / "config.json").read_text())["sa_configs"]
+    kw = {"concurrency": sc.get("concurrency", 16), "max_samples": sc.get("max_samples"),
+          "progress": progress, "keep_samples": True}
+    with served(visor, "visor", log=out / "serve" / "visor.log") as (base, _):
+        v = evaluate_served(base, data, "visor", sc.get("budgets", ["auto", "configs"]),
+                            sa_configs=configs, **kw)
+    with served(dense, "dense", log=out / "serve" / "dense.log") as (base, _):
+        d = evaluate_served(base, data, "dense", ["none"], **kw)
+    (out / "served.json").write_text(json.dumps({"visor": v, "dense": d}) + "\n")
+    return merge_served(report, v, d)
+
+
+def _strip(p: dict) -> dict:
+    return {k: v for k, v in p.items() if k != "samples"}
+
+
+def merge_served(report: dict, visor: dict, dense: dict) -> dict:
+    """Pure: ``report`` with the served passes, the served router block and served findings."""
+    by = {p["budget"]: p for p in visor["passes"]}
+    dense_pass = dense["passes"][0]
+    table = []
+    for p in visor["passes"]:
+        if p["budget"] == "auto":
+            continue
+        layers = sorted({tuple(s["sa_layers"]) for s in p.get("samples", []) if s["sa_layers"]})
+        table.append({"budget": p["budget"], "sa_layers_1based": list(layers[0]) if len(layers) == 1
+                      else None, "n_sa": len(layers[0]) if layers else None,
+                      "easy": p["groups"].get("easy"), "hard": p["groups"].get("hard"),
+                      "accuracy": p["accuracy"], "families": p["families"],
+                      "flops_vs_dense": p["flops_vs_dense"]})
+    # the same configuration under two names (min = sa:1) is one configuration
+    uniq = {}
+    for r in table:
+        uniq.setdefault(tuple(r["sa_layers_1based"] or [r["budget"]]), r)
+    table = [r for r in uniq.values() if r["n_sa"] is not None]
+    served = {"data": visor["data"], "requests": dense_pass["requests"],
+              "dense": {"easy": dense_pass["groups"].get("easy"),
+                        "hard": dense_pass["groups"].get("hard"),
+                        "accuracy": dense_pass["accuracy"], "families": dense_pass["families"]},
+              "configs": table,
+              "passes": [_strip(p) for p in visor["passes"]],
+              "agreement_with_offline": _agreement(report, visor, dense)}
+    report = {**report, "served": served}
+    if "auto" in by:
+        a = by["auto"]
+        router = {"accuracy": a["accuracy"], "easy": a["groups"].get("easy"),
+                  "hard": a["groups"].get("hard"), "families": a["families"],
+                  "mean_sa_layers": a["mean_sa_layers"] or {},
+                  "flops_vs_dense": a["flops_vs_dense"],
+                  "flop_savings_vs_dense": None if a["flops_vs_dense"] is None
+                  else 1 - a["flops_vs_dense"],
+                  "sa_layers_histogram": a["sa_layers_histogram"]}
+        report["router"] = {**report.get("router", {}), "served": router}
+    else:
+        router = None
+    if "findings" in report and report["findings"].get("source") == "offline":
+        report["findings_offline"] = report["findings"]
+    if table:
+        report["findings"] = findings(served["dense"], table, router, source="served")
+    return report
+
+
+def _agreement(report: dict, visor: dict, dense: dict) -> dict:
+    """Served vs offline accuracy per configuration (the same test samples)."""
+    offline = {tuple(r["sa_layers_1based"]): r["accuracy"] for r in report.get("configs", [])}
+    out = {}
+    for p in visor["passes"]:
+        layers = {tuple(s["sa_layers"]) for s in p.get("samples", []) if s["sa_layers"]}
+        if p["budget"] != "auto" and len(layers) == 1:
+            key = next(iter(layers))
+            if key in offline and p["requests"] == report["recipe_config"]["data"]["n_test"]:
+                out[p["budget"]] = {"served": p["accuracy"], "offline": offline[key]}
+    if dense["passes"][0]["requests"] == report["recipe_config"]["data"]["n_test"]:
+        out["dense"] = {"served": dense["passes"][0]["accuracy"],
+                        "offline": report["dense"]["accuracy"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("recipe", help="run a whole built-in recipe: train, route, serve, "
+                                             "evaluate")
+    p.add_argument("name", choices=["synthetic"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run in minutes (a plumbing check, not evidence)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-serve", action="store_true",
+                   help="stop after training and offline evaluation (no vllm serve)")
+    p.set_defaults(func=_cli_recipe)
+
+
+def _cli_recipe(args) -> int:
+    import sys
+
+    from visor_vllm.training.recipe import RecipeError
+
+    try:
+        report = run_recipe(args.out, quick=args.quick, seed=args.seed, serve=not args.no_serve)
+    except (RecipeError, ServerError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: report.get(k) for k in ("wall_seconds", "dense", "findings")}, indent=2))
+    print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'visor'}")
+    return 0
