@@ -29,7 +29,7 @@ from pathlib import Path
 
 from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
-from visor_vllm.training.pipeline import findings, load_recipe, run_synthetic
+from visor_vllm.training.pipeline import findings, run_synthetic
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
@@ -70,6 +70,11 @@ def _strip(p: dict) -> dict:
     return {k: v for k, v in p.items() if k != "samples"}
 
 
+def _served_layers(p: dict) -> list[tuple[int, ...]]:
+    """The distinct 1-based SA layer sets the receipts of pass ``p`` report."""
+    return sorted({tuple(s["sa_layers"]) for s in p.get("samples", []) if s["sa_layers"]})
+
+
 def merge_served(report: dict, visor: dict, dense: dict) -> dict:
     """Pure: ``report`` with the served passes, the served router block and served findings."""
     by = {p["budget"]: p for p in visor["passes"]}
@@ -78,7 +83,7 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
     for p in visor["passes"]:
         if p["budget"] == "auto":
             continue
-        layers = sorted({tuple(s["sa_layers"]) for s in p.get("samples", []) if s["sa_layers"]})
+        layers = _served_layers(p)
         table.append({"budget": p["budget"], "sa_layers_1based": list(layers[0]) if len(layers) == 1
                       else None, "n_sa": len(layers[0]) if layers else None,
                       "easy": p["groups"].get("easy"), "hard": p["groups"].get("hard"),
@@ -121,9 +126,9 @@ def _agreement(report: dict, visor: dict, dense: dict) -> dict:
     offline = {tuple(r["sa_layers_1based"]): r["accuracy"] for r in report.get("configs", [])}
     out = {}
     for p in visor["passes"]:
-        layers = {tuple(s["sa_layers"]) for s in p.get("samples", []) if s["sa_layers"]}
+        layers = _served_layers(p)
         if p["budget"] != "auto" and len(layers) == 1:
-            key = next(iter(layers))
+            key = layers[0]
             if key in offline and p["requests"] == report["recipe_config"]["data"]["n_test"]:
                 out[p["budget"]] = {"served": p["accuracy"], "offline": offline[key]}
     if dense["passes"][0]["requests"] == report["recipe_config"]["data"]["n_test"]:

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from visor_vllm.training.data import default_image_folder, load_records, record_messages
+from visor_vllm.training.evaluate import dataset_groups, summarise
 
 
 def _image_url(path: Path) -> str:
@@ -102,8 +103,7 @@ def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
         "/v1") else "/v1"), api_key="none", timeout=120)
     model = model or client.models.list().data[0].id
     reqs = requests_for(data)[:max_samples]
-    meta = default_image_folder(data) / "dataset.json"
-    groups = groups or (json.loads(meta.read_text()).get("groups", {}) if meta.exists() else {})
+    groups = groups or dataset_groups(data)
     passes = budgets_for(sa_configs, budgets)
     result = {"base_url": base_url, "model": model, "data": str(data), "passes": []}
     for name, xargs in passes:
@@ -114,36 +114,32 @@ def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
                 bar.update()
                 return out
             answers = list(pool.map(one, reqs))
-        fam = defaultdict(list)
+        samples = [{"index": r["index"], "family": r["family"], "answer": a["text"],
+                    "correct": _correct(a["text"], r["answer"]),
+                    "sa_layers": (a["visor"] or {}).get("sa_layers")}
+                   for r, a in zip(reqs, answers)]
         flops = dense = 0
         sa_hist = defaultdict(lambda: defaultdict(int))
         have_receipts = all(a["visor"] for a in answers)
         for req, a in zip(reqs, answers):
-            ok = _correct(a["text"], req["answer"])
-            fam[req["family"]].append(ok)
             if a["visor"]:
                 flops += a["visor"]["visor_flops"]
                 dense += a["visor"]["dense_flops"]
                 sa_hist[req["family"]][len(a["visor"]["sa_layers"])] += 1
-        families = {f: sum(v) / len(v) for f, v in sorted(fam.items())}
-        by_group = defaultdict(list)
-        for f, acc in families.items():
-            by_group[groups.get(f, "all")].append(acc)
+        summary = summarise(samples, groups)  # the offline evaluation's per-family/group rule
         result["passes"].append({
             "budget": name, "xargs": xargs,
-            "accuracy": sum(sum(v) for v in fam.values()) / len(reqs),
-            "families": families,
-            "groups": {g: sum(v) / len(v) for g, v in sorted(by_group.items())},
+            "accuracy": summary["accuracy"],
+            "families": summary["families"],
+            "groups": summary["groups"],
             "visor_flops": flops if have_receipts else None,
             "dense_flops": dense if have_receipts else None,
             "flops_vs_dense": flops / dense if have_receipts and dense else None,
             "sa_layers_histogram": {f: dict(h) for f, h in sa_hist.items()},
-            "mean_sa_layers": {g: _mean_sa(sa_hist, groups, g) for g in by_group} if have_receipts else None,
+            "mean_sa_layers": ({g: _mean_sa(sa_hist, groups, g) for g in summary["groups"]}
+                               if have_receipts else None),
             "requests": len(reqs),
-            **({"samples": [{"index": r["index"], "family": r["family"], "answer": a["text"],
-                             "correct": _correct(a["text"], r["answer"]),
-                             "sa_layers": (a["visor"] or {}).get("sa_layers")}
-                            for r, a in zip(reqs, answers)]} if keep_samples else {})})
+            **({"samples": samples} if keep_samples else {})})
     return result
 
 

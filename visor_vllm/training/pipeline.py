@@ -262,7 +262,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
 
     adaptive = None
     if cfg.get("router", {}).get("enabled", True) and len(vcfg.sa_configs) > 1:
-        adaptive = _adaptive(out, data, final, test, ev["stage2"], cfg, phase, bs, n_eval)
+        adaptive = _adaptive(out, data, final, test, ev["stage2"], cfg, phase, bs)
         routed = out / "visor-routed"
     else:
         routed = final
@@ -364,7 +364,7 @@ def _splits(data: Path) -> dict:
 
 
 def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[dict],
-              cfg: dict, phase, bs: int, n_eval) -> dict:
+              cfg: dict, phase, bs: int) -> dict:
     """Search on val, write the viable set, label the label split, train the router.
 
     Writes ``out/search.json``, ``out/visor-viable/``, ``out/labels.json`` and
@@ -374,7 +374,7 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     """
     from visor_vllm.model.config import VisorConfig
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
-    from visor_vllm.training.evaluate import dataset_groups
+    from visor_vllm.training.evaluate import dataset_groups, summarise
     from visor_vllm.training.labels import label_checkpoint
     from visor_vllm.training.router import route_data, train_router_on_data
     from visor_vllm.training.search import search, viable, write_configs
@@ -407,21 +407,19 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     nv, nt = prompt_lengths(routed, test)
     dense_f = dense_prefill_flops(vcfg, nv, nt)
     groups = dataset_groups(test)
-    acc, sa, fl = {}, {}, []
+    routed_records, sa, fl = [], {}, []
     for i, c in picked.items():
         layers = vcfg.sa_configs[c]
-        rec = records[tuple(layers)].get(i)
-        if rec is None or (n_eval is not None and i >= n_eval):
+        rec = records[tuple(layers)].get(i)  # None past eval.max_samples
+        if rec is None:
             continue
-        g = groups.get(rec["family"], "all")
-        acc.setdefault(g, []).append(rec["correct"])
-        sa.setdefault(g, []).append(len(layers))
+        routed_records.append(rec)
+        sa.setdefault(groups.get(rec["family"], "all"), []).append(len(layers))
         fl.append(prefill_flops(vcfg, nv, nt, layers) / dense_f)
-    everything = [x for v in acc.values() for x in v]
+    summary = summarise(routed_records, groups)  # the per-configuration table's rule
     router = {"rule": rule, "label_accuracy": fit["sample_accuracy"],
               "token_accuracy": fit["token_accuracy"], "confusion": fit["confusion"],
-              "accuracy": sum(everything) / max(len(everything), 1),
-              **{g: sum(v) / len(v) for g, v in sorted(acc.items())},
+              "accuracy": summary["accuracy"], **summary["groups"],
               "mean_sa_layers": {g: sum(v) / len(v) for g, v in sorted(sa.items())},
               "flops_vs_dense": sum(fl) / max(len(fl), 1)}
     label_brief = {"rule": rule, "ratio": lab["ratio"], "data": str(label_data),

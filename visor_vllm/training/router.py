@@ -97,17 +97,24 @@ def route(model, feats: torch.Tensor, owner: torch.Tensor) -> dict[int, int]:
     return out
 
 
-def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[int, int],
-                         out: str | Path, steps: int = 400, lr: float = 3e-3,
-                         seed: int = 0) -> dict:
-    """Features of ``data`` -> router fit to ``labels`` -> ``out``, a routed copy of ``checkpoint``."""
+def _load_with_features(checkpoint: str | Path, data: str | Path, batch_size: int = 64):
+    """``(model, features, owner)``: ``checkpoint`` loaded and ``data``'s routing features."""
     from visor_vllm.training.data import load_records
-    from visor_vllm.training.trainer import load_model, save_model
+    from visor_vllm.training.trainer import load_model
 
     model = load_model("stage2", checkpoint)
     enc = SampleEncoder(checkpoint)
     ds = EncodedDataset(load_records(data), enc, default_image_folder(data))
-    feats, owner = routing_features(model, ds, enc.tokenizer.pad_token_id)
+    return (model, *routing_features(model, ds, enc.tokenizer.pad_token_id, batch_size))
+
+
+def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[int, int],
+                         out: str | Path, steps: int = 400, lr: float = 3e-3,
+                         seed: int = 0) -> dict:
+    """Features of ``data`` -> router fit to ``labels`` -> ``out``, a routed copy of ``checkpoint``."""
+    from visor_vllm.training.trainer import save_model
+
+    model, feats, owner = _load_with_features(checkpoint, data)
     report = train_router(model, feats, owner, labels, steps=steps, lr=lr, seed=seed)
     picked = route(model, feats, owner)
     report["sample_accuracy"] = (sum(picked[i] == labels[i] for i in picked if i in labels)
@@ -118,13 +125,7 @@ def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[
 
 def route_data(checkpoint: str | Path, data: str | Path, batch_size: int = 64) -> dict[int, int]:
     """What ``checkpoint``'s router picks for every usable sample of ``data`` (offline ``auto``)."""
-    from visor_vllm.training.data import load_records
-    from visor_vllm.training.trainer import load_model
-
-    model = load_model("stage2", checkpoint)
-    enc = SampleEncoder(checkpoint)
-    ds = EncodedDataset(load_records(data), enc, default_image_folder(data))
-    feats, owner = routing_features(model, ds, enc.tokenizer.pad_token_id, batch_size)
+    model, feats, owner = _load_with_features(checkpoint, data, batch_size)
     return route(model, feats, owner)
 
 
