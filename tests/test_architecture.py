@@ -33,6 +33,9 @@ FORBIDDEN_THIRD_PARTY = {
 }
 
 
+_PACKAGES = {f"visor_vllm.{p.name}" for p in PKG.iterdir() if (p / "__init__.py").exists()}
+
+
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -40,8 +43,9 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-            if node.module == "visor_vllm":  # from visor_vllm import plan -> visor_vllm.plan
-                names.update(f"visor_vllm.{a.name}" for a in node.names)
+            if node.module == "visor_vllm" or node.module in _PACKAGES:
+                # from visor_vllm.engine import stats -> visor_vllm.engine.stats
+                names.update(f"{node.module}.{a.name}" for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; use absolute visor_vllm.* imports")
     return names
@@ -75,10 +79,13 @@ def test_import_direction(sub):
     assert not bad, "import direction violated:\n" + "\n".join(bad)
 
 
-def test_serving_imports_only_receipts_from_the_engine():
-    """The server talks to the engine through vLLM; the receipt format is the one shared piece."""
+def test_serving_imports_only_receipts_and_stats_from_the_engine():
+    """The server talks to the engine through vLLM; the receipt and stats formats are the shared
+    pieces (both vLLM-free)."""
     used = {n for p in _modules("serving") for n in _imports(p) if n.startswith("visor_vllm.engine")}
-    assert used <= {"visor_vllm.engine", "visor_vllm.engine.receipts"}, used
+    assert used <= {"visor_vllm.engine", "visor_vllm.engine.receipts", "visor_vllm.engine.stats"}, used
+    for name in ("receipts", "stats"):
+        assert not any(n.split(".")[0] == "vllm" for n in _imports(PKG / "engine" / f"{name}.py"))
 
 
 def test_the_checker_sees_lazy_and_from_imports(tmp_path):

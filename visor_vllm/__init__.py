@@ -22,6 +22,10 @@ def register() -> None:
         return
     from transformers import AutoConfig
 
+    from visor_vllm.engine.stats import claim_server_id
+
+    claim_server_id()  # the key API servers and workers share for visor:* (engine/stats.py)
+
     from visor_vllm.model.config import VisorConfig
     from visor_vllm.patches import apply_transformers_patches
 

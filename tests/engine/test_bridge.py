@@ -86,3 +86,42 @@ def test_bad_server_default_budget_stops_the_engine(monkeypatch):
     monkeypatch.setenv(DEFAULT_ENV, "plenty")
     with pytest.raises(BudgetError, match=DEFAULT_ENV):
         bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+
+
+def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch):
+    """Prefill + every decode step, as the model reports them, equal `request_flops`."""
+    import torch
+
+    from visor_vllm.engine import receipts, stats
+    from visor_vllm.model.flops import request_flops
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    route = st.cfg.routing_token_id
+    b.update_state(update(added=[(0, SamplingParams(extra_args={"visor_budget": "max"}), [5, 6, route], []),
+                                 (1, SamplingParams(), [5, 6, 7, 8], [])]))
+    costliest = max(st.cfg.sa_configs, key=len)
+    st.sa_mask[0, costliest] = True  # as the model decides at step 1 (row 1: text-only)
+    w = stats.StatsWriter(stats.stats_path(0, server="t"))
+    r = stats.StatsReader(stats.stats_path(0, server="t"))
+
+    def step(q, seq, computed, nv):
+        qsl = torch.tensor([0, *torch.tensor(q).cumsum(0).tolist()])
+        return NS(R=len(q), qsl=qsl, seq_lens=torch.tensor(seq), computed=torch.tensor(computed),
+                  n_vision=torch.tensor(nv))
+
+    st.account(step([3, 4], [3, 4], [0, 0], [16, 0]), w, has_router=True)   # both prefill
+    for j in range(1, 5):                                                     # 4 decode steps
+        st.account(step([1, 1], [3 + j, 4 + j], [2 + j, 3 + j], [16, 0]), w, has_router=True)
+    flops, events, _ = r.drain()
+    want0 = request_flops(st.cfg, 16, 3, 5, costliest, n_routing=1, routed=False)
+    want1 = request_flops(st.cfg, 0, 4, 5, [], n_routing=0, routed=False)
+    assert flops == [float(want0[k] + want1[k]) for k in
+                     ("visor_prefill_flops", "visor_decode_flops", "dense_prefill_flops",
+                      "dense_decode_flops")]
+    assert events == [(sum(1 << i for i in costliest), stats.SOURCES.index("override"), 16, 3, 1),
+                      (0, stats.SOURCES.index("router"), 0, 4, 1)]
+    b.update_state(update(removed=[0], added=[(0, SamplingParams(), [5, 6], [9, 9])]))  # resumed
+    st.account(step([4, 1], [4, 9], [0, 8], [16, 0]), w, has_router=True)
+    assert r.drain()[1] == []  # a resumed request is no new request (its re-prefill is counted)

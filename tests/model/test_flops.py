@@ -105,6 +105,14 @@ def test_closed_form_decode_sum_matches_loop(cfg05, n_out):
     assert r["dense_flops"] == r["dense_prefill_flops"] + r["dense_decode_flops"]
 
 
+@pytest.mark.parametrize("nv,sa", [(0, []), (729, [1, 4]), (100, [1, 4, 7, 16])])
+def test_decode_step_affine_is_the_step_cost(cfg05, nv, sa):
+    a_visor, a_dense, b = flops.decode_step_affine(cfg05, nv, idx(sa))
+    for c in (1, 9, 300):
+        assert a_visor + b * c == flops.decode_step_flops(cfg05, nv, c, idx(sa))
+        assert a_dense + b * c == flops.dense_decode_step_flops(cfg05, nv, c)
+
+
 # -- visor-0.5b shape of the savings ---------------------------------------------------------------
 
 @pytest.mark.parametrize("nv", [729, 7290])

@@ -1,5 +1,6 @@
 """The server middleware against a fake vLLM app: receipts in plain and streamed responses,
-``visor:*`` metrics, a client-supplied receipt id refused, no file left behind."""
+a client-supplied receipt id refused, no file left behind; it counts nothing in ``visor:*``
+(the stat-logger plugin does, `visor_vllm.serving.stat_logger`)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def sample(name, **labels):
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_plain_response_carries_the_receipt_and_counts_flops(model_dir, tmp_path):
+def test_plain_response_carries_the_receipt_and_counts_nothing(model_dir, tmp_path):
     seen = []
     app = VisorMiddleware(fake_vllm(model_dir, seen))
     before = sample("visor:llm_flops_total", phase="prefill")
@@ -85,7 +86,7 @@ def test_plain_response_carries_the_receipt_and_counts_flops(model_dir, tmp_path
     assert v["sa_layers"] == [1, 4] and v["visor_flops"] == want["visor_flops"]
     assert r.headers["x-visor-sa-layers"] == "1,4" and int(r.headers["content-length"]) == len(r.content)
     assert seen[0]["vllm_xargs"]["visor_budget"] == "auto"  # the client's own args pass through
-    assert sample("visor:llm_flops_total", phase="prefill") - before == want["visor_prefill_flops"]
+    assert sample("visor:llm_flops_total", phase="prefill") == before  # the engine's count only
     assert not list((tmp_path / "receipts").glob("*.json"))  # taken, not left behind
 
 

@@ -6,6 +6,8 @@
   processor, entry point ``vllm.logits_processors``);
 * `receipts` -- the per-request record the worker writes at a request's first step and the
   server's middleware reads (vLLM-free, so `visor_vllm.serving` may import it);
+* `stats` -- executed FLOPs and request events, from the rank-0 worker to the API server's
+  stat-logger plugin (the ``visor:*`` series; vLLM-free, like `receipts`);
 * `inputs` -- image checks that turn bad images into HTTP 400s.
 
 Imports `visor_vllm.model` and the patch ledger `visor_vllm.patches`; never serving or training.

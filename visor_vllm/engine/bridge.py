@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from visor_vllm.engine import receipts
+from visor_vllm.engine import receipts, stats
 from visor_vllm.model.budget import (Budget, BudgetError, allowed_configs, default_budget, flops_fit,
                                      parse_budget)
 
@@ -74,13 +74,19 @@ class RowState:
         self.budgets: list[Budget] = [Budget()] * max_rows
         self.receipts: list[str | None] = [None] * max_rows
         self.n_routing: list[int] = [0] * max_rows
+        self.resumed: list[bool] = [False] * max_rows  # re-joined after preemption
+        # executed-FLOP accounting (`visor_vllm.engine.stats`): a decode step of row r at text
+        # context c costs decode_a[r] + b*c (VISOR) and dense_a[r] + b*c (dense), set at step 1
+        self.decode_a = torch.zeros(max_rows, dtype=torch.float64, device=device)  # [R]
+        self.dense_a = torch.zeros(max_rows, dtype=torch.float64, device=device)   # [R]
         self.model_path = model_path  # the checkpoint, named in receipts
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
-                    "cap_met")
-    _ROW_LISTS = ("budgets", "receipts", "n_routing")
+                    "cap_met", "decode_a", "dense_a")
+    _ROW_LISTS = ("budgets", "receipts", "n_routing", "resumed")
 
-    def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None) -> None:
+    def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None,
+                resumed: bool = False) -> None:
         prompt_ids = list(prompt_ids or ())
         self.prompt_len[row] = len(prompt_ids)
         self.has_explicit[row] = budget.mode == "layers"
@@ -94,6 +100,9 @@ class RowState:
         self.budgets[row] = budget
         self.receipts[row] = receipt if receipts.valid_id(receipt) else None
         self.n_routing[row] = prompt_ids.count(self.cfg.routing_token_id)
+        self.resumed[row] = resumed
+        self.decode_a[row] = 0
+        self.dense_a[row] = 0
 
     def clear_row(self, row: int) -> None:
         self.set_row(row, Budget())
@@ -143,6 +152,51 @@ class RowState:
                 flops_cap_met=bool(self.cap_met[r]), model=self.model_path))
 
 
+    def _routed(self, r: int, nv: int, has_router: bool, n_allowed: int) -> bool:
+        return bool(has_router and nv and self.budgets[r].uses_router and n_allowed > 1)
+
+    def account(self, s, writer, has_router: bool) -> None:
+        """Add what this step executed to `visor_vllm.engine.stats` (see there).
+
+        ``s`` is the model's step (`_Step`: ``computed``, ``seq_lens``, ``qsl``, ``n_vision``
+        per row). First-step rows: prefill FLOPs on the text tokens the step ran, and one
+        request event unless the row resumed after preemption; other rows: ``q`` decode tokens
+        ending at text context ``seq_len``.
+        """
+        from visor_vllm.model.flops import decode_step_affine, dense_prefill_flops, prefill_flops
+
+        R = s.R
+        q = (s.qsl[1:] - s.qsl[:-1]).to(torch.float64)                   # [R] tokens this step
+        first = s.computed == 0                                          # [R]
+        vp = dp = 0.0
+        events = []
+        if bool(first.any()):
+            rows = first.nonzero().flatten().tolist()
+            sa = self.sa_mask[rows].cpu()
+            n_allowed = self.allowed[rows].sum(-1).tolist()
+            counts = torch.stack([s.n_vision[rows], q[rows].long(), self.prompt_len[rows]]).tolist()
+            for j, r in enumerate(rows):
+                nv, nt_run, nt = counts[0][j], counts[1][j], counts[2][j]
+                layers = sa[j].nonzero().flatten().tolist() if nv else []
+                routed = self._routed(r, nv, has_router, n_allowed[j])
+                vp += prefill_flops(self.cfg, nv, nt_run, layers,
+                                    min(self.n_routing[r], nt_run), routed)
+                dp += dense_prefill_flops(self.cfg, nv, nt_run)
+                a_visor, a_dense, _ = decode_step_affine(self.cfg, nv, layers)
+                self.decode_a[r], self.dense_a[r] = float(a_visor), float(a_dense)
+                if not self.resumed[r]:
+                    events.append((sum(1 << i for i in layers),
+                                   stats.SOURCES.index(self.budgets[r].source), nv, nt,
+                                   int(bool(self.cap_met[r]))))
+        b = float(decode_step_affine(self.cfg, 0, [])[2])  # the slope: the same for every row
+        dec = (~first).to(torch.float64)                                  # [R]
+        c = s.seq_lens.to(torch.float64)                                 # [R] context after step
+        ctx = dec * (q * c - q * (q - 1) / 2)                            # sum of contexts [R]
+        vd, dd = torch.stack([(dec * q * self.decode_a[:R]).sum() + b * ctx.sum(),
+                              (dec * q * self.dense_a[:R]).sum() + b * ctx.sum()]).tolist()
+        writer.add(vp, vd, dp, dd, events)
+
+
 class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
     """V1: tracks rows (see module docstring). V2: budget validation only (see footguns)."""
 
@@ -174,9 +228,9 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
             return
         for row in batch_update.removed:
             STATE.clear_row(row)
-        for row, params, prompt_ids, _out in batch_update.added:
+        for row, params, prompt_ids, out_ids in batch_update.added:
             extra = (getattr(params, "extra_args", None) if params is not None else None) or {}
             STATE.set_row(row, parse_budget(extra, STATE.cfg, self.default), prompt_ids,
-                          extra.get(receipts.KEY))
+                          extra.get(receipts.KEY), resumed=bool(out_ids))
         for src, dst, direction in batch_update.moved:
             STATE.move(src, dst, swap=direction == MoveDirectionality.SWAP)

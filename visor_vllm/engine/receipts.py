@@ -17,8 +17,9 @@ the time the response ends; it works for any number of API server processes; and
 small write per request, never per token.
 
 Footguns.
-* ``<dir>`` is ``$VISOR_RECEIPT_DIR`` or ``<tmp>/visor-receipts-<uid>``: engine and server must
-  share a file system (true for ``vllm serve`` on one node; not for a remote engine).
+* ``<dir>`` is `runtime_dir`: ``$VISOR_RECEIPT_DIR`` or ``<tmp>/visor-<uid>``, private (0700,
+  ours, no symlink) or refused; engine and server must share a file system (true for
+  ``vllm serve`` on one node; not for a remote engine).
 * Ids are 32 lowercase hex characters; anything else is ignored by the worker, so a client
   cannot make the worker write outside the directory.
 * Under tensor parallelism only rank 0 writes.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -39,9 +41,32 @@ DIR_ENV = "VISOR_RECEIPT_DIR"
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
-def receipt_dir() -> Path:
-    default = Path(tempfile.gettempdir()) / f"visor-receipts-{os.getuid()}"
-    return Path(os.environ.get(DIR_ENV) or default)
+class RuntimeDirError(RuntimeError):
+    """The runtime directory is not private to this user (or cannot be made so)."""
+
+
+def runtime_dir() -> Path:
+    """The private directory receipts and executed-FLOP stats (`visor_vllm.engine.stats`) share.
+
+    ``$VISOR_RECEIPT_DIR`` or ``<tmp>/visor-<uid>``; created 0700 if missing. Anything another
+    user could write (not ours, group/other bits, a symlink) is refused with `RuntimeDirError`:
+    a file there changes what clients are told and what ``/metrics`` counts.
+    """
+    folder = Path(os.environ.get(DIR_ENV) or Path(tempfile.gettempdir()) / f"visor-{os.getuid()}")
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = folder.lstat()
+    except OSError as e:
+        raise RuntimeDirError(f"VISOR runtime directory {folder}: {e}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeDirError(
+            f"VISOR runtime directory {folder} must be a directory (not a symlink) owned by uid "
+            f"{os.getuid()} with mode 0700; it is uid {st.st_uid}, mode {oct(st.st_mode & 0o7777)}. "
+            f"Remove it, or point ${DIR_ENV} at a private directory.")
+    return folder
+
+
+receipt_dir = runtime_dir
 
 
 def new_id() -> str:

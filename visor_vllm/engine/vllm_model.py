@@ -36,6 +36,7 @@ Footguns.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -72,7 +73,7 @@ from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
 from vllm.v1.attention.backend import AttentionType
 
 from visor_vllm import patches
-from visor_vllm.engine import bridge
+from visor_vllm.engine import bridge, stats
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
 from visor_vllm.model.config import VisorConfig
@@ -357,6 +358,10 @@ class VisorDecoder(nn.Module):
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
         self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
+        # executed-FLOP stats for the visor:* series (visor_vllm.engine.stats): opened at the
+        # first real step, so profiling and dummy runs count nothing
+        self._stats_path = stats.stats_path(vllm_config.parallel_config.data_parallel_rank)
+        self._stats: stats.StatsWriter | None | bool = None  # False: could not open, stay off
 
     # -- the step --------------------------------------------------------------------------------
     def forward(self, input_ids, positions, encoder_outputs=None) -> torch.Tensor:
@@ -389,8 +394,27 @@ class VisorDecoder(nn.Module):
             if i == self.cfg.router_layer and self.router is not None:
                 sa_mask = self._route(h, input_ids, s, state, sa_mask)
         if self.writes_receipts:
-            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None)
+            self._side_channels(s, state)
         return self.norm(h)
+
+    def _side_channels(self, s: _Step, state) -> None:
+        """Receipts and executed-FLOP stats. Side channels: a failure is logged, never raised."""
+        try:
+            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None)
+        except Exception:  # noqa: BLE001
+            logger.exception("VISOR: could not write a receipt (the request still runs)")
+        if self._stats is None:
+            try:
+                self._stats = stats.StatsWriter(self._stats_path)
+                atexit.register(self._stats.close)
+            except Exception:  # noqa: BLE001
+                logger.exception("VISOR: no visor:* accounting, could not create %s", self._stats_path)
+                self._stats = False
+        if self._stats:
+            try:
+                state.account(s, self._stats, self.router is not None)
+            except Exception:  # noqa: BLE001
+                logger.exception("VISOR: executed-FLOP accounting failed for one step")
 
     def _initial_sa_mask(self, s: _Step, state) -> torch.Tensor:
         """Decode rows: the stored configuration. First-step rows: explicit, forced or always-on."""

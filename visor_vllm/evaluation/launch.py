@@ -47,9 +47,10 @@ def is_visor(model_dir: str | os.PathLike) -> bool:
 
 
 def serve_command(model_dir: str | os.PathLike, port: int, name: str,
-                  extra: list[str] = ()) -> list[str]:
+                  extra: list[str] = (), middleware: bool = True) -> list[str]:
+    """``middleware=False``: plain ``vllm serve`` (``visor:*`` metrics still, no receipts)."""
     visor = is_visor(model_dir)
-    middleware = ["--middleware", MIDDLEWARE] if visor else []
+    middleware = ["--middleware", MIDDLEWARE] if visor and middleware else []
     # LLaVA-OV's processor also profiles video, whose processor needs torchvision: off
     limit = '{"image": 2}' if visor else '{"image": 2, "video": 0}'
     return [str(Path(sys.executable).parent / "vllm"), "serve", str(model_dir),
@@ -62,7 +63,7 @@ def serve_command(model_dir: str | os.PathLike, port: int, name: str,
 @contextlib.contextmanager
 def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] = (),
            log: str | os.PathLike | None = None, startup_s: float = 300.0,
-           env: dict | None = None):
+           env: dict | None = None, middleware: bool = True):
     """``(base_url, log_path)`` of a ready ``vllm serve`` of ``model_dir``.
 
     ``extra`` flags come last (vLLM keeps the last occurrence, so they override the defaults);
@@ -73,7 +74,7 @@ def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] =
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra)), stdout=out,
+        proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware), stdout=out,
                                 stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + startup_s

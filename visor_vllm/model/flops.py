@@ -160,6 +160,19 @@ def dense_decode_step_flops(cfg: VisorConfig, n_image: int, context: int) -> int
     return cfg.num_layers * _layer(cfg, 1, n_image + context)
 
 
+def decode_step_affine(cfg: VisorConfig, n_image: int, sa_layers: Iterable[int]) -> tuple[int, int, int]:
+    """``(a_visor, a_dense, b)``: a decode step at text context ``c`` costs ``a + b*c``.
+
+    The step cost is affine in ``c`` with the same slope for VISOR and dense (every layer attends
+    to the text context), so an engine can account executed decode steps with two integers per
+    request and one multiply-add per step (`visor_vllm.engine.stats`).
+    """
+    sa = _check(dict(n_image=n_image), cfg, sa_layers)
+    _, h, _, dh, _ = _dims(cfg)
+    return (_decode_step(cfg, n_image, 0, sa), cfg.num_layers * _layer(cfg, 1, n_image),
+            cfg.num_layers * 4 * h * dh)
+
+
 def request_flops(cfg: VisorConfig, n_image: int, n_text: int, n_output: int,
                   sa_layers: Iterable[int], n_routing: int = 1, routed: bool = True) -> dict:
     """VISOR vs. dense FLOPs for one request generating ``n_output`` tokens, with a breakdown."""

@@ -1,4 +1,4 @@
-"""The OpenAI server side of VISOR: per-request receipts in responses, ``visor:*`` FLOP metrics.
+"""The OpenAI server side of VISOR: per-request receipts in responses.
 
 What. `VisorMiddleware` is an ASGI middleware for vLLM's OpenAI server, installed with vLLM's own
 flag ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (``visor-vllm serve`` adds it). For
@@ -11,8 +11,6 @@ flag ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (``visor-vll
 3. adds a ``visor`` object to the response -- for a plain response at the top level of the JSON
    body plus ``x-visor-*`` headers; for a stream, to the chunk(s) that carry ``finish_reason``
    (the stream's shape is unchanged: no extra chunk, no usage chunk unless asked for);
-4. updates the ``visor:*`` Prometheus series (`VisorMetrics`), which vLLM's ``/metrics`` serves
-   next to ``vllm:*``.
 
 The ``visor`` object: ``sa_layers`` (1-based), ``num_sa_layers``, ``config_index``,
 ``budget``, ``budget_source`` (router | default | override), ``flops_cap_met``,
@@ -21,20 +19,18 @@ The ``visor`` object: ``sa_layers`` (1-based), ``num_sa_layers``, ``config_index
 
 Why a middleware. vLLM 0.32 offers no response field a model can fill, and its stat loggers
 receive no per-request model data (`visor_vllm.engine.receipts` explains the channel). ``--middleware``
-is vLLM's supported hook, so nothing in vLLM is patched.
-
-Metrics with several API server processes. vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` itself for
-``--api-server-count > 1`` before it starts them; the series here are created lazily in each
-API server process, so prometheus_client's multiprocess mode aggregates them.
+is vLLM's supported hook, so nothing in vLLM is patched. The ``visor:*`` series do not come from
+here: the stat-logger plugin (`visor_vllm.serving.stat_logger`) exports what the engine executed,
+with or without this middleware.
 
 Footguns.
 * Streams: to count output tokens the middleware asks vLLM for the usage chunk
   (``stream_options.include_usage``) and drops it again if the client did not ask for it. A
-  client that disconnects mid-stream gets nothing; the metrics count its prefill and the
-  output chunks seen (an estimate).
-* ``n > 1``: ``output_tokens`` is the sum over choices; decode FLOPs are then an estimate.
+  client that disconnects mid-stream gets nothing.
+* ``n > 1``: ``output_tokens`` is the sum over choices and the receipt describes one prefill,
+  so its FLOPs are an estimate; ``/metrics`` counts every sample's prefill as executed.
 * Requests served without this middleware (offline ``LLM``, plain ``vllm serve``) still run
-  VISOR, but write no receipts and are not in ``visor:*``.
+  VISOR and are in ``visor:*``, but carry no receipt.
 """
 
 from __future__ import annotations
@@ -83,49 +79,6 @@ def summarize(receipt: dict, output_tokens: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prometheus
-# ---------------------------------------------------------------------------------------------
-
-class VisorMetrics:
-    """The ``visor:*`` series. Created once per process, after vLLM chose its registry mode."""
-
-    _instance: VisorMetrics | None = None
-
-    def __init__(self):
-        from prometheus_client import Counter, Histogram
-
-        self.flops = Counter("visor:llm_flops", "LLM FLOPs VISOR executed (analytic, "
-                             "visor_vllm.model.flops)", ["phase"])
-        self.dense_flops = Counter("visor:dense_equivalent_flops", "LLM FLOPs dense LLaVA-"
-                                   "OneVision would have executed for the same requests", ["phase"])
-        self.requests = Counter("visor:requests", "Requests by SA configuration (1-based layer "
-                                "numbers) and budget source", ["sa_layers", "budget_source"])
-        self.sa_layers = Histogram("visor:sa_layers_per_request", "SA layers a request ran",
-                                   buckets=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32])
-        self.visual_tokens = Histogram("visor:visual_tokens_per_request", "Visual tokens of a "
-                                       "request", buckets=[0, 64, 256, 729, 1024, 1500, 2048, 3000,
-                                                           4096, 6000, 8192, 12000, 16384])
-        self.cap_missed = Counter("visor:flops_cap_missed", "Requests whose visor_max_flops no "
-                                  "configuration could meet (the cheapest ran)")
-
-    @classmethod
-    def get(cls) -> VisorMetrics:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def observe(self, v: dict) -> None:
-        for phase in ("prefill", "decode"):
-            self.flops.labels(phase).inc(v[f"visor_{phase}_flops"])
-            self.dense_flops.labels(phase).inc(v[f"dense_{phase}_flops"])
-        self.requests.labels(",".join(map(str, v["sa_layers"])), v["budget_source"]).inc()
-        self.sa_layers.observe(v["num_sa_layers"])
-        self.visual_tokens.observe(v["image_tokens"])
-        if not v["flops_cap_met"]:
-            self.cap_missed.inc()
-
-
-# ---------------------------------------------------------------------------------------------
 # The middleware
 # ---------------------------------------------------------------------------------------------
 
@@ -134,7 +87,6 @@ class VisorMiddleware:
 
     def __init__(self, app):
         self.app = app
-        self.metrics = VisorMetrics.get()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
@@ -188,7 +140,7 @@ class VisorMiddleware:
         await self.app(scope, receive, capture)
 
     def _account(self, rid: str, output_tokens: int) -> dict | None:
-        """The request's ``visor`` object, counted in the metrics; None without a receipt.
+        """The request's ``visor`` object; None without a receipt.
 
         Never raises: a broken receipt must not turn a served request into an error.
         """
@@ -196,9 +148,7 @@ class VisorMiddleware:
         if receipt is None:
             return None
         try:
-            visor = summarize(receipt, output_tokens)
-            self.metrics.observe(visor)
-            return visor
+            return summarize(receipt, output_tokens)
         except Exception:  # noqa: BLE001 - logged, and the response goes out unchanged
             logger.exception("VISOR: could not account receipt %s", rid)
             return None

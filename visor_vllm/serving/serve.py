@@ -7,8 +7,8 @@ converted ``visor-0.5b``; ``--load-format dummy`` is added when the directory ha
 It prints where it listens, then *replaces itself* with ``vllm serve`` (exec), so signals,
 logs and exit codes are vLLM's own. Extra arguments after ``--`` go to ``vllm serve`` verbatim.
 
-It adds ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (per-request receipts in responses,
-``visor:*`` metrics) and, with ``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
+It adds ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (per-request receipts in
+responses; the ``visor:*`` metrics come from the stat-logger plugin either way) and, with ``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
 engine after checking it against the checkpoint.
 
 Why these flags. The encoder-decoder layout needs ``--max-num-batched-tokens`` at least the
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_DIR = Path("checkpoints/visor-tiny")
-MIDDLEWARE = "visor_vllm.serving.middleware.VisorMiddleware"  # receipts in responses, visor:* metrics
+MIDDLEWARE = "visor_vllm.serving.middleware.VisorMiddleware"  # receipts in responses
 
 
 def vllm_command(model: Path, host: str, port: int, name: str, extra: list[str]) -> list[str]:
