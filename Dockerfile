@@ -42,8 +42,9 @@ ENV HF_HUB_OFFLINE=1
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=5 \
     CMD python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/health', timeout=5)"
-# Placeholder: the serving issue finishes this command (VISOR flags, served model name, budgets).
-ENV VLLM_USE_V2_MODEL_RUNNER=0
-CMD ["vllm", "serve", "/models/visor-0.5b", "--host", "0.0.0.0", "--port", "8000", \
-     "--served-model-name", "visor-0.5b", "--middleware", "visor_vllm.serving.middleware.VisorMiddleware", \
-     "--max-model-len", "16384", "--max-num-batched-tokens", "16384"]
+# The one serving command (docker-compose.yml does not override it). VISOR_MODEL: a VISOR
+# checkpoint directory inside the container (how to make one: deploy/README.md). --middleware adds
+# per-response receipts (the visor:* metrics need no flag); --max-num-batched-tokens must cover the
+# largest image (8,748 tokens) plus the prompt, because VISOR prefills a prompt in one step.
+ENV VLLM_USE_V2_MODEL_RUNNER=0 VISOR_MODEL=/models/visor-0.5b VISOR_SERVED_NAME=visor-0.5b
+CMD ["sh", "-c", "exec vllm serve \"$VISOR_MODEL\" --host 0.0.0.0 --port 8000 --served-model-name \"$VISOR_SERVED_NAME\" --middleware visor_vllm.serving.middleware.VisorMiddleware --max-model-len 16384 --max-num-batched-tokens 16384 --limit-mm-per-prompt '{\"image\": 4}'"]
