@@ -11,7 +11,8 @@ under every per-request budget (``min`` / ``auto`` / ``max`` by default, sent as
 TTFT, inter-token latency (mean and p50), request throughput and output-token throughput, and
 for every (model, budget) how many concurrent image requests fit in the KV cache. It prints one
 table plus VISOR/LLaVA-OV ratios (same concurrency, same run) and writes everything to JSON
-(default ``bench-results/bench_vs_llava.json``; ``bench-results/`` is gitignored).
+(default ``bench-results/bench_vs_llava.json``, the ratios as a chart next to it, ``.png``;
+``bench-results/`` is gitignored).
 
 Why. VISOR's claim is that keeping image tokens out of most LLM layers saves compute and
 memory without dropping visual tokens. On a server that shows up as prefill time (TTFT), decode
@@ -97,9 +98,9 @@ Footguns.
   distribution); ``min`` / ``max`` bracket it.
 * ``usage.prompt_tokens`` (and vLLM bench's input-token totals) count VISOR's *text* tokens
   only; LLaVA-OV's include the image tokens. Token throughput here is *output* tokens.
-* Wall time. Real sizes with the defaults: 2 server starts (~1-2 min each), 4 probes and
-  4 x 12 timed requests (~12-15 s each alone at c=1, ~9-17 s of server time each at c=4),
-  plus ~15 s of ``vllm bench serve`` start-up per run: ~15-25 minutes on the 2-core box.
+* Wall time. Real sizes with the defaults: 2 server starts, 4 probes and 4 x 12 timed
+  requests, plus ~15 s of ``vllm bench serve`` start-up per run: about 11 minutes measured on
+  the 2-core box (2026-11-23, the README's table); each run records its own in ``meta.wall_s``.
   ``--preset tiny`` runs the whole pipeline (servers really start) in ~4-8 minutes, most of
   it server start-up; ``--concurrency 1 --num-prompts 2 --budgets max`` is the quick
   real-size check (~5 minutes).
@@ -656,6 +657,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out} (raw results and logs under {work}); "
           f"wall {result['meta']['wall_s']} s")
+    if ratios:  # the same ratios as a chart (visor-vllm plot bench FILE redraws it)
+        try:
+            from visor_vllm.evaluation.plot import render
+
+            print(f"wrote {render('bench', args.out.with_suffix('.png'), result)}")
+        except ImportError as e:
+            print(f"no chart ({e}): install the plot extra (make setup)")
     failed = any(m.get("error") for m in models.values()) or any(r.get("error") for r in rows)
     return 1 if failed else 0
 
