@@ -3,7 +3,8 @@
     locust -f loadtests/locustfile.py --host http://localhost:8000 \\
         --headless --users 8 --spawn-rate 2 --run-time 2m
 
-Environment: ``VISOR_MODEL`` (served model name, default ``visor-0.5b``), ``VISOR_MAX_TOKENS``
+Environment: ``VISOR_MODEL`` (served model name; default: the first model the server lists at
+``/v1/models``, e.g. ``visor-tiny`` behind ``make serve``), ``VISOR_MAX_TOKENS``
 (default 32), ``VISOR_IMAGE_SIZE`` (square side in pixels, default 64), ``VISOR_BUDGETS``
 (comma-separated ``visor_budget`` values cycled over requests, default ``auto,min,max``; locust
 reports each budget under its own name). Every request is bounded: few output tokens,
@@ -25,7 +26,7 @@ except ImportError as e:  # pragma: no cover
         "loadtests/locustfile.py needs locust (the `test` extra): make setup, or pip install locust"
     ) from e
 
-MODEL = os.environ.get("VISOR_MODEL", "visor-0.5b")
+MODEL = os.environ.get("VISOR_MODEL")  # None: ask the server
 MAX_TOKENS = int(os.environ.get("VISOR_MAX_TOKENS", "32"))
 IMAGE_SIZE = int(os.environ.get("VISOR_IMAGE_SIZE", "64"))
 BUDGETS = [b.strip() for b in os.environ.get("VISOR_BUDGETS", "auto,min,max").split(",") if b.strip()]
@@ -55,14 +56,24 @@ class VisorChatUser(HttpUser):
 
     def on_start(self) -> None:
         self.turn = 0
+        self.model = MODEL
+        if self.model is None:
+            with self.client.get("/v1/models", name="models", catch_response=True) as resp:
+                models = resp.json().get("data") if resp.status_code == 200 else None
+                if not models:
+                    resp.failure(f"cannot list /v1/models (HTTP {resp.status_code}); set VISOR_MODEL")
+                    return
+                self.model = models[0]["id"]
 
     @task
     def chat_with_image(self) -> None:
+        if self.model is None:
+            return
         question = QUESTIONS[self.turn % len(QUESTIONS)]
         budget = BUDGETS[self.turn % len(BUDGETS)]
         self.turn += 1
         body = {
-            "model": MODEL,
+            "model": self.model,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": IMAGE_URL}},
                 {"type": "text", "text": question},

@@ -196,3 +196,34 @@ def test_cli_build_tiny_non_tiny_preset_implies_no_weights(tmp_path, capsys):
     assert args.func(args) == 0
     assert "--no-weights is implied" in capsys.readouterr().err
     assert (tmp_path / "d" / "config.json").exists() and not (tmp_path / "d" / "model.safetensors").exists()
+
+
+def test_real_sizes_with_random_weights_writes_weights(tmp_path, monkeypatch):
+    """The CLI flag reaches the builder; the weights are the real-size state dict in bf16."""
+    from visor_vllm.checkpoints import build
+    from visor_vllm.cli import main
+
+    seen = {}
+
+    def fake_state_dict(cfg, seed=0, dtype=torch.float32):
+        seen.update(hidden=cfg.text_config.hidden_size, dtype=dtype, seed=seed)
+        return {"language_model.model.norm.weight": torch.ones(2, dtype=dtype)}
+
+    monkeypatch.setattr(build, "llava_onevision_state_dict", fake_state_dict)
+    assert main(["build-tiny-llava", str(tmp_path / "l"), "--real-sizes", "--random-weights",
+                 "--seed", "3"]) == 0
+    assert seen == {"hidden": 896, "dtype": torch.bfloat16, "seed": 3}
+    assert (tmp_path / "l" / "model.safetensors").exists()
+    assert main(["build-tiny-llava", str(tmp_path / "m"), "--random-weights"]) == 2
+
+
+@pytest.mark.slow
+def test_real_size_random_weights_convert_end_to_end(tmp_path):
+    """~2 min, ~4 GB: real-size random LLaVA-OV -> convert -> a VISOR dir with every weight."""
+    from visor_vllm.checkpoints.convert import convert
+
+    src = build_tiny_llava_onevision(tmp_path / "llava", real_sizes=True, random_weights=True)
+    out = convert(src, tmp_path / "visor", preset="visor-0.5b")
+    state = load_file(str(out / "model.safetensors"))
+    assert state["language_model.model.embed_tokens.weight"].shape == (151936, 896)
+    assert any(".cross_attn." in k for k in state) and any("router" in k for k in state)

@@ -77,13 +77,16 @@ def _prepare_dir(out_dir: str | os.PathLike) -> Path:
 def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0,
                                dtype: torch.dtype = torch.float32, real_sizes: bool = False,
                                preset: str | None = None,
-                               extra_corpus: tuple[str, ...] = ()) -> Path:
+                               extra_corpus: tuple[str, ...] = (),
+                               random_weights: bool = False) -> Path:
     """A LLaVA-OneVision checkpoint dir in the llava-hf layout (the converter's source).
 
     Tiny: `preset_tiny`'s LLaVA-OV part with random weights (``preset`` picks another small
     preset, e.g. ``synthetic``). ``real_sizes=True``: LLaVA-OV-0.5B dims (`preset_0_5b`'s
-    sub-configs), config/tokenizer/processor only -- for vLLM's ``--load-format dummy``.
-    ``extra_corpus``: more BPE training text (`files.build_tokenizer`).
+    sub-configs), config/tokenizer/processor only -- for vLLM's ``--load-format dummy`` -- or,
+    with ``random_weights=True``, also random bf16 weights (about 1.8 GB, a minute or two), so
+    ``visor-vllm convert`` and ``vllm serve`` of the converted model can be walked end to end
+    offline. ``extra_corpus``: more BPE training text (`files.build_tokenizer`).
     """
     out = _prepare_dir(out_dir)
     cfg = llava_onevision_config(get_preset("visor-0.5b" if real_sizes else preset or "tiny"))
@@ -95,6 +98,8 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0,
     write_generation_config(out, vocab)
     if not real_sizes:
         save_state_dict(llava_onevision_state_dict(cfg, seed, dtype), out)
+    elif random_weights:
+        save_state_dict(llava_onevision_state_dict(cfg, seed, torch.bfloat16), out)
     return out
 
 
@@ -142,6 +147,9 @@ def add_cli(subparsers) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--real-sizes", action="store_true",
                    help="LLaVA-OV-0.5B dims, no weights (for --load-format dummy)")
+    q.add_argument("--random-weights", action="store_true",
+                   help="with --real-sizes: also write random bf16 weights (~1.8 GB), so convert "
+                        "and vllm serve can be tried at real size offline")
     q.set_defaults(func=_cli_build_tiny_llava)
 
 
@@ -155,8 +163,13 @@ def _cli_build_tiny(args: argparse.Namespace) -> int:
 
 
 def _cli_build_tiny_llava(args: argparse.Namespace) -> int:
+    if args.random_weights and not args.real_sizes:
+        print("error: --random-weights goes with --real-sizes (tiny dirs always have weights)",
+              file=sys.stderr)
+        return 2
     return _run(lambda: build_tiny_llava_onevision(args.dir, seed=args.seed,
-                                                   real_sizes=args.real_sizes))
+                                                   real_sizes=args.real_sizes,
+                                                   random_weights=args.random_weights))
 
 
 def _run(build) -> int:
