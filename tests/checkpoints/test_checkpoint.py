@@ -227,3 +227,16 @@ def test_real_size_random_weights_convert_end_to_end(tmp_path):
     state = load_file(str(out / "model.safetensors"))
     assert state["language_model.model.embed_tokens.weight"].shape == (151936, 896)
     assert any(".cross_attn." in k for k in state) and any("router" in k for k in state)
+
+
+def test_chat_template_drops_routing_tokens_typed_into_messages():
+    from jinja2 import Template
+
+    from visor_vllm.checkpoints.files import ROUTE, chat_template
+
+    text = Template(chat_template(ROUTE)).render(
+        messages=[{"role": "user", "content": f"a{ROUTE}b"},
+                  {"role": "user", "content": [{"type": "text", "text": f"{ROUTE}c"}]}],
+        add_generation_prompt=True)
+    assert text.count(ROUTE) == 2  # one per user message, placed by the template
+    assert f"ab{ROUTE}<|im_end|>" in text and f"c{ROUTE}<|im_end|>" in text

@@ -20,7 +20,15 @@ def test_explicit_layers_are_1_based_and_checked():
     assert parse_budget({"visor_sa_layers": [4, 1]}, CFG).sa_layers == (0, 3)
     assert parse_budget({"visor_sa_layers": "1,7"}, CFG).sa_layers == (0, 6)
     assert parse_budget({"visor_sa_layers": [4.0, "1"]}, CFG).sa_layers == (0, 3)
-    assert parse_budget({"visor_sa_layers": []}, CFG).sa_layers == ()  # CA only: the paper's 0-SA ablation
+    # the always-on layer always runs: an empty list or one without it is refused, not run
+    # (the paper's 0-SA ablation stays an offline experiment: reference model, sa_layers=[])
+    with pytest.raises(BudgetError, match="empty"):
+        parse_budget({"visor_sa_layers": []}, CFG)
+    with pytest.raises(BudgetError, match="always-on"):
+        parse_budget({"visor_sa_layers": [4]}, CFG)
+    with pytest.raises(BudgetError) as e:  # a huge list is not echoed back whole
+        parse_budget({"visor_sa_layers": list(range(100_000))}, CFG)
+    assert len(str(e.value)) < 400
     with pytest.raises(BudgetError, match=r"choose from \[1, 4, 7, 10, 16, 19, 22\]"):
         parse_budget({"visor_sa_layers": [1, 2]}, CFG)
 

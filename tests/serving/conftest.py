@@ -16,7 +16,7 @@ CHECKPOINTS: dict[str, str] = {}  # base url -> the checkpoint it serves (the to
 
 
 @contextlib.contextmanager
-def serving(tmp_path_factory, *extra: str, ckpt=None, middleware: bool = True):
+def serving(tmp_path_factory, *extra: str, ckpt=None, middleware: bool = True, env=None):
     """``(base_url, log_path)`` of a ready ``vllm serve`` on ``ckpt`` (default: a fresh tiny one)."""
     from visor_vllm.evaluation.launch import ServerError, served
     from visor_vllm.testing import write_random_tiny_checkpoint
@@ -26,7 +26,8 @@ def serving(tmp_path_factory, *extra: str, ckpt=None, middleware: bool = True):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     try:
         with served(ckpt, MODEL, ["--max-num-seqs", "8", *extra], log=log, startup_s=STARTUP_S,
-                    env={"VLLM_CPU_KVCACHE_SPACE": "1"}, middleware=middleware) as ready:
+                    env={"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
+                    middleware=middleware) as ready:
             CHECKPOINTS[ready[0]] = str(ckpt)
             yield ready
     except ServerError as e:  # only the launcher raises it: the server died or never came up

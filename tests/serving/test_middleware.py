@@ -122,10 +122,12 @@ def test_other_paths_and_bad_bodies_pass_through(model_dir):
         await send({"type": "http.response.start", "status": 400, "headers": []})
         await send({"type": "http.response.body", "body": b"vllm says no"})
 
-    for body in (b"{not json", b"[1, 2]", {"vllm_xargs": "not a dict"}):
+    for body in (b"{not json", b"[1, 2]"):
         r = post(VisorMiddleware(app), body)
         assert r.status_code == 400 and r.text == "vllm says no"
-    assert calls[:2] == [b"{not json", b"[1, 2]"]  # untouched: vLLM words the error
+    assert calls == [b"{not json", b"[1, 2]"]  # untouched: vLLM words the error
+    r = post(VisorMiddleware(app), {"vllm_xargs": "not a dict"})
+    assert r.status_code == 400 and "vllm_xargs must be a JSON object" in r.text
 
 
 def test_receipt_ids_are_checked(tmp_path, monkeypatch):
@@ -148,3 +150,126 @@ def test_a_broken_receipt_never_breaks_the_response(model_dir, tmp_path):
 
     r = post(VisorMiddleware(app), {"model": "m", "messages": []})
     assert r.status_code == 200 and "visor" not in r.json() and "x-visor-flops" not in r.headers
+
+
+# -- what the middleware refuses before vLLM sees a request (issue: hardening) -------------------
+
+def _recording_app(calls, status=200, payload=None):
+    async def app(scope, receive, send):
+        calls.append(json.loads((await receive())["body"] or b"null"))
+        out = json.dumps(payload or {"choices": [], "usage": {"completion_tokens": 0}}).encode()
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": out})
+    return app
+
+
+def post_to(app, path, body, headers=None) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await c.post(path, content=raw, headers=headers or {})
+
+    return asyncio.run(go())
+
+
+def _image(url):
+    return {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]}
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"vllm_xargs": {"visor_budget": True}}, "visor_budget"),          # vLLM would coerce to 1
+    ({"vllm_xargs": {"visor_max_flops": True}}, "visor_max_flops"),
+    ({"vllm_xargs": {"visor_sa_layers": []}}, "empty"),
+    ({"stream": "false"}, "stream must be true or false"),
+    ({"stream": True, "vllm_xargs": {"visor_budget": "lots"}}, "visor_budget"),  # before the stream
+    (_image("file:///etc/passwd"), "file://"),
+    (_image("http://127.0.0.1:1/x.png"), "own host"),
+    (_image("http://169.254.169.254/latest/meta-data"), "link-local"),
+    (_image("http://localhost/x.png"), "own host"),
+])
+def test_bad_requests_are_400_before_vllm_sees_them(model_dir, body, message):
+    calls = []
+    r = post(VisorMiddleware(_recording_app(calls)), {"model": "m", "messages": [], **body})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert calls == []
+
+
+def test_echo_and_deep_json_are_400(model_dir):
+    calls = []
+    mw = VisorMiddleware(_recording_app(calls))
+    r = post_to(mw, "/v1/completions", {"model": "m", "prompt": "x", "echo": True})
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+    r = post_to(mw, "/v1/completions", b"[" * 100_000 + b"]" * 100_000)
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+    assert calls == []
+
+
+def test_receipt_ids_from_clients_are_refused_on_every_endpoint(model_dir):
+    for path in ("/v1/responses", "/v1/messages", "/invocations"):
+        r = post_to(VisorMiddleware(_recording_app([])), path,
+                    {"model": "m", "vllm_xargs": {"visor_receipt": receipts.new_id()}})
+        assert r.status_code == 400 and "visor_receipt" in r.text, path
+    assert not receipts.valid_id("0" * 32)  # a well-formed id without the server's HMAC
+
+
+def test_api_key_is_checked_first_on_every_model_endpoint(model_dir):
+    import hashlib
+
+    class Auth:  # vLLM's AuthenticationMiddleware as the middleware finds it
+        def __init__(self, app):
+            self.app, self.api_tokens = app, [hashlib.sha256(b"sekret").digest()]
+
+        async def __call__(self, scope, receive, send):
+            return await self.app(scope, receive, send)
+
+    calls = []
+    mw = VisorMiddleware(Auth(_recording_app(calls)))
+    for path in ("/v1/chat/completions", "/invocations", "/v1/responses"):
+        assert post_to(mw, path, b"{broken").status_code == 401  # before the body is read
+    assert post_to(mw, "/invocations", {"model": "m"},
+                   headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = post_to(mw, "/v1/completions", {"model": "m", "prompt": "x"},
+                 headers={"Authorization": "Bearer sekret"})
+    assert ok.status_code == 200 and len(calls) == 1
+
+
+def test_a_media_fetch_500_becomes_a_400(model_dir, monkeypatch):
+    from visor_vllm.serving.middleware import LOOPBACK_ENV
+
+    monkeypatch.setenv(LOOPBACK_ENV, "1")  # no name resolution: the fake app 'fetches'
+    app = _recording_app([], status=500, payload={"error": {"message": "Cannot connect to host"}})
+    r = post(VisorMiddleware(app), _image("http://example.invalid/x.png"))
+    assert r.status_code == 400 and "could not be loaded: Cannot connect" in r.text
+    r = post(VisorMiddleware(app), {"model": "m", "messages": []})  # no media: vLLM's 500 stays
+    assert r.status_code == 500
+
+
+def test_routing_tokens_typed_by_the_user_are_removed(model_dir, monkeypatch):
+    from visor_vllm.serving import middleware
+
+    monkeypatch.setattr(middleware, "_served_config", lambda scope: preset_tiny())
+    calls = []
+    route = preset_tiny().routing_token
+    body = {"model": "m", "messages": [
+        {"role": "user", "content": f"a{route}b"},
+        {"role": "user", "content": [{"type": "text", "text": f"{route}{route}c"}]}]}
+    post(VisorMiddleware(_recording_app(calls)), body)
+    sent = calls[0]["messages"]
+    assert sent[0]["content"] == "ab" and sent[1]["content"][0]["text"] == "c"
+
+
+def test_old_receipts_are_swept(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path / "r"))
+    old, new = receipts.new_id(), receipts.new_id()
+    receipts.write(old, {})
+    receipts.write(new, {})
+    past = time.time() - 2 * receipts.MAX_AGE_S
+    os.utime(tmp_path / "r" / f"{old}.json", (past, past))
+    assert receipts.sweep() == 1
+    assert receipts.take(new) == {} and receipts.take(old) is None

@@ -49,3 +49,14 @@ def test_default_budget_is_checked_before_vllm_starts(tmp_path, monkeypatch, cap
     import os
 
     assert os.environ[DEFAULT_ENV] == '{"visor_max_flops": 0.3}'
+
+
+def test_a_llava_onevision_dir_is_refused_with_how_to_convert(tmp_path, capsys):
+    import json
+
+    from visor_vllm.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    assert main(["serve", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "llava_onevision checkpoint, not VISOR" in err and "visor-vllm convert" in err

@@ -98,13 +98,15 @@ def chat_template(routing_token: str | None = None) -> str:
     """
     route = ("{% if message['role'] == 'user' %}{{ '" + routing_token + "' }}{% endif %}"
              if routing_token else "")
+    # a routing token typed into a message would vote too: only the template's own may
+    scrub = f" | replace('{routing_token}', '')" if routing_token else ""
     return (
         "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% if message['content'] is string %}{{ message['content']" + scrub + " }}{% else %}"
         + _each_part("in ['image', 'image_url']", "{{ '<image>\\n' }}")
         + _each_part("== 'video'", "{{ '<video>\\n' }}")
-        + _each_part("== 'text'", "{{ part['text'] }}")
+        + _each_part("== 'text'", "{{ part['text']" + scrub + " }}")
         + "{% endif %}" + route + "{{ '<|im_end|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )

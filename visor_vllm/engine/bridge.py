@@ -202,6 +202,11 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        extra = sampling_params.extra_args or {}
+        if receipts.KEY in extra and not receipts.valid_id(extra[receipts.KEY]):
+            # on every endpoint: only the server's middleware makes receipt ids
+            raise ValueError(f"vllm_xargs.{receipts.KEY} is set by the server; remove it from "
+                             "the request")
         try:
             parse_budget(sampling_params.extra_args, FRONTEND_CONFIG)
         except BudgetError as e:
@@ -214,6 +219,7 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
         self.active = getattr(hf, "model_type", None) == "visor" and len(args) == 2
         if self.active:
             self.default = default_budget(hf)  # a bad VISOR_DEFAULT_BUDGET stops the engine here
+            receipts.runtime_dir()  # so does a runtime dir others could write (RuntimeDirError)
             STATE = RowState(hf, vllm_config.scheduler_config.max_num_seqs, args[0],
                              vllm_config.model_config.model)
 

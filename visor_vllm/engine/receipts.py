@@ -20,24 +20,31 @@ Footguns.
 * ``<dir>`` is `runtime_dir`: ``$VISOR_RECEIPT_DIR`` or ``<tmp>/visor-<uid>``, private (0700,
   ours, no symlink) or refused; engine and server must share a file system (true for
   ``vllm serve`` on one node; not for a remote engine).
-* Ids are 32 lowercase hex characters; anything else is ignored by the worker, so a client
-  cannot make the worker write outside the directory.
+* Ids are 32 lowercase hex characters, half of them an HMAC under the server's key
+  (``$VISOR_RECEIPT_KEY``, made by the top-level process, `stats.claim_server_id`): anything
+  else is refused at admission and ignored by the worker, so a client can neither choose a
+  file name nor make the worker write at all.
 * Under tensor parallelism only rank 0 writes.
 * A preempted request re-runs its first step and rewrites the same receipt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import stat
 import tempfile
-import uuid
+import time
 from pathlib import Path
 
 KEY = "visor_receipt"
 DIR_ENV = "VISOR_RECEIPT_DIR"
+SECRET_ENV = "VISOR_RECEIPT_KEY"  # per server, inherited by its processes (engine/stats.py)
+MAX_AGE_S = 3600  # receipts older than this nobody will read: swept (`sweep`)
 _ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -69,22 +76,58 @@ def runtime_dir() -> Path:
 receipt_dir = runtime_dir
 
 
+def _key() -> bytes:
+    """This server's receipt key; a process without one makes one its children inherit."""
+    if not os.environ.get(SECRET_ENV):
+        os.environ[SECRET_ENV] = secrets.token_hex(16)
+    return os.environ[SECRET_ENV].encode()
+
+
+def _mac(nonce: str) -> str:
+    return hmac.new(_key(), nonce.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """16 random hex digits + 16 of their HMAC under the server's key: only the server's own
+    middleware can make an id the worker accepts, so an id a client sends on any endpoint is
+    refused at admission (`visor_vllm.engine.bridge`) and never becomes a file."""
+    nonce = secrets.token_hex(8)
+    return nonce + _mac(nonce)
 
 
 def valid_id(value) -> bool:
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
+    return (isinstance(value, str) and _ID.fullmatch(value) is not None
+            and hmac.compare_digest(value[16:], _mac(value[:16])))
+
+
+def sweep(max_age_s: float = MAX_AGE_S) -> int:
+    """Delete receipts older than ``max_age_s`` (a request that timed out or was aborted before
+    the worker wrote, and so was never taken); returns how many."""
+    gone, now = 0, time.time()
+    try:
+        entries = list(os.scandir(runtime_dir()))
+    except (OSError, RuntimeDirError):
+        return 0
+    for e in entries:
+        if e.name.endswith(".json") or e.name.endswith(".tmp"):
+            try:
+                if now - e.stat(follow_symlinks=False).st_mtime > max_age_s:
+                    os.unlink(e.path)
+                    gone += 1
+            except OSError:
+                pass
+    return gone
 
 
 def write(receipt_id: str, record: dict) -> None:
     """Atomically write one receipt (a no-op for an invalid id)."""
     if not valid_id(receipt_id):
         return
-    folder = receipt_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = runtime_dir()
     tmp = folder / f".{receipt_id}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(record))
     os.replace(tmp, folder / f"{receipt_id}.json")
 
 
@@ -92,16 +135,19 @@ def take(receipt_id: str) -> dict | None:
     """Read and delete a receipt; None when the worker wrote none (not VISOR, or no step ran)."""
     if not valid_id(receipt_id):
         return None
-    path = receipt_dir() / f"{receipt_id}.json"
-    try:
+    try:  # a side channel: a broken runtime dir means no receipt, never a failed request
+        path = runtime_dir() / f"{receipt_id}.json"
         record = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        path.unlink(missing_ok=True)
+    except (OSError, RuntimeDirError, json.JSONDecodeError):
         return None
-    path.unlink(missing_ok=True)
     return record
 
 
 def discard(receipt_id: str) -> None:
     """Delete a receipt nobody will read (a failed or aborted request)."""
     if valid_id(receipt_id):
-        (receipt_dir() / f"{receipt_id}.json").unlink(missing_ok=True)
+        try:
+            (runtime_dir() / f"{receipt_id}.json").unlink(missing_ok=True)
+        except (OSError, RuntimeDirError):
+            pass

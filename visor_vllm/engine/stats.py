@@ -48,11 +48,13 @@ import mmap
 import multiprocessing
 import os
 import re
+import secrets
 import time
 from pathlib import Path
 
 import numpy as np
 
+from visor_vllm.engine import receipts
 from visor_vllm.engine.receipts import runtime_dir
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def claim_server_id() -> None:
     """
     if multiprocessing.parent_process() is None:
         os.environ[SERVER_ENV] = f"{os.getpid()}-{time.time_ns() % 10**9}"
+        os.environ[receipts.SECRET_ENV] = secrets.token_hex(16)  # receipt ids' HMAC key
 
 
 def stats_path(dp_rank: int = 0, server: str | None = None) -> Path:

@@ -127,7 +127,7 @@ def _parse_ratio(value) -> float:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise BudgetError("visor_max_flops must be a number in (0, 1]: the prefill FLOP cap "
-                          f"relative to dense LLaVA-OneVision, got {value!r}")
+                          f"relative to dense LLaVA-OneVision, got {_show(value)}")
     return float(value)
 
 
@@ -138,29 +138,46 @@ def _parse_words(value, cfg: VisorConfig | None) -> Budget:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BudgetError(f"visor_budget must be one of {list(WORDS)} or an integer >= 0 "
-                          f"(a cap on optional SA layers), got {value!r}")
+                          f"(a cap on optional SA layers), got {_show(value)}")
     if cfg is not None and not any(_n_optional(cfg, c) <= value for c in cfg.sa_configs):
         raise BudgetError(f"visor_budget {value}: no configuration has that few optional SA "
                           f"layers; the smallest has {min(_n_optional(cfg, c) for c in cfg.sa_configs)}")
     return Budget("cap", cap=value)
 
 
+def _show(value, limit: int = 120) -> str:
+    """A value for an error message, cut short: a 100,000-element list is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _parse_layers(value, cfg: VisorConfig | None) -> tuple[int, ...]:
     if isinstance(value, str):  # "1,4,7" from a query string or a CLI
         value = [v for v in value.replace(" ", "").split(",") if v]
     if not isinstance(value, (list, tuple)):
-        raise BudgetError(f"visor_sa_layers must be a list of layer numbers, got {value!r}")
+        raise BudgetError(f"visor_sa_layers must be a list of layer numbers, got {_show(value)}")
     numbers = [_layer_number(v) for v in value]
     if None in numbers:  # 1.5 must not silently become layer 1
-        raise BudgetError(f"visor_sa_layers must hold integer layer numbers, got {value!r}")
+        raise BudgetError(f"visor_sa_layers must hold integer layer numbers, got {_show(value)}")
     if len(numbers) != len(value) or len(set(numbers)) != len(numbers):
-        raise BudgetError(f"visor_sa_layers must hold distinct integer layer numbers, got {value!r}")
+        raise BudgetError(f"visor_sa_layers must hold distinct integer layer numbers, got {_show(value)}")
+    if not numbers:
+        raise BudgetError("visor_sa_layers is empty: name the SA layers to run, the always-on "
+                          "one(s) included"
+                          + (f" ({numbers_from_layers(cfg.always_on_sa_layers)})" if cfg else ""))
+    if cfg is not None and len(numbers) > cfg.num_layers:
+        raise BudgetError(f"visor_sa_layers: {len(numbers)} numbers for a {cfg.num_layers}-layer "
+                          f"model; choose from {numbers_from_layers(cfg.sa_capable_layers)}")
     layers = tuple(sorted(layers_from_numbers(numbers)))
     if cfg is not None:
         bad = [i for i in layers if i not in cfg.sa_capable_layers]
         if bad:
-            raise BudgetError(f"visor_sa_layers: layer number(s) {numbers_from_layers(bad)} are not "
+            raise BudgetError(f"visor_sa_layers: layer number(s) {numbers_from_layers(bad)[:20]} are not "
                               f"SA-capable; choose from {numbers_from_layers(cfg.sa_capable_layers)}")
+        missing = [i for i in cfg.always_on_sa_layers if i not in layers]
+        if missing:
+            raise BudgetError(f"visor_sa_layers must include the always-on SA layer(s) "
+                              f"{numbers_from_layers(cfg.always_on_sa_layers)}: they always run")
     return layers
 
 

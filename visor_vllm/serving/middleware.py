@@ -43,7 +43,11 @@ from visor_vllm.engine import receipts
 
 logger = logging.getLogger(__name__)
 
-PATHS = ("/v1/chat/completions", "/v1/completions")
+PATHS = ("/v1/chat/completions", "/v1/completions")  # receipts in the response
+# every endpoint that runs the model: VISOR arguments checked before vLLM parses them
+JSON_PATHS = PATHS + ("/v1/responses", "/v1/messages", "/invocations")
+UNGUARDED = ("/health", "/ping")  # vLLM leaves these open with --api-key too
+LOOPBACK_ENV = "VISOR_ALLOW_LOOPBACK_MEDIA"  # 1: image URLs may point at this host
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,31 +91,50 @@ class VisorMiddleware:
 
     def __init__(self, app):
         self.app = app
+        self._api_tokens: list[bytes] | None = None  # vLLM's --api-key hashes, found lazily
+        receipts.runtime_dir()  # a runtime dir others could write stops the server at start
+        receipts.sweep()  # receipts of an earlier server nobody will read
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in PATHS:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        # --api-key first, before any body is read, on every POST that can run the model (vLLM's
+        # own check does not cover /invocations); the answer is vLLM's own 401
+        if path not in UNGUARDED and not _authorised(scope, self._tokens(scope)):
+            return await _send_json(send, 401, {"error": "Unauthorized"})
+        if path not in JSON_PATHS:
             return await self.app(scope, receive, send)
         body = await _read_body(receive)
         try:
             request = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            request = None
-        if not isinstance(request, dict):  # vLLM answers malformed bodies itself
+            request = None  # vLLM answers malformed bodies itself
+        except RecursionError:
+            return await _json_error(send, 400, "request body is nested too deeply")
+        if not isinstance(request, dict):
             return await self.app(scope, _replay(body, receive), send)
-        xargs = request.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            return await self.app(scope, _replay(body, receive), send)
-        if xargs and receipts.KEY in xargs:
-            return await _json_error(send, 400, f"vllm_xargs.{receipts.KEY} is set by the server; "
-                                                "remove it from the request")
+        problem = self._check(request, path, scope)
+        if problem:
+            return await _json_error(send, 400, problem)
+        media = _media_urls(request)
+        problem = await _resolve_problem(media, _model_config(scope))
+        if problem:
+            return await _json_error(send, 400, problem)
+        if path not in PATHS:  # accounted in visor:*, no receipt (vLLM shapes these responses)
+            new_body = json.dumps(request).encode()
+            scope = dict(scope, headers=_with_length(scope["headers"], len(new_body)))
+            if _as_bool(request.get("stream")):
+                return await self.app(scope, _replay(new_body, receive), send)
+            return await self._plain(scope, _replay(new_body, receive), send, None, media)
         rid = receipts.new_id()
-        request["vllm_xargs"] = {**(xargs or {}), receipts.KEY: rid}
-        stream = bool(request.get("stream"))
+        request["vllm_xargs"] = {**(request.get("vllm_xargs") or {}), receipts.KEY: rid}
+        stream = _as_bool(request.get("stream"))
         wants_usage = False
         if stream:
             opts = request.get("stream_options")
             opts = opts if isinstance(opts, dict) else {}
-            wants_usage = bool(opts.get("include_usage"))
+            wants_usage = _as_bool(opts.get("include_usage"))
             request["stream_options"] = {**opts, "include_usage": True}
         new_body = json.dumps(request).encode()
         scope = dict(scope, headers=_with_length(scope["headers"], len(new_body)))
@@ -119,12 +142,43 @@ class VisorMiddleware:
             if stream:
                 await self._stream(scope, _replay(new_body, receive), send, rid, wants_usage)
             else:
-                await self._plain(scope, _replay(new_body, receive), send, rid)
+                await self._plain(scope, _replay(new_body, receive), send, rid, media)
         finally:
             receipts.discard(rid)  # whatever happened, leave no file behind
 
+    # -- what is refused before vLLM sees the request ---------------------------------------------
+    def _tokens(self, scope) -> list[bytes]:
+        if self._api_tokens is None:
+            self._api_tokens = _find_tokens(self.app)
+        return self._api_tokens
+
+    def _check(self, request: dict, path: str, scope) -> str | None:
+        """The 400 message for a request VISOR refuses, or None. Mutates ``request`` only to
+        drop routing tokens typed into message text (only the template's may vote)."""
+        from visor_vllm.model.budget import BudgetError, parse_budget
+
+        xargs = request.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            return "vllm_xargs must be a JSON object"
+        if xargs and receipts.KEY in xargs:
+            return f"vllm_xargs.{receipts.KEY} is set by the server; remove it from the request"
+        if xargs:  # the raw JSON: vLLM would coerce true to 1 before the engine validates
+            try:
+                parse_budget(xargs, _served_config(scope))
+            except BudgetError as e:
+                return str(e)
+        for key in ("stream",):
+            if key in request and not isinstance(request[key], bool) and request[key] is not None:
+                return f"{key} must be true or false, got {json.dumps(request[key])[:40]}"
+        if path == "/v1/completions" and request.get("echo"):
+            return ("echo is not supported by VISOR: the prompt is an encoder-decoder input "
+                    "whose text tokens are not returned")
+        cfg = _served_config(scope)
+        _strip_routing_tokens(request, getattr(cfg, "routing_token", None))
+        return _media_problem(_media_urls(request), _model_config(scope))
+
     # -- a plain JSON response: buffer it, add ``visor`` and headers ------------------------------
-    async def _plain(self, scope, receive, send, rid):
+    async def _plain(self, scope, receive, send, rid, media=()):
         start, chunks = {}, []
 
         async def capture(message):
@@ -133,7 +187,7 @@ class VisorMiddleware:
             elif message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
-                    await self._finish_plain(start, b"".join(chunks), send, rid)
+                    await self._finish_plain(start, b"".join(chunks), send, rid, media)
             else:
                 await send(message)
 
@@ -144,7 +198,7 @@ class VisorMiddleware:
 
         Never raises: a broken receipt must not turn a served request into an error.
         """
-        receipt = receipts.take(rid)
+        receipt = receipts.take(rid) if rid else None
         if receipt is None:
             return None
         try:
@@ -153,8 +207,17 @@ class VisorMiddleware:
             logger.exception("VISOR: could not account receipt %s", rid)
             return None
 
-    async def _finish_plain(self, start, body, send, rid):
+    async def _finish_plain(self, start, body, send, rid, media=()):
         visor = None
+        if start.get("status") == 500 and any(_fetched(u) for u in media):
+            # vLLM answers a media URL it could not load (refused, timed out) with a 500; it is
+            # the client's URL that failed, so it is the client's error
+            try:
+                message = json.loads(body)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = ""
+            return await _json_error(send, 400, "an image could not be loaded: "
+                                     + (message or "the fetch failed or timed out"))
         if start.get("status") == 200:
             try:
                 response = json.loads(body)
@@ -277,9 +340,165 @@ def _sse(chunk: dict) -> bytes:
 
 
 async def _json_error(send, status: int, message: str):
-    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
-                                 "code": status}}).encode()
+    await _send_json(send, status, {"error": {"message": message, "type": "BadRequestError",
+                                              "param": None, "code": status}})
+
+
+async def _send_json(send, status: int, payload: dict):
+    body = json.dumps(payload).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# Request checks
+# ---------------------------------------------------------------------------------------------
+
+def _find_tokens(app, depth: int = 64) -> list[bytes]:
+    """vLLM's ``--api-key`` hashes, from its AuthenticationMiddleware further down the stack."""
+    for _ in range(depth):
+        if app is None:
+            break
+        tokens = getattr(app, "api_tokens", None)
+        if isinstance(tokens, list):
+            return tokens
+        app = getattr(app, "app", None)
+    return []
+
+
+def _authorised(scope, tokens: list[bytes]) -> bool:
+    """vLLM's own rule: ``Authorization: Bearer <one of the keys>`` (compared as hashes)."""
+    if not tokens:
+        return True
+    import hashlib
+    import secrets
+
+    value = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    scheme, _, param = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    digest = hashlib.sha256(param.encode("utf-8")).digest()
+    return any(secrets.compare_digest(digest, t) for t in tokens)
+
+
+def _as_bool(value) -> bool:
+    return value is True
+
+
+def _model_config(scope):
+    try:
+        return scope["app"].state.vllm_config.model_config
+    except (KeyError, AttributeError):
+        return None
+
+
+def _served_config(scope):
+    """The served checkpoint's VisorConfig (None if unknown or not VISOR)."""
+    hf = getattr(_model_config(scope), "hf_config", None)
+    return hf if getattr(hf, "model_type", None) == "visor" else None
+
+
+def _strip_routing_tokens(request: dict, token: str | None) -> None:
+    """Routing tokens typed into messages would vote: only the chat template's may."""
+    if not token:
+        return
+
+    def clean(node, depth=0):
+        if depth > 32:
+            return node
+        if isinstance(node, str):
+            return node.replace(token, "")
+        if isinstance(node, list):
+            return [clean(x, depth + 1) for x in node]
+        if isinstance(node, dict):
+            return {k: clean(v, depth + 1) if k in ("content", "text", "input") else v
+                    for k, v in node.items()}
+        return node
+
+    for key in ("messages", "input"):
+        if key in request:
+            request[key] = clean(request[key])
+
+
+def _media_urls(request: dict) -> list[str]:
+    """Every ``image_url`` / ``video_url`` / ``audio_url`` in the request (bounded walk)."""
+    found: list[str] = []
+
+    def walk(node, depth=0):
+        if depth > 32 or len(found) > 256:
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("image_url", "video_url", "audio_url"):
+                    url = v.get("url") if isinstance(v, dict) else v
+                    if isinstance(url, str):
+                        found.append(url)
+                else:
+                    walk(v, depth + 1)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, depth + 1)
+
+    walk({k: request.get(k) for k in ("messages", "input")})
+    return found
+
+
+def _fetched(url: str) -> bool:
+    return url.split(":", 1)[0].lower() in ("http", "https", "file")
+
+
+def _own_host(ip) -> bool:
+    return ip.is_loopback or ip.is_unspecified or ip.is_link_local
+
+
+async def _resolve_problem(urls: list[str], model_config, timeout_s: float = 5.0) -> str | None:
+    """Resolve each http(s) image host first: a name that does not resolve is the client's
+    error (a 400 now, not vLLM's 500 after its fetch); one that resolves to this host or a
+    link-local address (cloud metadata) is refused like the literal address."""
+    import asyncio
+    import ipaddress
+    import os
+    from urllib.parse import urlsplit
+
+    if os.environ.get(LOOPBACK_ENV) == "1":
+        return None
+    domains = set(getattr(model_config, "allowed_media_domains", None) or [])
+    loop = asyncio.get_running_loop()
+    for host in {(urlsplit(u).hostname or "").lower() for u in urls
+                 if urlsplit(u).scheme.lower() in ("http", "https")} - {""} - domains:
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, None), timeout_s)
+        except (OSError, asyncio.TimeoutError):
+            return f"an image could not be loaded: cannot resolve host {host!r}"
+        if any(_own_host(ipaddress.ip_address(i[4][0].split("%")[0])) for i in infos):
+            return (f"image_url: {host} resolves to this server's own host (or link-local) and "
+                    f"is not fetched; set {LOOPBACK_ENV}=1 or --allowed-media-domains to allow it")
+    return None
+
+
+def _media_problem(urls: list[str], model_config) -> str | None:
+    """Why a media URL is refused before vLLM fetches it, or None."""
+    import ipaddress
+    import os
+    from urllib.parse import urlsplit
+
+    local_ok = bool(getattr(model_config, "allowed_local_media_path", ""))
+    domains = set(getattr(model_config, "allowed_media_domains", None) or [])
+    for url in urls:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "file" and not local_ok:
+            return ("image_url: file:// URLs are not served (the server was started without "
+                    "--allowed-local-media-path); send the image inline as a data: URL")
+        if scheme in ("http", "https"):
+            host = (parts.hostname or "").lower()
+            try:
+                own = _own_host(ipaddress.ip_address(host))
+            except ValueError:
+                own = host == "localhost" or host.endswith(".localhost")
+            if own and os.environ.get(LOOPBACK_ENV) != "1" and host not in domains:
+                return (f"image_url: {host} is this server's own host (or link-local) and is "
+                        f"not fetched; set {LOOPBACK_ENV}=1 or --allowed-media-domains to allow it")
+    return None

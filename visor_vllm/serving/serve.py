@@ -77,6 +77,19 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"visor-vllm serve: {model} is not a checkpoint directory (no config.json)",
               file=sys.stderr)
         return 2
+    import json
+
+    try:
+        kind = json.loads((model / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "visor":
+        print(f"visor-vllm serve: {model} is a {kind or 'unknown'} checkpoint, not VISOR. "
+              f"Convert LLaVA-OneVision with `visor-vllm convert {model} OUT --preset "
+              f"visor-0.5b` (then train it: README 'Training'), or serve it as dense LLaVA-OV "
+              f"with plain `vllm serve {model} --limit-mm-per-prompt "
+              "'{\"image\": 2, \"video\": 0}'`", file=sys.stderr)
+        return 2
     if args.default_budget is not None:
         from visor_vllm.model.budget import DEFAULT_ENV, BudgetError, default_budget
         from visor_vllm.model.config import VisorConfig
@@ -100,5 +113,8 @@ def _cli(args: argparse.Namespace) -> int:
     # decodes to 179 M pixels (vLLM's default limit) from costing the server GBs of RAM
     os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(4096 * 4096))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # an image URL that never answers: one 5 s try, not vLLM's 3 retries (~2 minutes of 500)
+    os.environ.setdefault("VLLM_IMAGE_FETCH_TIMEOUT", "5")
+    os.environ.setdefault("VLLM_MEDIA_FETCH_MAX_RETRIES", "1")  # attempts, not retries
     os.execv(cmd[0], cmd)
     return 0  # not reached
