@@ -1,11 +1,23 @@
-"""The OpenAI server side of VISOR: per-request receipts in responses.
+"""The OpenAI server side of VISOR: per-request receipts in responses, and the request checks.
 
 What. `VisorMiddleware` is an ASGI middleware for vLLM's OpenAI server, installed with vLLM's own
-flag ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (``visor-vllm serve`` adds it). For
-``POST /v1/chat/completions`` and ``/v1/completions`` it
+flag ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (``visor-vllm serve`` adds it).
+It is the outermost layer, so it first does what must come before anything else:
 
-1. gives the request a receipt id (``vllm_xargs["visor_receipt"]``, see `visor_vllm.engine.receipts`);
-   a client-supplied one is an HTTP 400;
+* ``--api-key``: every POST but ``/health`` and ``/ping`` needs the key *before its body is
+  read* (vLLM's own check runs later and leaves ``/invocations`` open);
+* on every endpoint that runs the model (chat, completions, responses, messages, invocations):
+  VISOR arguments are validated from the raw JSON (vLLM would coerce ``true`` to 1, and check
+  a stream's budget only after the 200 went out), a client's ``visor_receipt`` is refused,
+  ``stream`` must be a boolean, ``echo`` is refused, routing tokens typed into messages are
+  removed, and image URLs that are local files, this host, link-local or unresolvable are
+  refused (`_media_problem`, `_resolve_problem`); a media fetch vLLM answers with 500 becomes a
+  400 -- all as 400s with a message.
+
+Then, for ``POST /v1/chat/completions`` and ``/v1/completions``, it
+
+1. gives the request a receipt id (``vllm_xargs["visor_receipt"]``, an HMAC'd id only the
+   server can make, see `visor_vllm.engine.receipts`);
 2. after the response, reads the receipt the worker wrote at the request's first step and
    computes the request's LLM FLOPs (`visor_vllm.model.flops.request_flops`) from it and ``usage``;
 3. adds a ``visor`` object to the response -- for a plain response at the top level of the JSON
