@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from functools import lru_cache
 
 from visor_vllm.engine import receipts
@@ -59,6 +60,7 @@ PATHS = ("/v1/chat/completions", "/v1/completions")  # receipts in the response
 # every endpoint that runs the model: VISOR arguments checked before vLLM parses them
 JSON_PATHS = PATHS + ("/v1/responses", "/v1/messages", "/invocations")
 UNGUARDED = ("/health", "/ping")  # vLLM leaves these open with --api-key too
+SWEEP_EVERY_S = 600
 LOOPBACK_ENV = "VISOR_ALLOW_LOOPBACK_MEDIA"  # 1: image URLs may point at this host
 
 
@@ -106,6 +108,7 @@ class VisorMiddleware:
         self._api_tokens: list[bytes] | None = None  # vLLM's --api-key hashes, found lazily
         receipts.runtime_dir()  # a runtime dir others could write stops the server at start
         receipts.sweep()  # receipts of an earlier server nobody will read
+        self._swept = time.monotonic()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -117,6 +120,9 @@ class VisorMiddleware:
             return await _send_json(send, 401, {"error": "Unauthorized"})
         if path not in JSON_PATHS:
             return await self.app(scope, receive, send)
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:  # receipts of timed-out requests
+            self._swept = time.monotonic()
+            receipts.sweep()
         body = await _read_body(receive)
         try:
             request = json.loads(body)
