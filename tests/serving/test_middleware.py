@@ -273,3 +273,62 @@ def test_old_receipts_are_swept(tmp_path, monkeypatch):
     os.utime(tmp_path / "r" / f"{old}.json", (past, past))
     assert receipts.sweep() == 1
     assert receipts.take(new) == {} and receipts.take(old) is None
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1\\@example.com/x.png",          # urllib and urllib3 disagree on the host
+    "http://169.254.169.254\\@example.com/meta",
+    "http://[::ffff:127.0.0.1]/x.png",               # IPv4-mapped loopback
+    "http://[::ffff:169.254.169.254]/",
+    "http://[::1/x.png",                              # malformed
+])
+def test_ssrf_tricks_are_refused(model_dir, url):
+    calls = []
+    r = post(VisorMiddleware(_recording_app(calls)), _image(url))
+    assert r.status_code == 400 and calls == [], r.text
+
+
+def test_other_shapes_and_endpoints_are_checked_too(model_dir):
+    calls = []
+    mw = VisorMiddleware(_recording_app(calls))
+    anthropic = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://169.254.169.254/"}}]}]}
+    assert post_to(mw, "/v1/messages", anthropic).status_code == 400
+    batch = {"model": "m", "messages": [[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]]}
+    assert post_to(mw, "/v1/chat/completions/batch", batch).status_code == 400
+    assert post_to(mw, "/invocations", {"model": "m", "prompt": "x", "echo": True}).status_code == 400
+    raw = []
+
+    async def vllm_says(scope, receive, send):
+        raw.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"vllm says no"})
+
+    big = b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"
+    r = post_to(VisorMiddleware(vllm_says), "/v1/completions", big)
+    assert r.status_code == 400 and raw == [big]  # not a 500: passed through, vLLM words it
+    assert "visor_budget" in post(mw, {"model": "m", "messages": [],
+                                       "vllm_xargs": {"visor_budget": "++3"}}).text
+
+
+def test_a_streamed_media_500_is_a_400_and_engine_500s_stay(model_dir, monkeypatch):
+    from visor_vllm.serving.middleware import LOOPBACK_ENV
+
+    monkeypatch.setenv(LOOPBACK_ENV, "1")
+    fetch = _recording_app([], status=500, payload={"error": {"message": "Cannot connect to host"}})
+    r = post(VisorMiddleware(fetch), {**_image("http://example.invalid/x.png"), "stream": True})
+    assert r.status_code == 400 and "could not be loaded" in r.text
+    dead = _recording_app([], status=500, payload={"error": {"message": "EngineDeadError: gone"}})
+    assert post(VisorMiddleware(dead), _image("http://example.invalid/x.png")).status_code == 500
+
+
+def test_nested_routing_tokens_leave_none(model_dir, monkeypatch):
+    from visor_vllm.serving import middleware
+
+    monkeypatch.setattr(middleware, "_served_config", lambda scope: preset_tiny())
+    calls = []
+    route = preset_tiny().routing_token
+    post(VisorMiddleware(_recording_app(calls)), {"model": "m", "messages": [
+        {"role": "user", "content": route[:4] + route + route[4:]}]})
+    assert route not in calls[0]["messages"][0]["content"]

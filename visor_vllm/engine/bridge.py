@@ -167,7 +167,7 @@ class RowState:
 
         R = s.R
         q = (s.qsl[1:] - s.qsl[:-1]).to(torch.float64)                   # [R] tokens this step
-        first = s.computed == 0                                          # [R]
+        first = (s.computed == 0) & (q > 0)      # [R] (q == 0: a padded row, e.g. under graphs)
         vp = dp = 0.0
         events = []
         if bool(first.any()):
@@ -189,7 +189,7 @@ class RowState:
                                    stats.SOURCES.index(self.budgets[r].source), nv, nt,
                                    int(bool(self.cap_met[r]))))
         b = float(decode_step_affine(self.cfg, 0, [])[2])  # the slope: the same for every row
-        dec = (~first).to(torch.float64)                                  # [R]
+        dec = (~first & (q > 0)).to(torch.float64)                        # [R]
         c = s.seq_lens.to(torch.float64)                                 # [R] context after step
         ctx = dec * (q * c - q * (q - 1) / 2)                            # sum of contexts [R]
         vd, dd = torch.stack([(dec * q * self.decode_a[:R]).sum() + b * ctx.sum(),

@@ -139,7 +139,7 @@ def take(receipt_id: str) -> dict | None:
         path = runtime_dir() / f"{receipt_id}.json"
         record = json.loads(path.read_text())
         path.unlink(missing_ok=True)
-    except (OSError, RuntimeDirError, json.JSONDecodeError):
+    except (OSError, RuntimeDirError, ValueError):  # ValueError: a corrupt file
         return None
     return record
 

@@ -134,8 +134,11 @@ def _parse_ratio(value) -> float:
 def _parse_words(value, cfg: VisorConfig | None) -> Budget:
     if isinstance(value, str) and value.strip().lower() in WORDS:
         return Budget(value.strip().lower())
-    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
-        value = int(value)
+    if isinstance(value, str) and value.strip().removeprefix("+").isdecimal():
+        try:
+            value = int(value)
+        except ValueError:  # a digit int() does not take
+            pass
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise BudgetError(f"visor_budget must be one of {list(WORDS)} or an integer >= 0 "
                           f"(a cap on optional SA layers), got {_show(value)}")
@@ -189,8 +192,11 @@ def _layer_number(v) -> int | None:
         return v
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
-        return int(v)
+    if isinstance(v, str) and v.strip().removeprefix("+").removeprefix("-").isdecimal():
+        try:
+            return int(v)
+        except ValueError:
+            return None
     return None
 
 

@@ -58,9 +58,11 @@ logger = logging.getLogger(__name__)
 
 PATHS = ("/v1/chat/completions", "/v1/completions")  # receipts in the response
 # every endpoint that runs the model: VISOR arguments checked before vLLM parses them
-JSON_PATHS = PATHS + ("/v1/responses", "/v1/messages", "/invocations")
+JSON_PATHS = PATHS + ("/v1/responses", "/v1/messages", "/invocations",
+                      "/v1/chat/completions/batch", "/v1/messages/count_tokens", "/tokenize")
 UNGUARDED = ("/health", "/ping")  # vLLM leaves these open with --api-key too
 SWEEP_EVERY_S = 600
+MAX_MEDIA_HOSTS = 16
 LOOPBACK_ENV = "VISOR_ALLOW_LOOPBACK_MEDIA"  # 1: image URLs may point at this host
 
 
@@ -113,7 +115,7 @@ class VisorMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        path = _route_path(scope)
         # --api-key first, before any body is read, on every POST that can run the model (vLLM's
         # own check does not cover /invocations); the answer is vLLM's own 401
         if path not in UNGUARDED and not _authorised(scope, self._tokens(scope)):
@@ -126,10 +128,10 @@ class VisorMiddleware:
         body = await _read_body(receive)
         try:
             request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            request = None  # vLLM answers malformed bodies itself
         except RecursionError:
             return await _json_error(send, 400, "request body is nested too deeply")
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, a 5,000-digit integer, ...
+            request = None  # vLLM answers malformed bodies itself
         if not isinstance(request, dict):
             return await self.app(scope, _replay(body, receive), send)
         problem = self._check(request, path, scope)
@@ -158,7 +160,7 @@ class VisorMiddleware:
         scope = dict(scope, headers=_with_length(scope["headers"], len(new_body)))
         try:
             if stream:
-                await self._stream(scope, _replay(new_body, receive), send, rid, wants_usage)
+                await self._stream(scope, _replay(new_body, receive), send, rid, wants_usage, media)
             else:
                 await self._plain(scope, _replay(new_body, receive), send, rid, media)
         finally:
@@ -183,12 +185,12 @@ class VisorMiddleware:
         if xargs:  # the raw JSON: vLLM would coerce true to 1 before the engine validates
             try:
                 parse_budget(xargs, _served_config(scope))
-            except BudgetError as e:
-                return str(e)
+            except (BudgetError, ValueError, TypeError) as e:
+                return str(e) if isinstance(e, BudgetError) else f"invalid VISOR arguments: {e}"
         for key in ("stream",):
             if key in request and not isinstance(request[key], bool) and request[key] is not None:
                 return f"{key} must be true or false, got {json.dumps(request[key])[:40]}"
-        if path == "/v1/completions" and request.get("echo"):
+        if path in ("/v1/completions", "/invocations") and request.get("echo"):
             return ("echo is not supported by VISOR: the prompt is an encoder-decoder input "
                     "whose text tokens are not returned")
         cfg = _served_config(scope)
@@ -227,7 +229,7 @@ class VisorMiddleware:
 
     async def _finish_plain(self, start, body, send, rid, media=()):
         visor = None
-        if start.get("status") == 500 and any(_fetched(u) for u in media):
+        if start.get("status") == 500 and any(_fetched(u) for u in media) and _fetch_error(body):
             # vLLM answers a media URL it could not load (refused, timed out) with a 500; it is
             # the client's URL that failed, so it is the client's error
             try:
@@ -256,8 +258,8 @@ class VisorMiddleware:
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # -- a server-sent-event stream: hold back finishing chunks until usage is known --------------
-    async def _stream(self, scope, receive, send, rid, wants_usage):
-        state = dict(buffer=b"", held=[], chunks=0, done=False, ok=False)
+    async def _stream(self, scope, receive, send, rid, wants_usage, media=()):
+        state = dict(buffer=b"", held=[], chunks=0, done=False, ok=False, error=None, body=b"")
 
         async def emit(events: list[bytes], more: bool = True):
             if events or not more:
@@ -266,7 +268,15 @@ class VisorMiddleware:
         async def relay(message):
             if message["type"] == "http.response.start":
                 state["ok"] = message.get("status") == 200
+                if message.get("status") == 500 and any(_fetched(u) for u in media):
+                    state["error"] = message  # vLLM fetches media before the stream: a JSON 500
+                    return None
                 return await send(message)
+            if state["error"] is not None and message["type"] == "http.response.body":
+                state["body"] += message.get("body", b"")
+                if not message.get("more_body"):
+                    await self._finish_plain(state["error"], state["body"], send, None, media)
+                return None
             if message["type"] != "http.response.body" or not state["ok"]:
                 return await send(message)
             state["buffer"] += message.get("body", b"")
@@ -427,7 +437,9 @@ def _strip_routing_tokens(request: dict, token: str | None) -> None:
         if depth > 32:
             return node
         if isinstance(node, str):
-            return node.replace(token, "")
+            while token in node:  # "<|ro<|route|>ute|>" must not leave one behind
+                node = node.replace(token, "")
+            return node
         if isinstance(node, list):
             return [clean(x, depth + 1) for x in node]
         if isinstance(node, dict):
@@ -435,7 +447,7 @@ def _strip_routing_tokens(request: dict, token: str | None) -> None:
                     for k, v in node.items()}
         return node
 
-    for key in ("messages", "input"):
+    for key in ("messages", "input", "system", "instructions", "prompt"):
         if key in request:
             request[key] = clean(request[key])
 
@@ -453,6 +465,8 @@ def _media_urls(request: dict) -> list[str]:
                     url = v.get("url") if isinstance(v, dict) else v
                     if isinstance(url, str):
                         found.append(url)
+                elif k == "source" and isinstance(v, dict) and isinstance(v.get("url"), str):
+                    found.append(v["url"])  # Anthropic messages: {"type": "url", "url": ...}
                 else:
                     walk(v, depth + 1)
         elif isinstance(node, list):
@@ -463,11 +477,51 @@ def _media_urls(request: dict) -> list[str]:
     return found
 
 
+def _route_path(scope) -> str:
+    """The path as Starlette routes it (root_path removed on a segment boundary)."""
+    try:
+        from starlette._utils import get_route_path
+
+        return get_route_path(scope)
+    except ImportError:  # pragma: no cover
+        return scope["path"]
+
+
+def _host(url: str) -> tuple[str, str]:
+    """``(scheme, host)`` as vLLM's fetcher (urllib3) parses the URL; ValueError if the URL is
+    malformed or urllib3 and urllib disagree on the host (``http://127.0.0.1\\@example.com``)."""
+    from urllib.parse import urlsplit
+
+    from urllib3.util import parse_url
+
+    try:
+        ours, theirs = urlsplit(url), parse_url(url)
+    except Exception as e:  # noqa: BLE001 - urllib3's LocationParseError, ValueError
+        raise ValueError(f"malformed URL: {e}") from None
+    host = (theirs.host or "").strip("[]").lower()
+    if (theirs.scheme or "").lower() in ("http", "https") and host != (ours.hostname or "").lower():
+        raise ValueError("the URL's host is ambiguous")
+    return (theirs.scheme or ours.scheme or "").lower(), host
+
+
+def _fetch_error(body: bytes) -> bool:
+    """A 500 that is about loading media (an empty message: vLLM's fetch timeout), not the engine."""
+    try:
+        message = str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if "Engine" in message:
+        return False
+    return not message or any(w in message.lower() for w in (
+        "connect", "timeout", "timed out", "fetch", "load", "url", "host", "http", "file", "media"))
+
+
 def _fetched(url: str) -> bool:
     return url.split(":", 1)[0].lower() in ("http", "https", "file")
 
 
 def _own_host(ip) -> bool:
+    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
     return ip.is_loopback or ip.is_unspecified or ip.is_link_local
 
 
@@ -478,17 +532,34 @@ async def _resolve_problem(urls: list[str], model_config, timeout_s: float = 5.0
     import asyncio
     import ipaddress
     import os
-    from urllib.parse import urlsplit
 
     if os.environ.get(LOOPBACK_ENV) == "1":
         return None
     domains = set(getattr(model_config, "allowed_media_domains", None) or [])
-    loop = asyncio.get_running_loop()
-    for host in {(urlsplit(u).hostname or "").lower() for u in urls
-                 if urlsplit(u).scheme.lower() in ("http", "https")} - {""} - domains:
+    hosts = set()
+    for u in urls:
         try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, None), timeout_s)
-        except (OSError, asyncio.TimeoutError):
+            scheme, host = _host(u)
+        except ValueError:
+            continue  # _media_problem already refused it
+        if scheme in ("http", "https") and host and host not in domains:
+            hosts.add(host)
+    if len(hosts) > MAX_MEDIA_HOSTS:
+        return f"too many image hosts in one request ({len(hosts)} > {MAX_MEDIA_HOSTS})"
+    loop = asyncio.get_running_loop()
+
+    async def lookup(host):
+        try:
+            return host, await loop.getaddrinfo(host, None)
+        except (OSError, ValueError):  # ValueError: UnicodeError of an empty/too long label
+            return host, None
+
+    try:  # all hosts at once, under one deadline
+        results = await asyncio.wait_for(asyncio.gather(*map(lookup, sorted(hosts))), timeout_s)
+    except asyncio.TimeoutError:
+        return "an image could not be loaded: resolving its host timed out"
+    for host, infos in results:
+        if infos is None:
             return f"an image could not be loaded: cannot resolve host {host!r}"
         if any(_own_host(ipaddress.ip_address(i[4][0].split("%")[0])) for i in infos):
             return (f"image_url: {host} resolves to this server's own host (or link-local) and "
@@ -500,18 +571,18 @@ def _media_problem(urls: list[str], model_config) -> str | None:
     """Why a media URL is refused before vLLM fetches it, or None."""
     import ipaddress
     import os
-    from urllib.parse import urlsplit
 
     local_ok = bool(getattr(model_config, "allowed_local_media_path", ""))
     domains = set(getattr(model_config, "allowed_media_domains", None) or [])
     for url in urls:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+        try:
+            scheme, host = _host(url)
+        except ValueError as e:
+            return f"image_url: {e}"
         if scheme == "file" and not local_ok:
             return ("image_url: file:// URLs are not served (the server was started without "
                     "--allowed-local-media-path); send the image inline as a data: URL")
         if scheme in ("http", "https"):
-            host = (parts.hostname or "").lower()
             try:
                 own = _own_host(ipaddress.ip_address(host))
             except ValueError:

@@ -116,5 +116,7 @@ def _cli(args: argparse.Namespace) -> int:
     # an image URL that never answers: one 5 s try, not vLLM's 3 retries (~2 minutes of 500)
     os.environ.setdefault("VLLM_IMAGE_FETCH_TIMEOUT", "5")
     os.environ.setdefault("VLLM_MEDIA_FETCH_MAX_RETRIES", "1")  # attempts, not retries
+    # a public URL must not redirect the fetch to this host or cloud metadata
+    os.environ.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
     os.execv(cmd[0], cmd)
     return 0  # not reached
