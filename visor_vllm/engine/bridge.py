@@ -80,6 +80,9 @@ class RowState:
         self.decode_a = torch.zeros(max_rows, dtype=torch.float64, device=device)  # [R]
         self.dense_a = torch.zeros(max_rows, dtype=torch.float64, device=device)   # [R]
         self.model_path = model_path  # the checkpoint, named in receipts
+        from visor_vllm.model.flops import decode_step_affine
+
+        self.decode_slope = float(decode_step_affine(cfg, 0, [])[2])  # b: the same for every row
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
                     "cap_met", "decode_a", "dense_a")
@@ -147,7 +150,7 @@ class RowState:
             receipts.write(self.receipts[r], dict(
                 sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[r]),
                 n_image=nv, n_text=int(self.prompt_len[r]), n_routing=self.n_routing[r],
-                routed=bool(has_router and nv and budget.uses_router and allowed[j] > 1),
+                routed=self._routed(r, nv, has_router, allowed[j]),
                 budget=budget.mode, budget_source=budget.source, max_flops=budget.max_flops,
                 flops_cap_met=bool(self.cap_met[r]), model=self.model_path))
 
@@ -188,12 +191,11 @@ class RowState:
                     events.append((sum(1 << i for i in layers),
                                    stats.SOURCES.index(self.budgets[r].source), nv, nt,
                                    int(bool(self.cap_met[r]))))
-        b = float(decode_step_affine(self.cfg, 0, [])[2])  # the slope: the same for every row
         dec = (~first & (q > 0)).to(torch.float64)                        # [R]
         c = s.seq_lens.to(torch.float64)                                 # [R] context after step
-        ctx = dec * (q * c - q * (q - 1) / 2)                            # sum of contexts [R]
-        vd, dd = torch.stack([(dec * q * self.decode_a[:R]).sum() + b * ctx.sum(),
-                              (dec * q * self.dense_a[:R]).sum() + b * ctx.sum()]).tolist()
+        ctx = self.decode_slope * (dec * (q * c - q * (q - 1) / 2)).sum()  # b * sum of contexts
+        vd, dd = torch.stack([(dec * q * self.decode_a[:R]).sum() + ctx,
+                              (dec * q * self.dense_a[:R]).sum() + ctx]).tolist()
         writer.add(vp, vd, dp, dd, events)
 
 

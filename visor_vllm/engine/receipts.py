@@ -73,9 +73,6 @@ def runtime_dir() -> Path:
     return folder
 
 
-receipt_dir = runtime_dir
-
-
 def _key() -> bytes:
     """This server's receipt key; a process without one makes one its children inherit."""
     if not os.environ.get(SECRET_ENV):

@@ -72,13 +72,13 @@ def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] =
     port = free_port()
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="visor-serve-")) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    # media fetching as `visor-vllm serve` sets it: one 5 s attempt (vLLM's default retries a
-    # URL that never answers for ~2 minutes)
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_IMAGE_FETCH_TIMEOUT": "5",
-           "VLLM_MEDIA_FETCH_MAX_RETRIES": "1", "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0", **os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    from visor_vllm._compat import MEDIA_FETCH_ENV  # media fetching as `visor-vllm serve` sets it
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **MEDIA_FETCH_ENV, **os.environ, "HF_HUB_OFFLINE": "1",
+           **(env or {})}
     with open(log, "w") as out:
-        proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware), stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware),
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + startup_s
     try:

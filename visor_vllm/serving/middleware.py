@@ -135,10 +135,10 @@ class VisorMiddleware:
         if not isinstance(request, dict):
             return await self.app(scope, _replay(body, receive), send)
         problem = self._check(request, path, scope)
-        if problem:
-            return await _json_error(send, 400, problem)
         media = _media_urls(request)
-        problem = await _resolve_problem(media, _model_config(scope))
+        if problem is None:
+            problem, hosts = _media_problem(media, _model_config(scope))
+            problem = problem or await _resolve_problem(hosts)
         if problem:
             return await _json_error(send, 400, problem)
         if path not in PATHS:  # accounted in visor:*, no receipt (vLLM shapes these responses)
@@ -173,8 +173,9 @@ class VisorMiddleware:
         return self._api_tokens
 
     def _check(self, request: dict, path: str, scope) -> str | None:
-        """The 400 message for a request VISOR refuses, or None. Mutates ``request`` only to
-        drop routing tokens typed into message text (only the template's may vote)."""
+        """The 400 message for a request VISOR refuses (media URLs aside), or None. Mutates
+        ``request`` only to drop routing tokens typed into message text (only the template's
+        may vote)."""
         from visor_vllm.model.budget import BudgetError, parse_budget
 
         xargs = request.get("vllm_xargs")
@@ -182,20 +183,20 @@ class VisorMiddleware:
             return "vllm_xargs must be a JSON object"
         if xargs and receipts.KEY in xargs:
             return f"vllm_xargs.{receipts.KEY} is set by the server; remove it from the request"
+        cfg = _served_config(scope)
         if xargs:  # the raw JSON: vLLM would coerce true to 1 before the engine validates
             try:
-                parse_budget(xargs, _served_config(scope))
+                parse_budget(xargs, cfg)
             except (BudgetError, ValueError, TypeError) as e:
                 return str(e) if isinstance(e, BudgetError) else f"invalid VISOR arguments: {e}"
-        for key in ("stream",):
-            if key in request and not isinstance(request[key], bool) and request[key] is not None:
-                return f"{key} must be true or false, got {json.dumps(request[key])[:40]}"
+        stream = request.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            return f"stream must be true or false, got {json.dumps(stream)[:40]}"
         if path in ("/v1/completions", "/invocations") and request.get("echo"):
             return ("echo is not supported by VISOR: the prompt is an encoder-decoder input "
                     "whose text tokens are not returned")
-        cfg = _served_config(scope)
         _strip_routing_tokens(request, getattr(cfg, "routing_token", None))
-        return _media_problem(_media_urls(request), _model_config(scope))
+        return None
 
     # -- a plain JSON response: buffer it, add ``visor`` and headers ------------------------------
     async def _plain(self, scope, receive, send, rid, media=()):
@@ -229,13 +230,11 @@ class VisorMiddleware:
 
     async def _finish_plain(self, start, body, send, rid, media=()):
         visor = None
-        if start.get("status") == 500 and any(_fetched(u) for u in media) and _fetch_error(body):
+        message = (_fetch_error(body) if start.get("status") == 500
+                   and any(_fetched(u) for u in media) else None)
+        if message is not None:
             # vLLM answers a media URL it could not load (refused, timed out) with a 500; it is
             # the client's URL that failed, so it is the client's error
-            try:
-                message = json.loads(body)["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = ""
             return await _json_error(send, 400, "an image could not be loaded: "
                                      + (message or "the fetch failed or timed out"))
         if start.get("status") == 200:
@@ -504,16 +503,19 @@ def _host(url: str) -> tuple[str, str]:
     return (theirs.scheme or ours.scheme or "").lower(), host
 
 
-def _fetch_error(body: bytes) -> bool:
-    """A 500 that is about loading media (an empty message: vLLM's fetch timeout), not the engine."""
+def _fetch_error(body: bytes) -> str | None:
+    """The message of a 500 that is about loading media ("" for vLLM's fetch timeout, which has
+    none), or None when the 500 is something else (the engine)."""
     try:
         message = str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
-        return False
+        return None
     if "Engine" in message:
-        return False
-    return not message or any(w in message.lower() for w in (
-        "connect", "timeout", "timed out", "fetch", "load", "url", "host", "http", "file", "media"))
+        return None
+    if not message or any(w in message.lower() for w in (
+            "connect", "timeout", "timed out", "fetch", "load", "url", "host", "http", "file", "media")):
+        return message
+    return None
 
 
 def _fetched(url: str) -> bool:
@@ -525,25 +527,19 @@ def _own_host(ip) -> bool:
     return ip.is_loopback or ip.is_unspecified or ip.is_link_local
 
 
-async def _resolve_problem(urls: list[str], model_config, timeout_s: float = 5.0) -> str | None:
-    """Resolve each http(s) image host first: a name that does not resolve is the client's
-    error (a 400 now, not vLLM's 500 after its fetch); one that resolves to this host or a
-    link-local address (cloud metadata) is refused like the literal address."""
+def _not_fetched(host: str, resolved: bool = False) -> str:
+    return (f"image_url: {host} {'resolves to' if resolved else 'is'} this server's own host (or "
+            f"link-local) and is not fetched; set {LOOPBACK_ENV}=1 or --allowed-media-domains "
+            "to allow it")
+
+
+async def _resolve_problem(hosts: set[str], timeout_s: float = 5.0) -> str | None:
+    """Resolve each image host first: a name that does not resolve is the client's error (a
+    400 now, not vLLM's 500 after its fetch); one that resolves to this host or a link-local
+    address (cloud metadata) is refused like the literal address."""
     import asyncio
     import ipaddress
-    import os
 
-    if os.environ.get(LOOPBACK_ENV) == "1":
-        return None
-    domains = set(getattr(model_config, "allowed_media_domains", None) or [])
-    hosts = set()
-    for u in urls:
-        try:
-            scheme, host = _host(u)
-        except ValueError:
-            continue  # _media_problem already refused it
-        if scheme in ("http", "https") and host and host not in domains:
-            hosts.add(host)
     if len(hosts) > MAX_MEDIA_HOSTS:
         return f"too many image hosts in one request ({len(hosts)} > {MAX_MEDIA_HOSTS})"
     loop = asyncio.get_running_loop()
@@ -562,32 +558,36 @@ async def _resolve_problem(urls: list[str], model_config, timeout_s: float = 5.0
         if infos is None:
             return f"an image could not be loaded: cannot resolve host {host!r}"
         if any(_own_host(ipaddress.ip_address(i[4][0].split("%")[0])) for i in infos):
-            return (f"image_url: {host} resolves to this server's own host (or link-local) and "
-                    f"is not fetched; set {LOOPBACK_ENV}=1 or --allowed-media-domains to allow it")
+            return _not_fetched(host, resolved=True)
     return None
 
 
-def _media_problem(urls: list[str], model_config) -> str | None:
-    """Why a media URL is refused before vLLM fetches it, or None."""
+def _media_problem(urls: list[str], model_config) -> tuple[str | None, set[str]]:
+    """``(why a media URL is refused before vLLM fetches it, or None; the http(s) host names
+    still to resolve)``. Hosts in ``--allowed-media-domains`` and, with `LOOPBACK_ENV`, every
+    host are allowed without resolving."""
     import ipaddress
     import os
 
     local_ok = bool(getattr(model_config, "allowed_local_media_path", ""))
     domains = set(getattr(model_config, "allowed_media_domains", None) or [])
+    loopback_ok = os.environ.get(LOOPBACK_ENV) == "1"
+    hosts: set[str] = set()
     for url in urls:
         try:
             scheme, host = _host(url)
         except ValueError as e:
-            return f"image_url: {e}"
+            return f"image_url: {e}", set()
         if scheme == "file" and not local_ok:
             return ("image_url: file:// URLs are not served (the server was started without "
-                    "--allowed-local-media-path); send the image inline as a data: URL")
-        if scheme in ("http", "https"):
-            try:
-                own = _own_host(ipaddress.ip_address(host))
-            except ValueError:
-                own = host == "localhost" or host.endswith(".localhost")
-            if own and os.environ.get(LOOPBACK_ENV) != "1" and host not in domains:
-                return (f"image_url: {host} is this server's own host (or link-local) and is "
-                        f"not fetched; set {LOOPBACK_ENV}=1 or --allowed-media-domains to allow it")
-    return None
+                    "--allowed-local-media-path); send the image inline as a data: URL"), set()
+        if scheme not in ("http", "https") or not host or loopback_ok or host in domains:
+            continue
+        try:
+            if _own_host(ipaddress.ip_address(host)):
+                return _not_fetched(host), set()
+        except ValueError:  # a name, not an address
+            if host == "localhost" or host.endswith(".localhost"):
+                return _not_fetched(host), set()
+            hosts.add(host)
+    return None, hosts

@@ -8,7 +8,8 @@ It prints where it listens, then *replaces itself* with ``vllm serve`` (exec), s
 logs and exit codes are vLLM's own. Extra arguments after ``--`` go to ``vllm serve`` verbatim.
 
 It adds ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (per-request receipts in
-responses; the ``visor:*`` metrics come from the stat-logger plugin either way) and, with ``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
+responses; the ``visor:*`` metrics come from the stat-logger plugin either way) and, with
+``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
 engine after checking it against the checkpoint.
 
 Why these flags. The encoder-decoder layout needs ``--max-num-batched-tokens`` at least the
@@ -113,10 +114,9 @@ def _cli(args: argparse.Namespace) -> int:
     # decodes to 179 M pixels (vLLM's default limit) from costing the server GBs of RAM
     os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(4096 * 4096))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # an image URL that never answers: one 5 s try, not vLLM's 3 retries (~2 minutes of 500)
-    os.environ.setdefault("VLLM_IMAGE_FETCH_TIMEOUT", "5")
-    os.environ.setdefault("VLLM_MEDIA_FETCH_MAX_RETRIES", "1")  # attempts, not retries
-    # a public URL must not redirect the fetch to this host or cloud metadata
-    os.environ.setdefault("VLLM_MEDIA_URL_ALLOW_REDIRECTS", "0")
+    from visor_vllm._compat import MEDIA_FETCH_ENV
+
+    for key, value in MEDIA_FETCH_ENV.items():  # one 5 s attempt, no redirects
+        os.environ.setdefault(key, value)
     os.execv(cmd[0], cmd)
     return 0  # not reached

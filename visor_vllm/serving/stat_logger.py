@@ -113,7 +113,7 @@ class VisorStatLogger(StatLoggerBase):
             if drained is None:
                 return  # another API server process exports this round
             flops, events, lost = drained
-            if flops or events:
+            if any(flops) or events:
                 VisorMetrics.get().add(flops, events)
             if lost:
                 logger.warning("VISOR: %d request events were overwritten before export", lost)
