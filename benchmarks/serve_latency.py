@@ -1,11 +1,16 @@
 """TTFT and decode latency of one `vllm serve` model on fresh random images (one run, one model).
 
     python benchmarks/serve_latency.py MODEL_DIR [--requests 3] [--image 384x384] [--max-tokens 32]
-        [--xargs '{"visor_budget": "max"}'] [--port 8123] [--json out.json] [-- extra vllm serve args]
+        [--turns 2] [--xargs '{"visor_budget": "max"}'] [--port 8123] [--json out.json]
+        [-- extra vllm serve args]
 
 Starts the server (dtype bfloat16, eager, 2 OMP threads, dummy weights when the dir has none),
 waits for /health, sends each request alone and streaming with a *fresh* random image (so no
-cache hides the encoder), prints one JSON line per request and a summary. Not a test: timings
+cache hides the encoder), prints one JSON line per request and a summary. ``--turns 2`` makes
+each request a conversation: turn 2 re-sends turn 1's image, question and answer plus a new
+question, as chat clients do, and its TTFT is reported apart (``median_ttft_turn2_s``): with
+VISOR's vision cache on (the default) turn 2 skips SigLIP; ``VISOR_VISION_CACHE_MB=0`` in the
+environment measures the same without it. Not a test: timings
 on a 2-core box vary run to run; compare models only within one machine and session.
 """
 
@@ -62,24 +67,40 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 900) -> float
     raise SystemExit("server not ready")
 
 
-def one_request(client, url: str, max_tokens: int, xargs: dict | None) -> dict:
+QUESTIONS = ["Describe the image in detail.", "What is in its top left corner?",
+             "Which colour covers most of it?", "Is anything written on it?"]
+
+
+def conversation(url: str, answers: list[str]) -> list[dict]:
+    """Turn ``len(answers) + 1`` of a chat about one image: the image rides in the first turn."""
     msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": "Describe the image in detail."}]}]
+                                         {"type": "text", "text": QUESTIONS[0]}]}]
+    for i, a in enumerate(answers):
+        msgs += [{"role": "assistant", "content": a},
+                 {"role": "user", "content": QUESTIONS[(i + 1) % len(QUESTIONS)]}]
+    return msgs
+
+
+def one_request(client, url: str, max_tokens: int, xargs: dict | None,
+                answers: list[str] = ()) -> dict:
+    msgs = conversation(url, list(answers))
     t0 = time.perf_counter()
     stamps = []
     stream = client.chat.completions.create(
         model="m", messages=msgs, max_tokens=max_tokens, temperature=0, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True,
                                                             **({"vllm_xargs": xargs} if xargs else {})})
-    usage = None
+    usage, text = None, []
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content is not None:
             stamps.append(time.perf_counter())
+            text.append(chunk.choices[0].delta.content)
         usage = chunk.usage or usage
     ttft = stamps[0] - t0
     itl = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
     return {"ttft_s": round(ttft, 3), "itl_ms": round(1000 * itl, 1),
-            "prompt_tokens": usage.prompt_tokens if usage else None, "chunks": len(stamps)}
+            "prompt_tokens": usage.prompt_tokens if usage else None, "chunks": len(stamps),
+            "text": "".join(text)}
 
 
 def main() -> None:
@@ -88,6 +109,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3)
     ap.add_argument("--image", default="384x384")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--turns", type=int, default=1, help="turns per conversation (same image)")
     ap.add_argument("--xargs", type=json.loads, default=None)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -106,12 +128,20 @@ def main() -> None:
         rng = np.random.default_rng(0)
         rows = []
         for i in range(args.requests):
-            row = one_request(client, data_url(rng, w, h), args.max_tokens, args.xargs)
-            rows.append(row)
-            print(json.dumps({"request": i, **row}), flush=True)
+            url, answers = data_url(rng, w, h), []
+            for turn in range(1, args.turns + 1):
+                row = one_request(client, url, args.max_tokens, args.xargs, answers)
+                answers.append(row.pop("text"))
+                rows.append({"request": i, "turn": turn, **row})
+                print(json.dumps(rows[-1]), flush=True)
+        first = [r for r in rows if r["turn"] == 1]
         summary = {"model": str(args.model), "server_ready_s": round(ready, 1), "requests": rows,
-                   "median_ttft_s": float(np.median([r["ttft_s"] for r in rows])),
+                   "vision_cache_mb": os.environ.get("VISOR_VISION_CACHE_MB", "default"),
+                   "median_ttft_s": float(np.median([r["ttft_s"] for r in first])),
                    "median_itl_ms": float(np.median([r["itl_ms"] for r in rows]))}
+        for turn in range(2, args.turns + 1):
+            summary[f"median_ttft_turn{turn}_s"] = float(np.median(
+                [r["ttft_s"] for r in rows if r["turn"] == turn]))
         print(json.dumps(summary), flush=True)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))

@@ -39,6 +39,9 @@ def register() -> None:
     except ImportError:  # reference-only install
         pass
     else:
+        from visor_vllm.patches import apply_config_patches
+
+        apply_config_patches()  # cudagraphs off, V1 runner: logged (ledger entry 5)
         if "VisorForConditionalGeneration" not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model("VisorForConditionalGeneration",
                                          "visor_vllm.engine.vllm_model:VisorForConditionalGeneration")

@@ -61,6 +61,22 @@ Ledger
    When it can go.  When vLLM catches ``DecompressionBombError`` (the test
    ``tests/engine/test_inputs.py`` pins the 500 and will say so).
 
+5. ``vllm-models-config-map-visor-hook`` (vLLM 0.32 ``MODELS_CONFIG_MAP``; every process that
+   builds a ``VllmConfig``)
+
+   Why.  Two vLLM defaults would break VISOR far from their cause: full decode-only CUDA
+   graphs for encoder-decoder models on GPU (VISOR's step has data-dependent shapes and
+   per-request state), and Model Runner V2 wherever Triton exists (VISOR's per-request state
+   arrives through a V1 logits processor). vLLM's supported seam for per-architecture config
+   changes is ``verify_and_update_config`` in ``MODELS_CONFIG_MAP``, but that dict has no
+   registration API for out-of-tree models.
+   How.  ``MODELS_CONFIG_MAP["VisorForConditionalGeneration"] = VisorConfigHook``
+   (`visor_vllm.engine.config_hook`), installed by ``register()``; the hook sets
+   ``cudagraph_mode = NONE`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (when unset) with a log line,
+   and refuses an explicit ``VLLM_USE_V2_MODEL_RUNNER=1``.
+   When it can go.  When vLLM offers a registration API for config hooks (then use it), and
+   the settings themselves when the VISOR step is graph-safe and has an MRV2 model state.
+
 Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
 reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
 token counts with encoder placeholder offsets when it decides which encoder inputs to run, so a
@@ -317,3 +333,46 @@ FRONTEND_PATCHES: list[Patch] = [
 def apply_frontend_patches() -> list[str]:
     """Apply the patches the VISOR multimodal processor's process needs; idempotent."""
     return _apply(FRONTEND_PATCHES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 5 (every process that builds a VllmConfig): VISOR's config hook in MODELS_CONFIG_MAP
+# ---------------------------------------------------------------------------------------------
+
+def _vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _config_hook_applied() -> bool:
+    from visor_vllm.engine import config_hook
+
+    return config_hook.installed()
+
+
+def _apply_config_hook() -> None:
+    from visor_vllm.engine import config_hook
+
+    config_hook.install()
+
+
+CONFIG_PATCHES: list[Patch] = [
+    Patch(
+        name="vllm-models-config-map-visor-hook",
+        target="vllm.model_executor.models.config.MODELS_CONFIG_MAP"
+               "['VisorForConditionalGeneration']",
+        why="full decode-only CUDA graphs and Model Runner V2 are vLLM defaults VISOR cannot "
+            "run under; MODELS_CONFIG_MAP is the per-architecture seam but has no registration API.",
+        how="insert VisorConfigHook (visor_vllm.engine.config_hook): cudagraph_mode NONE, "
+            "VLLM_USE_V2_MODEL_RUNNER=0 when unset, an explicit 1 refused; each logged.",
+        removal="use vLLM's registration API once there is one; drop the settings once the "
+                "VISOR step is graph-safe and has an MRV2 model state.",
+        needed=_vllm_importable, applied=_config_hook_applied, apply=_apply_config_hook,
+    ),
+]
+
+
+def apply_config_patches() -> list[str]:
+    """Install VISOR's vLLM config hook where vLLM is installed (``register()``); idempotent."""
+    return _apply(CONFIG_PATCHES)

@@ -12,6 +12,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality  # noqa: E402
 
 from visor_vllm.engine import bridge  # noqa: E402
+from visor_vllm.model.budget import parse_budget  # noqa: E402
 from visor_vllm.model.config import preset_tiny  # noqa: E402
 
 
@@ -66,12 +67,12 @@ def test_flops_caps_and_receipts_at_the_first_step(tmp_path, monkeypatch):
         (1, SamplingParams(extra_args={"visor_receipt": "not-an-id"}), [5, 6], []),
     ]))
     first, n_vision = torch.tensor([True, True, False, False]), torch.tensor([16, 0, 0, 0])
-    st.apply_flops_caps(first, n_vision)
+    st.apply_flops_caps(first, n_vision, torch.arange(4))  # V1: slot = row
     assert st.allowed[0].tolist() == [True, False, False, False] and not st.cap_met[0]
     assert st.allowed[1].all()  # no cap asked for
     st.sa_mask[0, 0] = True
     st.config_index[0] = 0
-    st.emit_receipts(first, n_vision, has_router=True)
+    st.emit_receipts(first, n_vision, has_router=True, slots=torch.arange(4))
     files = list(tmp_path.glob("*.json"))
     assert [f.stem for f in files] == [rid]  # the invalid id wrote nothing
     r = receipts.take(rid)
@@ -109,7 +110,7 @@ def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch):
     def step(q, seq, computed, nv):
         qsl = torch.tensor([0, *torch.tensor(q).cumsum(0).tolist()])
         return NS(R=len(q), qsl=qsl, seq_lens=torch.tensor(seq), computed=torch.tensor(computed),
-                  n_vision=torch.tensor(nv))
+                  n_vision=torch.tensor(nv), slots=torch.arange(len(q)))
 
     st.account(step([3, 4], [3, 4], [0, 0], [16, 0]), w, has_router=True)   # both prefill
     for j in range(1, 5):                                                     # 4 decode steps
@@ -125,3 +126,25 @@ def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch):
     b.update_state(update(removed=[0], added=[(0, SamplingParams(), [5, 6], [9, 9])]))  # resumed
     st.account(step([4, 1], [4, 9], [0, 8], [16, 0]), w, has_router=True)
     assert r.drain()[1] == []  # a resumed request is no new request (its re-prefill is counted)
+
+
+def test_rows_reach_their_slots_when_batch_order_differs(tmp_path, monkeypatch):
+    """Model Runner V2 keeps per-request state at a fixed index (idx_mapping), not the batch row:
+    batch row 0 is slot 2 and row 1 is slot 0; caps and receipts must follow the slot."""
+    import torch
+
+    from visor_vllm.engine import receipts
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    rid = receipts.new_id()
+    st.set_row(2, parse_budget({"visor_max_flops": 1e-6}, st.cfg), [5, 6, 7], rid)
+    st.set_row(0, parse_budget({}, st.cfg), [5, 6])
+    first, n_vision, slots = torch.tensor([True, True]), torch.tensor([16, 0]), torch.tensor([2, 0])
+    st.apply_flops_caps(first, n_vision, slots)
+    assert st.allowed[2].tolist() == [True, False, False, False] and not st.cap_met[2]
+    assert st.allowed[0].all() and st.cap_met[0]
+    st.emit_receipts(first, n_vision, has_router=True, slots=slots)
+    r = receipts.take(rid)
+    assert r["n_image"] == 16 and r["n_text"] == 3 and r["flops_cap_met"] is False

@@ -159,3 +159,40 @@ def test_vision_kv_lives_only_in_ca_and_sa_capable_layers(llm, visor_ckpt):
                   + [f"language_model.model.layers.{i}.vision_kv" for i in cfg.sa_capable_layers])
     assert cross == want
     assert len(text) == cfg.num_layers and len(specs) == len(cross) + len(text)
+
+
+def vision_cache_stats(worker) -> dict:
+    """Runs in the worker: the VISOR model's vision-tower cache counters."""
+    return worker.get_model().vision_cache.stats()
+
+
+def test_a_second_turn_with_the_same_image_skips_the_vision_tower(llm, batched):
+    """Same image, new text (a chat's next turn): a cache hit, and the tokens of a fresh tower
+    run (the batched run above computed `image(1)` itself; `sa_1_6` and `sa_1_4_6` share it)."""
+    before = llm.collective_rpc(vision_cache_stats, timeout=120)[0]
+    alone = run(llm, ["sa_1_6"])["sa_1_6"]
+    after = llm.collective_rpc(vision_cache_stats, timeout=120)[0]
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
+    assert list(alone.token_ids) == list(batched["sa_1_6"].token_ids)
+    assert 0 < after["bytes"] <= after["max_bytes"]
+
+
+def test_without_enforce_eager_the_tokens_are_the_eager_ones(visor_ckpt, batched):
+    """vLLM's default path (compilation on; on GPU CUDA graphs, which VISOR's config hook turns
+    off with a log line): the same tokens and logprobs as the eager engine, every case batched."""
+    from vllm import LLM
+
+    compiled = LLM(model=str(visor_ckpt), dtype="float32", max_model_len=4096,
+                   max_num_batched_tokens=8192, max_num_seqs=16, limit_mm_per_prompt={"image": 2},
+                   seed=0)
+    try:
+        cc = compiled.llm_engine.vllm_config.compilation_config
+        assert cc.cudagraph_mode.name == "NONE"
+        outs = run(compiled, list(CASES))
+    finally:
+        compiled.llm_engine.engine_core.shutdown()
+    for name in CASES:
+        assert list(outs[name].token_ids) == list(batched[name].token_ids), name
+        for a, b in zip(outs[name].logprobs, batched[name].logprobs):
+            assert a.keys() == b.keys(), name
+            assert all(abs(a[t].logprob - b[t].logprob) < ATOL for t in a), name

@@ -23,9 +23,10 @@ Footguns.
   persistent batch).
 * The entry point is read by *both* model runners. Model Runner V2 (vLLM's GPU default) rejects
   V1-interface classes and would then refuse to start *any* model, so the bridge also
-  implements the V2 interface -- there it only validates budgets. VISOR itself needs the V1
-  runner in vLLM 0.32 (the model says so at load); on MRV2 the channel would be a model state
-  class (``get_model_state_cls``) -- see the README.
+  implements the V2 interface -- there it only validates budgets. On MRV2 the channel is
+  `visor_vllm.engine.model_state.VisorModelState` instead, writing the same `RowState` at the
+  request's state index ("slot"); every `RowState` method that the model calls takes the
+  batch's row -> slot map (on V1, the identity).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ FRONTEND_CONFIG = None
 
 
 class RowState:
-    """Row-indexed tensors (row = position in vLLM's persistent batch)."""
+    """Slot-indexed tensors (slot = the persistent-batch row on V1, the state index on MRV2)."""
 
     def __init__(self, cfg, max_rows: int, device: torch.device | str = "cpu", model_path: str = ""):
         L, C = cfg.num_layers, len(cfg.sa_configs)
@@ -121,38 +122,44 @@ class RowState:
             s = getattr(self, name)
             s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
 
-    def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor) -> None:
+    def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor,
+                         slots: torch.Tensor) -> None:
         """Narrow ``allowed`` of first-step rows [R] with a FLOP cap to what fits their counts.
 
-        A Python loop over *capped first-step* rows only: once per such request, not per token.
+        ``slots`` [R]: each batch row's slot here. A Python loop over *capped first-step* rows
+        only: once per such request, not per token.
         """
-        for r in first.nonzero().flatten().tolist():
-            budget = self.budgets[r]
+        rows = first.nonzero().flatten().tolist()
+        for r, k in zip(rows, slots[rows].tolist() if rows else []):
+            budget = self.budgets[k]
             if budget.max_flops is None:
                 continue
-            mask, met = flops_fit(self.cfg, self.allowed[r].tolist(), budget.max_flops,
-                                  int(n_vision[r]), int(self.prompt_len[r]))
-            self.allowed[r] = torch.tensor(mask, device=self.allowed.device)
-            self.cap_met[r] = met
+            mask, met = flops_fit(self.cfg, self.allowed[k].tolist(), budget.max_flops,
+                                  int(n_vision[r]), int(self.prompt_len[k]))
+            self.allowed[k] = torch.tensor(mask, device=self.allowed.device)
+            self.cap_met[k] = met
 
-    def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool) -> None:
+    def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool,
+                      slots: torch.Tensor) -> None:
         """Write the receipt of every first-step row [R] that asked for one (`visor_vllm.engine.receipts`)."""
         if not bool(first.any()):  # decode steps: one check, no per-row work
             return
-        rows = [r for r in first.nonzero().flatten().tolist() if self.receipts[r]]
-        if not rows:
+        rows = first.nonzero().flatten().tolist()
+        pairs = [(r, k) for r, k in zip(rows, slots[rows].tolist()) if self.receipts[k]]
+        if not pairs:
             return
-        sa = self.sa_mask[rows].cpu()
-        allowed = self.allowed[rows].sum(-1).tolist()
-        for j, r in enumerate(rows):
-            budget, nv = self.budgets[r], int(n_vision[r])
+        ks = [k for _, k in pairs]
+        sa = self.sa_mask[ks].cpu()
+        allowed = self.allowed[ks].sum(-1).tolist()
+        for j, (r, k) in enumerate(pairs):
+            budget, nv = self.budgets[k], int(n_vision[r])
             layers = sa[j].nonzero().flatten().tolist() if nv else []
-            receipts.write(self.receipts[r], dict(
-                sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[r]),
-                n_image=nv, n_text=int(self.prompt_len[r]), n_routing=self.n_routing[r],
-                routed=self._routed(r, nv, has_router, allowed[j]),
+            receipts.write(self.receipts[k], dict(
+                sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[k]),
+                n_image=nv, n_text=int(self.prompt_len[k]), n_routing=self.n_routing[k],
+                routed=self._routed(k, nv, has_router, allowed[j]),
                 budget=budget.mode, budget_source=budget.source, max_flops=budget.max_flops,
-                flops_cap_met=bool(self.cap_met[r]), model=self.model_path))
+                flops_cap_met=bool(self.cap_met[k]), model=self.model_path))
 
 
     def _routed(self, r: int, nv: int, has_router: bool, n_allowed: int) -> bool:
@@ -168,34 +175,35 @@ class RowState:
         """
         from visor_vllm.model.flops import decode_step_affine, dense_prefill_flops, prefill_flops
 
-        R = s.R
+        sl = s.slots                                                     # [R] row -> slot
         q = (s.qsl[1:] - s.qsl[:-1]).to(torch.float64)                   # [R] tokens this step
         first = (s.computed == 0) & (q > 0)      # [R] (q == 0: a padded row, e.g. under graphs)
         vp = dp = 0.0
         events = []
         if bool(first.any()):
             rows = first.nonzero().flatten().tolist()
-            sa = self.sa_mask[rows].cpu()
-            n_allowed = self.allowed[rows].sum(-1).tolist()
-            counts = torch.stack([s.n_vision[rows], q[rows].long(), self.prompt_len[rows]]).tolist()
-            for j, r in enumerate(rows):
+            ks = sl[rows].tolist()
+            sa = self.sa_mask[ks].cpu()
+            n_allowed = self.allowed[ks].sum(-1).tolist()
+            counts = torch.stack([s.n_vision[rows], q[rows].long(), self.prompt_len[ks]]).tolist()
+            for j, k in enumerate(ks):
                 nv, nt_run, nt = counts[0][j], counts[1][j], counts[2][j]
                 layers = sa[j].nonzero().flatten().tolist() if nv else []
-                routed = self._routed(r, nv, has_router, n_allowed[j])
+                routed = self._routed(k, nv, has_router, n_allowed[j])
                 vp += prefill_flops(self.cfg, nv, nt_run, layers,
-                                    min(self.n_routing[r], nt_run), routed)
+                                    min(self.n_routing[k], nt_run), routed)
                 dp += dense_prefill_flops(self.cfg, nv, nt_run)
                 a_visor, a_dense, _ = decode_step_affine(self.cfg, nv, layers)
-                self.decode_a[r], self.dense_a[r] = float(a_visor), float(a_dense)
-                if not self.resumed[r]:
+                self.decode_a[k], self.dense_a[k] = float(a_visor), float(a_dense)
+                if not self.resumed[k]:
                     events.append((sum(1 << i for i in layers),
-                                   stats.SOURCES.index(self.budgets[r].source), nv, nt,
-                                   int(bool(self.cap_met[r]))))
+                                   stats.SOURCES.index(self.budgets[k].source), nv, nt,
+                                   int(bool(self.cap_met[k]))))
         dec = (~first & (q > 0)).to(torch.float64)                        # [R]
         c = s.seq_lens.to(torch.float64)                                 # [R] context after step
         ctx = self.decode_slope * (dec * (q * c - q * (q - 1) / 2)).sum()  # b * sum of contexts
-        vd, dd = torch.stack([(dec * q * self.decode_a[:R]).sum() + ctx,
-                              (dec * q * self.dense_a[:R]).sum() + ctx]).tolist()
+        vd, dd = torch.stack([(dec * q * self.decode_a[sl]).sum() + ctx,
+                              (dec * q * self.dense_a[sl]).sum() + ctx]).tolist()
         writer.add(vp, vd, dp, dd, events)
 
 

@@ -74,6 +74,7 @@ from vllm.v1.attention.backend import AttentionType
 
 from visor_vllm import patches
 from visor_vllm.engine import bridge, stats
+from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
 from visor_vllm.model.config import VisorConfig
@@ -300,7 +301,7 @@ class VisorRouter(nn.Module):
 class _Step:
     """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
 
-    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs):
+    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs, slots=None):
         md = get_forward_context().attn_metadata
         text_md = md[model.layers[0].self_attn.attn.layer_name]
         x_md = md[model.first_cross_name]
@@ -311,9 +312,12 @@ class _Step:
         self.seq_lens = text_md.seq_lens[: self.R].long()               # [R] after this step
         self.computed = self.seq_lens - q_lens                          # [R]
         self.n_vision = x_md.seq_lens[: self.R].long()                  # [R]
+        # each row's slot in bridge.RowState: V1 = the persistent-batch row itself; MRV2 = the
+        # request's state index (input_batch.idx_mapping, passed by engine/model_state.py)
+        self.slots = (torch.arange(self.R, device=dev) if slots is None
+                      else slots[: self.R].to(dev).long())                       # [R]
         self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
         self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
-        self.q_max = int(q_lens.max()) if self.R else 0
         pos = positions.clone()
         pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
         self.positions = pos
@@ -364,7 +368,7 @@ class VisorDecoder(nn.Module):
         self._stats: stats.StatsWriter | None | bool = None  # False: could not open, stay off
 
     # -- the step --------------------------------------------------------------------------------
-    def forward(self, input_ids, positions, encoder_outputs=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, encoder_outputs=None, visor_slots=None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         md = get_forward_context().attn_metadata
         if not isinstance(md, dict) or self.first_cross_name not in md:  # profiling/dummy run
@@ -372,7 +376,7 @@ class VisorDecoder(nn.Module):
                 hs, res = layer(positions, h, None)
                 h = hs + res
             return self.norm(h)
-        s = _Step(self, input_ids, positions, encoder_outputs)
+        s = _Step(self, input_ids, positions, encoder_outputs, visor_slots)
         state = bridge.STATE
         if state is None:
             raise RuntimeError("visor_vllm.engine.bridge:VisorBudgetBridge is not loaded; install "
@@ -400,7 +404,7 @@ class VisorDecoder(nn.Module):
     def _side_channels(self, s: _Step, state) -> None:
         """Receipts and executed-FLOP stats. Side channels: a failure is logged, never raised."""
         try:
-            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None)
+            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None, s.slots)
         except Exception:  # noqa: BLE001
             logger.exception("VISOR: could not write a receipt (the request still runs)")
         if self._stats is None:
@@ -418,35 +422,38 @@ class VisorDecoder(nn.Module):
 
     def _initial_sa_mask(self, s: _Step, state) -> torch.Tensor:
         """Decode rows: the stored configuration. First-step rows: explicit, forced or always-on."""
-        R = s.R
-        mask = state.sa_mask[:R].clone()
+        R, sl = s.R, s.slots
+        mask = state.sa_mask[sl]                                         # [R, L] (a copy)
         new = s.new
         if bool(new.any()):
-            state.apply_flops_caps(new, s.n_vision)  # needs this step's token counts
-            single = state.allowed[:R].sum(-1) == 1                      # min / max budgets
-            forced = state.config_masks[state.allowed[:R].float().argmax(-1)]  # [R, L]
+            state.apply_flops_caps(new, s.n_vision, sl)  # needs this step's token counts
+            allowed = state.allowed[sl]                                  # [R, C]
+            single = allowed.sum(-1) == 1                                # min / max budgets
+            forced = state.config_masks[allowed.float().argmax(-1)]      # [R, L]
             init = torch.where(single[:, None], forced, state.always_on.expand(R, -1))
-            init = torch.where(state.has_explicit[:R, None], state.explicit[:R], init)
+            explicit = state.has_explicit[sl]                            # [R]
+            init = torch.where(explicit[:, None], state.explicit[sl], init)
             mask = torch.where(new[:, None], init, mask)
             if self.router is None:  # one configuration: nothing to choose
-                mask = torch.where(new[:, None] & ~state.has_explicit[:R, None],
+                mask = torch.where(new[:, None] & ~explicit[:, None],
                                    state.config_masks[0].expand(R, -1), mask)
-            state.sa_mask[:R] = mask
-            idx = torch.where(single, state.allowed[:R].float().argmax(-1), -1)
-            state.config_index[:R] = torch.where(new, idx, state.config_index[:R])
+            state.sa_mask[sl] = mask
+            idx = torch.where(single, allowed.float().argmax(-1), -1)
+            state.config_index[sl] = torch.where(new, idx, state.config_index[sl])
         return mask
 
     def _route(self, h, input_ids, s: _Step, state, sa_mask) -> torch.Tensor:
         """Router on the routing tokens of first-step rows; the costliest vote per row wins."""
-        R, C = s.R, len(self.cfg.sa_configs)
-        needs = s.new & ~state.has_explicit[:R] & (state.allowed[:R].sum(-1) > 1)   # [R]
+        R, C, sl = s.R, len(self.cfg.sa_configs), s.slots
+        allowed = state.allowed[sl]                                                   # [R, C]
+        needs = s.new & ~state.has_explicit[sl] & (allowed.sum(-1) > 1)              # [R]
         if not bool(needs.any()):
             return sa_mask
         tok = (input_ids[: s.N] == self.cfg.routing_token_id) & needs[s.row] \
-            & (s.computed[s.row] + s.col < state.prompt_len[:R][s.row])             # [N]
+            & (s.computed[s.row] + s.col < state.prompt_len[sl][s.row])              # [N]
         rows = s.row[tok]                                                             # [M]
         logits = self.router(h[: s.N][tok]).float()                                   # [M, C]
-        logits = logits.masked_fill(~state.allowed[:R][rows], float("-inf"))
+        logits = logits.masked_fill(~allowed[rows], float("-inf"))
         votes = logits.argmax(-1)                                                     # [M]
         sizes = state.config_masks.sum(-1)                                            # [C]
         key = sizes[votes] * C + votes
@@ -456,12 +463,12 @@ class VisorDecoder(nn.Module):
         if bool(missing.any()):  # the processor rejects such prompts; never crash the engine
             logger.warning("VISOR: %d row(s) had no routing token; using their costliest "
                            "allowed configuration", int(missing.sum()))
-            allowed_key = torch.where(state.allowed[:R], sizes[None] * C + torch.arange(C), -1)
+            allowed_key = torch.where(allowed, sizes[None] * C + torch.arange(C), -1)
             best = torch.where(missing, allowed_key.max(-1).values, best)
         chosen = torch.where(needs, best % C, -1)
         sa_mask = torch.where(needs[:, None], state.config_masks[chosen.clamp(min=0)], sa_mask)
-        state.sa_mask[:R] = sa_mask
-        state.config_index[:R] = torch.where(needs, chosen, state.config_index[:R])
+        state.sa_mask[sl] = sa_mask
+        state.config_index[sl] = torch.where(needs, chosen, state.config_index[sl])
         return sa_mask
 
     # -- SA-capable layer ------------------------------------------------------------------------
@@ -501,7 +508,13 @@ class VisorDecoder(nn.Module):
         return h, vis
 
     def _vision_block(self, layer, x, rows, cols, R: int):
-        """The ordinary layer on visual tokens only (V precedes T, so T cannot change V)."""
+        """The ordinary layer on visual tokens only (V precedes T, so T cannot change V).
+
+        x [n, d]: the visual tokens of the first-step rows that run this layer, grouped by row
+        in row order (``rows`` ascending). Attention runs per row, causal, with no mask: one
+        flash-attention call over each row's own ``Nv`` tokens, so a row costs ``Nv**2`` of its
+        own image, never the batch's largest image times the batch's rows.
+        """
         attn = layer.self_attn
         hd = attn.head_dim
         y = layer.input_layernorm(x)
@@ -510,44 +523,68 @@ class VisorDecoder(nn.Module):
         q, k = attn.rotary_emb(cols, q, k)  # vision positions 0..Nv-1
         n = x.shape[0]
         q3, k3, v3 = q.view(n, -1, hd), k.view(n, -1, hd), v.view(n, -1, hd)
-        lens = torch.bincount(rows, minlength=R)                       # [R]
-        qmax = int(lens.max())
-        pad_q = q3.new_zeros(R, qmax, *q3.shape[1:])
-        pad_k = k3.new_zeros(R, qmax, *k3.shape[1:])
-        pad_v = v3.new_zeros(R, qmax, *v3.shape[1:])
-        pad_q[rows, cols], pad_k[rows, cols], pad_v[rows, cols] = q3, k3, v3
-        idx = torch.arange(qmax, device=x.device)
-        valid = idx[None, :] < lens[:, None]                           # [R, qmax]
-        mask = (idx[None, None, :] <= idx[None, :, None]) & valid[:, None, :]
-        mask = mask | ~valid[:, :, None]  # padded query rows: any key, result dropped
-        out = masked_attention(pad_q, pad_k, pad_v, mask, attn.scaling)[rows, cols]
+        out = causal_segments_attention(q3, k3, v3, torch.bincount(rows, minlength=R),
+                                        attn.scaling)
         o, _ = attn.o_proj(out.reshape(n, -1))
         x = x + o
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x, k3, v3
 
 
+def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention within consecutive segments: q [n, H, D], k/v [n, Hkv, D], lens [R]
+    (``sum(lens) == n``, zeros allowed) -> [n, H, D]. One unmasked ``is_causal`` SDPA per
+    non-empty segment (first step only: the segments are the images that arrive now)."""
+    dtype = q.dtype
+    work = torch.float32 if q.device.type == "cpu" else dtype  # see masked_attention
+    out = torch.empty_like(q)
+    start = 0
+    for m in lens[lens > 0].tolist():
+        sl = slice(start, start + m)
+        qs, ks, vs = (t[sl].transpose(0, 1)[None].to(work) for t in (q, k, v))  # [1, H, m, D]
+        out[sl] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                 enable_gqa=True)[0].transpose(0, 1).to(dtype)
+        start += m
+    return out
+
+
 def sa_text_attention(q, s: _Step, tviews, text_block_table, vviews, vision_block_table,
                       active, scale):
     """Text queries [N, H, D] over ``[vision K/V if the row runs the layer ; causal text K/V]``.
 
-    CPU path: gather both paged caches for the batch's rows and run one masked SDPA.
+    CPU path: rows are split into decode rows (one query) and the rest (prefill), and each
+    group gathers only its own rows' paged caches and runs one masked SDPA; so a decode row
+    is never padded to a prefill row's query length, nor to its key length.
     GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
     pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
     ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
     """
     R = s.R
-    kt, vt, tvalid = gather_paged(tviews, text_block_table[:R], s.seq_lens)         # [R, T, ...]
+    q_lens = s.qsl[1:] - s.qsl[:-1]                                                  # [R]
     nv = torch.where(active, s.n_vision, 0)                                          # [R]
-    kv_, vv_, vvalid = gather_paged(vviews, vision_block_table[:R], nv)              # [R, V, ...]
-    qp = q.new_zeros(R, s.q_max, *q.shape[1:])
-    qp[s.row, s.col] = q                                                             # [R, Q, H, D]
-    qi = torch.arange(s.q_max, device=q.device)
-    ti = torch.arange(kt.shape[1], device=q.device)
-    causal = ti[None, None, :] <= (s.computed[:, None, None] + qi[None, :, None])    # [R, Q, T]
-    mask = torch.cat([vvalid[:, None, :].expand(-1, s.q_max, -1), causal & tvalid[:, None, :]], -1)
-    out = masked_attention(qp, torch.cat([kv_, kt], 1), torch.cat([vv_, vt], 1), mask, scale)
-    return out[s.row, s.col]                                                          # [N, H, D]
+    out = torch.empty_like(q)
+    for group in (q_lens == 1, q_lens > 1):
+        rows = group.nonzero().flatten()                                             # [G]
+        if rows.numel() == 0:
+            continue
+        local = torch.full((R,), -1, dtype=torch.long, device=q.device)
+        local[rows] = torch.arange(rows.numel(), device=q.device)
+        lrow = local[s.row]                                                          # [N]
+        tok = lrow >= 0
+        lrow, lcol = lrow[tok], s.col[tok]
+        qmax = int(q_lens[rows].max())
+        kt, vt, tvalid = gather_paged(tviews, text_block_table[rows], s.seq_lens[rows])  # [G, T, ..]
+        kv_, vv_, vvalid = gather_paged(vviews, vision_block_table[rows], nv[rows])       # [G, V, ..]
+        qp = q.new_zeros(rows.numel(), qmax, *q.shape[1:])
+        qp[lrow, lcol] = q[tok]                                                      # [G, Q, H, D]
+        qi = torch.arange(qmax, device=q.device)
+        ti = torch.arange(kt.shape[1], device=q.device)
+        causal = ti[None, None, :] <= (s.computed[rows][:, None, None] + qi[None, :, None])
+        mask = torch.cat([vvalid[:, None, :].expand(-1, qmax, -1),
+                          causal & tvalid[:, None, :]], -1)                          # [G, Q, V+T]
+        res = masked_attention(qp, torch.cat([kv_, kt], 1), torch.cat([vv_, vt], 1), mask, scale)
+        out[tok] = res[lrow, lcol]
+    return out                                                                        # [N, H, D]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,10 +620,6 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
         patches.apply_vllm_patches()
         config: VisorConfig = vllm_config.model_config.hf_config
-        if vllm_config.use_v2_model_runner:
-            raise NotImplementedError(
-                "VISOR needs vLLM's V1 model runner (per-request state reaches the model through "
-                "a V1 logits processor); set VLLM_USE_V2_MODEL_RUNNER=0")
         if config.token_packing_ratio is not None:
             raise NotImplementedError("VISOR-TR checkpoints are not served yet (reference only)")
         self.config = config
@@ -600,13 +633,44 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         with self._mark_language_model(vllm_config):
             self.language_model = VisorLanguageModel(vllm_config=vllm_config,
                                                      prefix=maybe_prefix(prefix, "language_model"))
+        limit = budget_bytes()  # VISOR_VISION_CACHE_MB (engine/vision_cache.py)
+        self.vision_cache = VisionCache(limit) if limit else None
+
+    def _process_image_input(self, image_input):
+        """LLaVA-OV's tower + projector + anyres unpadding, run only on images not cached."""
+        cache = self.vision_cache
+        if cache is None or image_input.get("pixel_values") is None:
+            return super()._process_image_input(image_input)
+        pixels = list(image_input["pixel_values"])                      # per image [P, 3, S, S]
+        sizes = image_input.get("image_sizes")
+        if sizes is None or len(sizes) != len(pixels):
+            return super()._process_image_input(image_input)
+        keys = [image_key(p, s) for p, s in zip(pixels, sizes)]
+        out = [cache.get(k) for k in keys]
+        miss = [i for i, t in enumerate(out) if t is None]
+        if miss:
+            fresh = super()._process_image_input({
+                "type": "pixel_values", "pixel_values": [pixels[i] for i in miss],
+                "image_sizes": torch.stack([torch.as_tensor(sizes[i]) for i in miss])})
+            for i, t in zip(miss, fresh):
+                out[i] = t
+                cache.put(keys[i], t)
+        dev = self.image_newline.device
+        return [t if t.device == dev else t.to(dev, non_blocking=True) for t in out]
+
+    @staticmethod
+    def get_model_state_cls():
+        """Model Runner V2: per-request state through `visor_vllm.engine.model_state`."""
+        from visor_vllm.engine.model_state import VisorModelState
+
+        return VisorModelState
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
         return self.language_model.model.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
-                encoder_outputs=None, **kwargs):
-        return self.language_model.model(input_ids, positions, encoder_outputs)
+                encoder_outputs=None, visor_slots=None, **kwargs):
+        return self.language_model.model(input_ids, positions, encoder_outputs, visor_slots)
 
     def compute_logits(self, hidden_states):
         lm = self.language_model

@@ -1,0 +1,79 @@
+"""VISOR's vLLM config hook: CUDA graphs off and the V1 runner by default, each logged.
+
+The hook is ledger entry 5 (`visor_vllm.patches`); `register()` installs it, and vLLM calls it
+while it builds a `VllmConfig`, i.e. before any engine process exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = [pytest.mark.vllm]
+
+
+def fake_config(mode):
+    return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode))
+
+
+@pytest.mark.parametrize("mode", [None, "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE", "PIECEWISE"])
+def test_hook_turns_cuda_graphs_off_with_a_log_line(mode, monkeypatch, caplog):
+    from vllm.config.compilation import CUDAGraphMode
+
+    from visor_vllm.engine.config_hook import VisorConfigHook
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    cfg = fake_config(None if mode is None else CUDAGraphMode[mode])
+    with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
+        VisorConfigHook.verify_and_update_config(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert "CUDA graphs off" in caplog.text
+
+
+def test_hook_leaves_an_eager_config_alone(monkeypatch, caplog):
+    from vllm.config.compilation import CUDAGraphMode
+
+    from visor_vllm.engine.config_hook import VisorConfigHook
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    cfg = fake_config(CUDAGraphMode.NONE)
+    with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
+        VisorConfigHook.verify_and_update_config(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE and not caplog.text
+
+
+def test_hook_picks_the_v1_runner_when_unset_and_lets_an_explicit_v2_through(monkeypatch, caplog):
+    import os
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from visor_vllm.engine.config_hook import VisorConfigHook
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    VisorConfigHook.verify_and_update_config(fake_config(CUDAGraphMode.NONE))
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # engine processes inherit it
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
+        VisorConfigHook.verify_and_update_config(fake_config(CUDAGraphMode.NONE))
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1" and "experimental" in caplog.text
+
+
+def test_register_installs_the_hook_and_vllm_calls_it(visor_ckpt, monkeypatch):
+    """Through vLLM's own config path: the map entry exists and a built config is eager, V1."""
+    import os
+
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from visor_vllm import patches, register
+
+    register()
+    assert patches.CONFIG_PATCHES[0].applied()
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    cfg = EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
+                     compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}
+                     ).create_engine_config()
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0" and not cfg.use_v2_model_runner

@@ -1,0 +1,80 @@
+"""What VISOR changes in a `VllmConfig` before the engine starts, and why (one place, logged).
+
+What. `VisorConfigHook` is vLLM's per-architecture config hook (``MODELS_CONFIG_MAP``, ledger
+entry 5 in `visor_vllm.patches`): vLLM calls it from ``VllmConfig.__post_init__`` in the
+process that builds the config (``vllm serve``, ``LLM(...)``), before compilation and
+CUDA-graph defaults are resolved.
+
+* **CUDA graphs off.** vLLM runs encoder-decoder models with full decode-only CUDA graphs on
+  GPU. VISOR's step reads per-request state and has data-dependent shapes (the first step's
+  routing and per-image attention, SA-layer gathers sized by the batch's longest row), so a
+  graph capture would fail or replay stale shapes. The hook sets ``cudagraph_mode = NONE``
+  with one log line instead of letting capture crash. Compilation stays as configured: the
+  VISOR decoder is not a ``support_torch_compile`` module, so it runs eagerly either way (the
+  equivalence suite runs with and without ``enforce_eager``).
+* **Model Runner V2 off unless asked for.** vLLM picks MRV2 by default where Triton exists (GPU
+  installs). VISOR's proven path is the V1 runner, where per-request state reaches the model
+  through a V1 logits processor (`visor_vllm.engine.bridge`). MRV2 has its own channel
+  (`visor_vllm.engine.model_state`, through ``get_model_state_cls``), but MRV2 needs Triton,
+  which this project's CPU machines lack, so it has never run end to end here. When
+  ``VLLM_USE_V2_MODEL_RUNNER`` is unset the hook sets it to ``0`` (inherited by the engine
+  processes it starts) and logs it; an explicit ``1`` is an opt-in and gets a warning.
+
+Footguns. The hook runs once per config (vLLM's ``config_updated`` flag) and only in processes
+that build one; engine processes inherit the environment variable, so it must be set before
+they start, which is when vLLM calls the hook. Import nothing heavy at module top level
+(`register()` imports this module in every vLLM process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("visor_vllm.engine")
+
+ARCH = "VisorForConditionalGeneration"
+MRV2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+class VisorConfigHook:
+    """Duck-typed `vllm.model_executor.models.config.VerifyAndUpdateConfig` for VISOR."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return None
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.config.compilation import CUDAGraphMode
+
+        cc = vllm_config.compilation_config
+        if cc.cudagraph_mode is None or cc.cudagraph_mode != CUDAGraphMode.NONE:
+            was = "default" if cc.cudagraph_mode is None else cc.cudagraph_mode.name
+            cc.cudagraph_mode = CUDAGraphMode.NONE
+            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): the VISOR step "
+                           "has data-dependent shapes and per-request state that a captured "
+                           "graph cannot replay; decode runs eagerly", was)
+        choice = os.environ.get(MRV2_ENV)
+        if choice is None:
+            os.environ[MRV2_ENV] = "0"
+            logger.warning("VISOR: %s=0 (the V1 model runner, VISOR's proven path); set %s=1 "
+                           "to opt in to VISOR's Model Runner V2 state (experimental)",
+                           MRV2_ENV, MRV2_ENV)
+        elif choice.strip().lower() in ("1", "true"):
+            logger.warning("VISOR: %s=%s: Model Runner V2 with VisorModelState is experimental "
+                           "(not run end to end in this project's CI: MRV2 needs Triton)",
+                           MRV2_ENV, choice)
+
+
+def install() -> None:
+    """Put the hook into vLLM's per-architecture map (idempotent; ledger entry 5)."""
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    MODELS_CONFIG_MAP[ARCH] = VisorConfigHook
+
+
+def installed() -> bool:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    return MODELS_CONFIG_MAP.get(ARCH) is VisorConfigHook
