@@ -318,6 +318,20 @@ class _Step:
                       else slots[: self.R].to(dev).long())                       # [R]
         self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
         self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
+        # SA text attention's row groups (decode rows, then prefill rows), the same for every
+        # SA-capable layer of the step: (rows [G], tokens [N] in the group, their local row
+        # and column [n_g], the group's longest query)
+        self.attn_groups = []
+        for group in (q_lens == 1, q_lens > 1):
+            rows = group.nonzero().flatten()                                        # [G]
+            if rows.numel() == 0:
+                continue
+            local = torch.full((self.R,), -1, dtype=torch.long, device=dev)
+            local[rows] = torch.arange(rows.numel(), device=dev)
+            lrow = local[self.row]                                                  # [N]
+            tok = lrow >= 0
+            self.attn_groups.append((rows, tok, lrow[tok], self.col[tok],
+                                     int(q_lens[rows].max())))
         pos = positions.clone()
         pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
         self.positions = pos
@@ -559,20 +573,9 @@ def sa_text_attention(q, s: _Step, tviews, text_block_table, vviews, vision_bloc
     pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
     ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
     """
-    R = s.R
-    q_lens = s.qsl[1:] - s.qsl[:-1]                                                  # [R]
     nv = torch.where(active, s.n_vision, 0)                                          # [R]
     out = torch.empty_like(q)
-    for group in (q_lens == 1, q_lens > 1):
-        rows = group.nonzero().flatten()                                             # [G]
-        if rows.numel() == 0:
-            continue
-        local = torch.full((R,), -1, dtype=torch.long, device=q.device)
-        local[rows] = torch.arange(rows.numel(), device=q.device)
-        lrow = local[s.row]                                                          # [N]
-        tok = lrow >= 0
-        lrow, lcol = lrow[tok], s.col[tok]
-        qmax = int(q_lens[rows].max())
+    for rows, tok, lrow, lcol, qmax in s.attn_groups:  # decode rows, then prefill rows
         kt, vt, tvalid = gather_paged(tviews, text_block_table[rows], s.seq_lens[rows])  # [G, T, ..]
         kv_, vv_, vvalid = gather_paged(vviews, vision_block_table[rows], nv[rows])       # [G, V, ..]
         qp = q.new_zeros(rows.numel(), qmax, *q.shape[1:])
