@@ -73,9 +73,9 @@ Ledger
    How.  ``MODELS_CONFIG_MAP["VisorForConditionalGeneration"] = VisorConfigHook``
    (`visor_vllm.engine.config_hook`), installed by ``register()``; the hook sets
    ``cudagraph_mode = NONE`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (when unset) with a log line,
-   and refuses an explicit ``VLLM_USE_V2_MODEL_RUNNER=1``.
+   and warns on an explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` (VISOR's MRV2 state, unproven here).
    When it can go.  When vLLM offers a registration API for config hooks (then use it), and
-   the settings themselves when the VISOR step is graph-safe and has an MRV2 model state.
+   the settings themselves when the VISOR step is graph-safe and its MRV2 state is proven.
 
 Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
 reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
@@ -365,9 +365,9 @@ CONFIG_PATCHES: list[Patch] = [
         why="full decode-only CUDA graphs and Model Runner V2 are vLLM defaults VISOR cannot "
             "run under; MODELS_CONFIG_MAP is the per-architecture seam but has no registration API.",
         how="insert VisorConfigHook (visor_vllm.engine.config_hook): cudagraph_mode NONE, "
-            "VLLM_USE_V2_MODEL_RUNNER=0 when unset, an explicit 1 refused; each logged.",
+            "VLLM_USE_V2_MODEL_RUNNER=0 when unset, an explicit 1 warned about; each logged.",
         removal="use vLLM's registration API once there is one; drop the settings once the "
-                "VISOR step is graph-safe and has an MRV2 model state.",
+                "VISOR step is graph-safe and its MRV2 state is proven end to end.",
         needed=_vllm_importable, applied=_config_hook_applied, apply=_apply_config_hook,
     ),
 ]
