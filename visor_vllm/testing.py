@@ -33,15 +33,16 @@ def random_tiny_model(seed: int = 0, **overrides):
     return model
 
 
-def write_random_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """A complete VISOR checkpoint dir (config, weights, tokenizer, processor) of `random_tiny_model`."""
+def write_random_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """A complete VISOR checkpoint dir (config, weights, tokenizer, processor) of `random_tiny_model`
+    (``overrides``: config fields, e.g. ``token_packing_ratio=2.0`` for a VISOR-TR checkpoint)."""
     from safetensors.torch import save_file
 
     from visor_vllm.checkpoints import files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = random_tiny_model(seed)
+    model = random_tiny_model(seed, **overrides)
     model.config.save_pretrained(out)
     files.build_tokenizer(out, routing_token=True)
     files.write_processor_files(out, model.config, files.VISOR_CHAT_TEMPLATE)

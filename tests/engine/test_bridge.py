@@ -89,8 +89,10 @@ def test_bad_server_default_budget_stops_the_engine(monkeypatch):
         bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
 
 
-def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch):
-    """Prefill + every decode step, as the model reports them, equal `request_flops`."""
+@pytest.mark.parametrize("dense", [None, 40], ids=["plain", "tr"])
+def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch, dense):
+    """Prefill + every decode step, as the model reports them, equal `request_flops` (``tr``:
+    VISOR-TR, VISOR runs on 16 packed tokens, dense LLaVA-OV would have seen 40)."""
     import torch
 
     from visor_vllm.engine import receipts, stats
@@ -110,13 +112,15 @@ def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch):
     def step(q, seq, computed, nv):
         qsl = torch.tensor([0, *torch.tensor(q).cumsum(0).tolist()])
         return NS(R=len(q), qsl=qsl, seq_lens=torch.tensor(seq), computed=torch.tensor(computed),
-                  n_vision=torch.tensor(nv), slots=torch.arange(len(q)))
+                  n_vision=torch.tensor(nv),
+                  n_dense_vision=torch.tensor([dense if (dense and n) else n for n in nv]),
+                  slots=torch.arange(len(q)))
 
     st.account(step([3, 4], [3, 4], [0, 0], [16, 0]), w, has_router=True)   # both prefill
     for j in range(1, 5):                                                     # 4 decode steps
         st.account(step([1, 1], [3 + j, 4 + j], [2 + j, 3 + j], [16, 0]), w, has_router=True)
     flops, events, _ = r.drain()
-    want0 = request_flops(st.cfg, 16, 3, 5, costliest, n_routing=1, routed=False)
+    want0 = request_flops(st.cfg, 16, 3, 5, costliest, n_routing=1, routed=False, n_image_dense=dense)
     want1 = request_flops(st.cfg, 0, 4, 5, [], n_routing=0, routed=False)
     assert flops == [float(want0[k] + want1[k]) for k in
                      ("visor_prefill_flops", "visor_decode_flops", "dense_prefill_flops",

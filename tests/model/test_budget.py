@@ -99,3 +99,20 @@ def test_bad_server_default_names_the_variable(monkeypatch, env):
     monkeypatch.setenv(DEFAULT_ENV, env)
     with pytest.raises(BudgetError, match=DEFAULT_ENV):
         default_budget(CFG)
+
+
+def test_a_flops_cap_is_a_fraction_of_dense_on_the_full_image():
+    """VISOR-TR: the cap compares with dense LLaVA-OV on the image's full count, so a cap that
+    no configuration meets against the packed count is met against the full one."""
+    from visor_vllm.model.budget import flops_fit
+    from visor_vllm.model.config import get_preset
+    from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
+
+    cfg = get_preset("visor-0.5b")
+    cheapest = min(cfg.sa_configs, key=len)
+    cost = prefill_flops(cfg, 741, 60, cheapest)
+    cap = cost / dense_prefill_flops(cfg, 1485, 60) * 1.01
+    mask = [True] * len(cfg.sa_configs)
+    assert flops_fit(cfg, mask, cap, 741, 60)[1] is False
+    fit, met = flops_fit(cfg, mask, cap, 741, 60, n_image_dense=1485)
+    assert met and fit[cfg.sa_configs.index(cheapest)]

@@ -196,3 +196,26 @@ def test_cli_negative_tokens_and_bad_config_path(run_cli, tmp_path):
         run_cli("--config", str(tmp_path / "missing"), "--image-tokens", "1", "--text-tokens", "1",
                 "--output-tokens", "1", "--all-configs")
     assert e.value.code == 2
+
+
+# -- VISOR-TR: packed tokens for VISOR, the image's full count for dense LLaVA-OV ----------------
+
+def test_token_packing_counts_dense_on_the_full_image(cfg05):
+    mn = idx([1, 4])
+    packed = flops.request_flops(cfg05, 741, 60, 16, mn, n_image_dense=1485)
+    plain = flops.request_flops(cfg05, 741, 60, 16, mn)
+    full = flops.request_flops(cfg05, 1485, 60, 16, mn)
+    assert packed["visor_flops"] == plain["visor_flops"]          # VISOR runs on what it gets
+    assert packed["dense_flops"] == full["dense_flops"]            # dense saw the whole image
+    assert (packed["image_tokens"], packed["dense_image_tokens"]) == (741, 1485)
+    assert packed["savings"] > 1.5 * full["savings"]  # ratio 2 (text and the CA/text layers stay)
+    a, d, b = flops.decode_step_affine(cfg05, 741, mn, n_image_dense=1485)
+    assert (a, b) == flops.decode_step_affine(cfg05, 741, mn)[::2]
+    assert d == flops.decode_step_affine(cfg05, 1485, mn)[1]
+
+
+def test_cli_dense_image_tokens(run_cli, cfg05):
+    rc, out = run_cli(*BASE, "--sa", "1,4", "--dense-image-tokens", "1485")
+    data = json.loads(out.out)
+    assert rc == 0 and data["dense_image_tokens"] == 1485 and data["image_tokens"] == 729
+    assert data["dense_flops"] == flops.request_flops(cfg05, 1485, 64, 128, [0, 3])["dense_flops"]

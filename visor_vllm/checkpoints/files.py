@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from visor_vllm.model.config import QWEN2_VOCAB, special_tokens
+from visor_vllm.model.packing import crop_tokens
 
 ROUTE = "<|route|>"
 IMAGE, VIDEO = "<image>", "<video>"
@@ -192,7 +193,8 @@ def _write_json(path: Path, obj) -> None:
 def write_processor_files(out_dir: str | os.PathLike, cfg, template: str) -> None:
     """preprocessor_config.json, processor_config.json, video_preprocessor_config.json, chat template.
 
-    ``cfg``: a `LlavaOnevisionConfig` (or `VisorConfig`): crop size, pinpoints, patch size.
+    ``cfg``: a `LlavaOnevisionConfig` (or `VisorConfig`): crop size, pinpoints, patch size
+    (and a VISOR-TR packing ratio, which the processor's token counts follow).
     """
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
@@ -211,7 +213,8 @@ def write_processor_files(out_dir: str | os.PathLike, cfg, template: str) -> Non
     # By hand: ProcessorMixin.save_pretrained needs a video processor object (torchvision).
     _write_json(out / "processor_config.json", {
         "processor_class": "LlavaOnevisionProcessor",
-        "num_image_tokens": (s // vc.patch_size) ** 2,
+        # a TR checkpoint's packed count: transformers' processor derives every count from it
+        "num_image_tokens": crop_tokens(cfg),
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
         "vision_aspect_ratio": cfg.vision_aspect_ratio,
         "image_token": IMAGE,

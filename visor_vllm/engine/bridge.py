@@ -123,24 +123,26 @@ class RowState:
             s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
 
     def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor,
-                         slots: torch.Tensor) -> None:
+                         slots: torch.Tensor, n_dense: torch.Tensor | None = None) -> None:
         """Narrow ``allowed`` of first-step rows [R] with a FLOP cap to what fits their counts.
 
-        ``slots`` [R]: each batch row's slot here. A Python loop over *capped first-step* rows
-        only: once per such request, not per token.
+        ``slots`` [R]: each batch row's slot here; ``n_dense`` [R]: dense LLaVA-OV's visual
+        tokens (VISOR-TR's full count; default ``n_vision``). A Python loop over *capped
+        first-step* rows only: once per such request, not per token.
         """
+        n_dense = n_vision if n_dense is None else n_dense
         rows = first.nonzero().flatten().tolist()
         for r, k in zip(rows, slots[rows].tolist() if rows else []):
             budget = self.budgets[k]
             if budget.max_flops is None:
                 continue
             mask, met = flops_fit(self.cfg, self.allowed[k].tolist(), budget.max_flops,
-                                  int(n_vision[r]), int(self.prompt_len[k]))
+                                  int(n_vision[r]), int(self.prompt_len[k]), int(n_dense[r]))
             self.allowed[k] = torch.tensor(mask, device=self.allowed.device)
             self.cap_met[k] = met
 
     def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool,
-                      slots: torch.Tensor) -> None:
+                      slots: torch.Tensor, n_dense: torch.Tensor | None = None) -> None:
         """Write the receipt of every first-step row [R] that asked for one (`visor_vllm.engine.receipts`)."""
         if not bool(first.any()):  # decode steps: one check, no per-row work
             return
@@ -151,12 +153,14 @@ class RowState:
         ks = [k for _, k in pairs]
         sa = self.sa_mask[ks].cpu()
         allowed = self.allowed[ks].sum(-1).tolist()
+        n_dense = n_vision if n_dense is None else n_dense
         for j, (r, k) in enumerate(pairs):
             budget, nv = self.budgets[k], int(n_vision[r])
             layers = sa[j].nonzero().flatten().tolist() if nv else []
             receipts.write(self.receipts[k], dict(
                 sa_layers=[i + 1 for i in layers], config_index=int(self.config_index[k]),
-                n_image=nv, n_text=int(self.prompt_len[k]), n_routing=self.n_routing[k],
+                n_image=nv, n_image_dense=int(n_dense[r]), n_text=int(self.prompt_len[k]),
+                n_routing=self.n_routing[k],
                 routed=self._routed(k, nv, has_router, allowed[j]),
                 budget=budget.mode, budget_source=budget.source, max_flops=budget.max_flops,
                 flops_cap_met=bool(self.cap_met[k]), model=self.model_path))
@@ -168,8 +172,8 @@ class RowState:
     def account(self, s, writer, has_router: bool) -> None:
         """Add what this step executed to `visor_vllm.engine.stats` (see there).
 
-        ``s`` is the model's step (`_Step`: ``computed``, ``seq_lens``, ``qsl``, ``n_vision``
-        per row). First-step rows: prefill FLOPs on the text tokens the step ran, and one
+        ``s`` is the model's step (`_Step`: ``computed``, ``seq_lens``, ``qsl``, ``n_vision``,
+        ``n_dense_vision`` per row). First-step rows: prefill FLOPs on the text tokens the step ran, and one
         request event unless the row resumed after preemption; other rows: ``q`` decode tokens
         ending at text context ``seq_len``.
         """
@@ -185,15 +189,16 @@ class RowState:
             ks = sl[rows].tolist()
             sa = self.sa_mask[ks].cpu()
             n_allowed = self.allowed[ks].sum(-1).tolist()
-            counts = torch.stack([s.n_vision[rows], q[rows].long(), self.prompt_len[ks]]).tolist()
+            counts = torch.stack([s.n_vision[rows], q[rows].long(), self.prompt_len[ks],
+                                  s.n_dense_vision[rows]]).tolist()
             for j, k in enumerate(ks):
-                nv, nt_run, nt = counts[0][j], counts[1][j], counts[2][j]
+                nv, nt_run, nt, nd = counts[0][j], counts[1][j], counts[2][j], counts[3][j]
                 layers = sa[j].nonzero().flatten().tolist() if nv else []
                 routed = self._routed(k, nv, has_router, n_allowed[j])
                 vp += prefill_flops(self.cfg, nv, nt_run, layers,
                                     min(self.n_routing[k], nt_run), routed)
-                dp += dense_prefill_flops(self.cfg, nv, nt_run)
-                a_visor, a_dense, _ = decode_step_affine(self.cfg, nv, layers)
+                dp += dense_prefill_flops(self.cfg, nd, nt_run)
+                a_visor, a_dense, _ = decode_step_affine(self.cfg, nv, layers, nd)
                 self.decode_a[k], self.dense_a[k] = float(a_visor), float(a_dense)
                 if not self.resumed[k]:
                     events.append((sum(1 << i for i in layers),

@@ -39,6 +39,8 @@ from __future__ import annotations
 import atexit
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +80,8 @@ from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
 from visor_vllm.model.config import VisorConfig
+from visor_vllm.model.packing import (crop_side, pack_tokens, projector_config,
+                                      visual_token_count)
 
 logger = init_logger(__name__)
 
@@ -96,11 +100,12 @@ class VisorProcessingInfo(LlavaOnevisionProcessingInfo):
         return {"image": None}  # enc-dec models serve one modality; videos are not VISOR's
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int, num_images: int = 1) -> int:
-        """LLaVA-OV's rule: one image gets anyres tiles; several images get base crop + newline."""
-        if num_images > 1:
-            vc = self.get_hf_config().vision_config
-            return (vc.image_size // vc.patch_size) ** 2 + 1
-        return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        """LLaVA-OV's rule: one image gets anyres tiles; several images get base crop + newline.
+
+        On the packed grid for VISOR-TR (`visor_vllm.model.packing.visual_token_count`, the
+        count transformers' processor gives a TR checkpoint, and the reference's feature count).
+        """
+        return visual_token_count(self.get_hf_config(), image_height, image_width, num_images)
 
 
 class VisorDummyInputsBuilder(LlavaOnevisionDummyInputsBuilder):
@@ -301,7 +306,8 @@ class VisorRouter(nn.Module):
 class _Step:
     """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
 
-    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs, slots=None):
+    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs, slots=None,
+                 dense_vision: Sequence[int] | None = None):
         md = get_forward_context().attn_metadata
         text_md = md[model.layers[0].self_attn.attn.layer_name]
         x_md = md[model.first_cross_name]
@@ -347,6 +353,16 @@ class _Step:
         self.vis_row = torch.repeat_interleave(self.new.nonzero().flatten(), new_lens)  # [Nv_new]
         self.vis_col = (torch.arange(self.vis_row.numel(), device=dev)
                         - torch.repeat_interleave(new_lens.cumsum(0) - new_lens, new_lens))
+        # dense LLaVA-OV's visual tokens per row (FLOP accounting): VISOR-TR's full count for
+        # first-step rows, else what VISOR runs on. Decode rows keep theirs in bridge.RowState.
+        self.n_dense_vision = self.n_vision                             # [R]
+        if dense_vision is not None and enc:
+            lens = torch.tensor(self.item_lens, device=dev)
+            item_row = self.vis_row[lens.cumsum(0) - lens]                              # [items]
+            dense = self.n_vision.clone()
+            dense[self.new] = 0
+            self.n_dense_vision = dense.index_add_(
+                0, item_row, torch.tensor(list(dense_vision), device=dev, dtype=dense.dtype))
         self.text_md, self.md = text_md, md
 
 
@@ -382,7 +398,8 @@ class VisorDecoder(nn.Module):
         self._stats: stats.StatsWriter | None | bool = None  # False: could not open, stay off
 
     # -- the step --------------------------------------------------------------------------------
-    def forward(self, input_ids, positions, encoder_outputs=None, visor_slots=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, encoder_outputs=None, visor_slots=None,
+                dense_vision=None) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         md = get_forward_context().attn_metadata
         if not isinstance(md, dict) or self.first_cross_name not in md:  # profiling/dummy run
@@ -390,7 +407,7 @@ class VisorDecoder(nn.Module):
                 hs, res = layer(positions, h, None)
                 h = hs + res
             return self.norm(h)
-        s = _Step(self, input_ids, positions, encoder_outputs, visor_slots)
+        s = _Step(self, input_ids, positions, encoder_outputs, visor_slots, dense_vision)
         state = bridge.STATE
         if state is None:
             raise RuntimeError("visor_vllm.engine.bridge:VisorBudgetBridge is not loaded; install "
@@ -418,7 +435,8 @@ class VisorDecoder(nn.Module):
     def _side_channels(self, s: _Step, state) -> None:
         """Receipts and executed-FLOP stats. Side channels: a failure is logged, never raised."""
         try:
-            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None, s.slots)
+            state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None, s.slots,
+                                s.n_dense_vision)
         except Exception:  # noqa: BLE001
             logger.exception("VISOR: could not write a receipt (the request still runs)")
         if self._stats is None:
@@ -440,7 +458,7 @@ class VisorDecoder(nn.Module):
         mask = state.sa_mask[sl]                                         # [R, L] (a copy)
         new = s.new
         if bool(new.any()):
-            state.apply_flops_caps(new, s.n_vision, sl)  # needs this step's token counts
+            state.apply_flops_caps(new, s.n_vision, sl, s.n_dense_vision)  # this step's counts
             allowed = state.allowed[sl]                                  # [R, C]
             single = allowed.sum(-1) == 1                                # min / max budgets
             forced = state.config_masks[allowed.float().argmax(-1)]      # [R, L]
@@ -623,8 +641,6 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
         patches.apply_vllm_patches()
         config: VisorConfig = vllm_config.model_config.hf_config
-        if config.token_packing_ratio is not None:
-            raise NotImplementedError("VISOR-TR checkpoints are not served yet (reference only)")
         self.config = config
         self.multimodal_config = vllm_config.model_config.multimodal_config
         with self._mark_tower_model(vllm_config, {"image"}):
@@ -632,14 +648,67 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 config, quant_config=vllm_config.quant_config, require_post_norm=False,
                 prefix=maybe_prefix(prefix, "vision_tower"))
             self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
-            self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+            # VISOR-TR packs SigLIP features before the projector: C*s*s inputs
+            self.multi_modal_projector = LlavaOnevisionMultiModalProjector(projector_config(config))
         with self._mark_language_model(vllm_config):
             self.language_model = VisorLanguageModel(vllm_config=vllm_config,
                                                      prefix=maybe_prefix(prefix, "language_model"))
         limit = budget_bytes()  # VISOR_VISION_CACHE_MB (engine/vision_cache.py)
         self.vision_cache = VisionCache(limit) if limit else None
+        # VISOR-TR: dense LLaVA-OV's token count of each encoder output of this step, by the
+        # output's id (encoder outputs reach forward as the very tensors made here); FLOP
+        # savings and caps compare VISOR's packed tokens with it. Emptied by every forward.
+        self._dense_tokens: dict[int, int] = {}
+
+    # -- vision path (LLaVA-OV's, plus VISOR-TR packing) ----------------------------------------
+    def _image_pixels_to_features(self, vision_tower, pixel_values):
+        """SigLIP features ``[B, P, C]``; VISOR-TR packs each crop's grid to ``[B, h*w, C*s*s]``."""
+        feats = super()._image_pixels_to_features(vision_tower, pixel_values)
+        cfg = self.config
+        if cfg.token_packing_ratio is None:
+            return feats
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)   # [B, C, S, S]
+        packed = pack_tokens(grid, cfg.token_packing_ratio, cfg.token_packing_s2d)
+        return packed.flatten(2).transpose(1, 2)                               # [B, h*w, C*s*s]
+
+    def _merge_image_patch_embeddings(self, image_size, patch_embeddings, **kwargs):
+        """LLaVA-OV's anyres merge on the crop's token grid, which VISOR-TR makes smaller.
+
+        vLLM's merge derives the grid side as ``image_size // patch_size``: it is handed a view
+        whose ``patch_size`` is the Fraction giving the packed side, while ``image_size`` stays
+        the crop's pixel size that anyres tiles are counted in (the reference does the same).
+        """
+        cfg = self.config
+        if cfg.token_packing_ratio is None:
+            return super()._merge_image_patch_embeddings(image_size, patch_embeddings, **kwargs)
+        crop = cfg.vision_config.image_size
+        view = SimpleNamespace(
+            config=SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints,
+                                   vision_config=SimpleNamespace(
+                                       image_size=crop, patch_size=Fraction(crop, crop_side(cfg)))),
+            image_newline=self.image_newline)
+        return LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
+            view, image_size, patch_embeddings, **kwargs)
 
     def _process_image_input(self, image_input):
+        out = self._vision_features(image_input)
+        if self.config.token_packing_ratio is not None and image_input.get("pixel_values") is not None:
+            self._note_dense_tokens(image_input, out)
+        return out
+
+    def _note_dense_tokens(self, image_input, out) -> None:
+        """Record dense LLaVA-OV's count of each image: a single image has anyres tiles
+        (``> 1`` crops), an image of a several-image prompt only its base crop."""
+        sizes = image_input.get("image_sizes")
+        if sizes is None:
+            return
+        for pixels, size, t in zip(image_input["pixel_values"], sizes, out):
+            h, w = (int(x) for x in size)
+            self._dense_tokens[id(t)] = visual_token_count(
+                self.config, h, w, n_images=1 if pixels.shape[0] > 1 else 2, packed=False)
+
+    def _vision_features(self, image_input):
         """LLaVA-OV's tower + projector + anyres unpadding, run only on images not cached."""
         cache = self.vision_cache
         if cache is None or image_input.get("pixel_values") is None:
@@ -673,7 +742,15 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                 encoder_outputs=None, visor_slots=None, **kwargs):
-        return self.language_model.model(input_ids, positions, encoder_outputs, visor_slots)
+        dense = None
+        if encoder_outputs and self.config.token_packing_ratio is not None:
+            dense = [self._dense_tokens.get(id(e)) for e in encoder_outputs]
+            if None in dense:  # side channel (FLOP savings): warn, never fail the step
+                logger.warning("VISOR-TR: no dense token count for %d encoder output(s); their "
+                               "savings count packed tokens", dense.count(None))
+                dense = [int(e.shape[0]) if d is None else d for d, e in zip(dense, encoder_outputs)]
+        self._dense_tokens.clear()
+        return self.language_model.model(input_ids, positions, encoder_outputs, visor_slots, dense)
 
     def compute_logits(self, hidden_states):
         lm = self.language_model

@@ -205,11 +205,12 @@ def _n_optional(cfg: VisorConfig, config: list[int]) -> int:
 
 
 def allowed_configs(cfg: VisorConfig, budget: Budget, n_image: int | None = None,
-                    n_text: int | None = None) -> list[bool]:
+                    n_text: int | None = None, n_image_dense: int | None = None) -> list[bool]:
     """Mask over ``cfg.sa_configs`` the router may choose from (all False for ``layers``).
 
     The FLOP cap (``budget.max_flops``) is applied only when the request's token counts are
-    given (see `flops_fit`); otherwise the mask is the cap-free one.
+    given (see `flops_fit`; ``n_image_dense`` under VISOR-TR); otherwise the mask is the
+    cap-free one.
     """
     n = len(cfg.sa_configs)
     if budget.mode == "auto":
@@ -223,23 +224,25 @@ def allowed_configs(cfg: VisorConfig, budget: Budget, n_image: int | None = None
     else:
         return [False] * n
     if budget.max_flops is not None and n_image is not None and n_text is not None:
-        mask, _ = flops_fit(cfg, mask, budget.max_flops, n_image, n_text)
+        mask, _ = flops_fit(cfg, mask, budget.max_flops, n_image, n_text, n_image_dense)
     return mask
 
 
 def flops_fit(cfg: VisorConfig, mask: list[bool], max_flops: float, n_image: int,
-              n_text: int) -> tuple[list[bool], bool]:
+              n_text: int, n_image_dense: int | None = None) -> tuple[list[bool], bool]:
     """Restrict ``mask`` to configurations within the prefill FLOP cap; ``(mask, cap_met)``.
 
     Prefill FLOPs of every configuration for this request are compared with dense LLaVA-OV's
-    (`visor_vllm.model.flops`). When none of the masked configurations fits, the cheapest masked one
-    is kept and ``cap_met`` is False. A text-only request (``n_image == 0``) always fits.
+    (`visor_vllm.model.flops`), on the image's full token count ``n_image_dense`` under VISOR-TR
+    (a cap is always a fraction of what dense LLaVA-OV would spend on the same image). When
+    none of the masked configurations fits, the cheapest masked one is kept and ``cap_met`` is
+    False. A text-only request (``n_image == 0``) always fits.
     """
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
 
     if n_image == 0:
         return list(mask), True
-    dense = dense_prefill_flops(cfg, n_image, n_text)
+    dense = dense_prefill_flops(cfg, n_image if n_image_dense is None else n_image_dense, n_text)
     cost = [prefill_flops(cfg, n_image, n_text, c) for c in cfg.sa_configs]
     fit = [m and cost[i] <= max_flops * dense for i, m in enumerate(mask)]
     if any(fit):

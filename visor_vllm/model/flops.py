@@ -31,12 +31,16 @@ and attention; vision K/V and the conv are cached at prefill). A request with ``
 tokens is prefill + steps ``c = Nt + j``, ``j = 1..n_out-1`` (prefill yields the first token;
 ``n_out == 0`` means prefill only). The step cost is affine in ``c``, so the sum is closed-form.
 Dense LLaVA-OV: every layer ``layer(Nv+Nt, Nv+Nt)`` at prefill, ``layer(1, Nv+Nt+j)`` per step.
+VISOR-TR (paper Sec. 4.4, App. I): VISOR runs on the *packed* ``Nv`` while dense LLaVA-OV would
+see the image's full count ``Nv_dense`` (``n_image_dense``, from
+`visor_vllm.model.packing.visual_token_count` with ``packed=False``); savings compare the two,
+which is how the paper's 18x/35x rows are counted.
 Vision encoder per crop (SigLIP, ``P = (image_size//patch)^2``):
 ``2*P*3*p*p*dv + layers*(2*P*(4*dv*dv + 2*dv*fv) + 4*P*P*dv) + 2*P*(dv*d + d*d)`` [projector].
 
 Footguns. Layer indices in the API are 0-based; the CLI's ``--sa`` and the reported ``sa_layers``
-use the paper's 1-based numbers. The vision estimate ignores VISOR-TR packing and anyres newline
-tokens (the CLI's crop count ``ceil(image_tokens / P)`` is an estimate).
+use the paper's 1-based numbers. The vision estimate ignores anyres newline tokens (the CLI's
+crop count ``ceil(image_tokens / tokens per crop)`` is an estimate).
 """
 
 from __future__ import annotations
@@ -160,28 +164,36 @@ def dense_decode_step_flops(cfg: VisorConfig, n_image: int, context: int) -> int
     return cfg.num_layers * _layer(cfg, 1, n_image + context)
 
 
-def decode_step_affine(cfg: VisorConfig, n_image: int, sa_layers: Iterable[int]) -> tuple[int, int, int]:
+def decode_step_affine(cfg: VisorConfig, n_image: int, sa_layers: Iterable[int],
+                       n_image_dense: int | None = None) -> tuple[int, int, int]:
     """``(a_visor, a_dense, b)``: a decode step at text context ``c`` costs ``a + b*c``.
 
     The step cost is affine in ``c`` with the same slope for VISOR and dense (every layer attends
     to the text context), so an engine can account executed decode steps with two integers per
     request and one multiply-add per step (`visor_vllm.engine.stats`).
     """
-    sa = _check(dict(n_image=n_image), cfg, sa_layers)
+    nd = n_image if n_image_dense is None else n_image_dense
+    sa = _check(dict(n_image=n_image, n_image_dense=nd), cfg, sa_layers)
     _, h, _, dh, _ = _dims(cfg)
-    return (_decode_step(cfg, n_image, 0, sa), cfg.num_layers * _layer(cfg, 1, n_image),
+    return (_decode_step(cfg, n_image, 0, sa), cfg.num_layers * _layer(cfg, 1, nd),
             cfg.num_layers * 4 * h * dh)
 
 
 def request_flops(cfg: VisorConfig, n_image: int, n_text: int, n_output: int,
-                  sa_layers: Iterable[int], n_routing: int = 1, routed: bool = True) -> dict:
-    """VISOR vs. dense FLOPs for one request generating ``n_output`` tokens, with a breakdown."""
-    sa = _check(dict(n_output=n_output), cfg, sa_layers)
+                  sa_layers: Iterable[int], n_routing: int = 1, routed: bool = True,
+                  n_image_dense: int | None = None) -> dict:
+    """VISOR vs. dense FLOPs for one request generating ``n_output`` tokens, with a breakdown.
+
+    ``n_image_dense``: the image's token count for dense LLaVA-OV when VISOR runs on packed
+    tokens (VISOR-TR); ``None`` means the same ``n_image``.
+    """
+    nd = n_image if n_image_dense is None else n_image_dense
+    sa = _check(dict(n_output=n_output, n_image_dense=nd), cfg, sa_layers)
     steps = max(n_output - 1, 0)
     vp = prefill_flops(cfg, n_image, n_text, sa, n_routing, routed)
-    dp = dense_prefill_flops(cfg, n_image, n_text)
+    dp = dense_prefill_flops(cfg, nd, n_text)
     vd = _decode_sum(_decode_step(cfg, n_image, n_text, sa), cfg, steps)
-    dd = _decode_sum(cfg.num_layers * _layer(cfg, 1, n_image + n_text), cfg, steps)
+    dd = _decode_sum(cfg.num_layers * _layer(cfg, 1, nd + n_text), cfg, steps)
     vis, den = vp + vd, dp + dd
     tc = cfg.text_config
     return dict(
@@ -189,6 +201,7 @@ def request_flops(cfg: VisorConfig, n_image: int, n_text: int, n_output: int,
         prefill_savings=dp / vp if vp else 1.0,
         visor_prefill_flops=vp, visor_decode_flops=vd, dense_prefill_flops=dp, dense_decode_flops=dd,
         decode_steps=steps, sa_layers=[i + 1 for i in sorted(sa)], num_sa_layers=len(sa),
+        image_tokens=n_image, dense_image_tokens=nd,
         lm_head_flops_per_token=2 * tc.hidden_size * tc.vocab_size,
     )
 
@@ -214,7 +227,10 @@ def add_cli(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="visor-0.5b | visor-1.5b | tiny")
     src.add_argument("--config", metavar="PATH", help="checkpoint directory with config.json")
-    p.add_argument("--image-tokens", type=int, required=True)
+    p.add_argument("--image-tokens", type=int, required=True, help="what VISOR runs on")
+    p.add_argument("--dense-image-tokens", type=int, default=None,
+                   help="the image's count for dense LLaVA-OV when VISOR-TR packs it "
+                        "(default: --image-tokens)")
     p.add_argument("--text-tokens", type=int, required=True, help="incl. the routing token")
     p.add_argument("--output-tokens", type=int, required=True)
     p.add_argument("--routing-tokens", type=int, default=1)
@@ -237,7 +253,8 @@ def _cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   routing_tokens=args.routing_tokens, routed=not args.no_router)
     capable = [i + 1 for i in cfg.sa_capable_layers]
     run = partial(request_flops, cfg, args.image_tokens, args.text_tokens, args.output_tokens,
-                  n_routing=args.routing_tokens, routed=not args.no_router)
+                  n_routing=args.routing_tokens, routed=not args.no_router,
+                  n_image_dense=args.dense_image_tokens)
     try:
         if args.all_configs:
             out = dict(inputs, configs=[dict(config_index=k, **run(c))
@@ -252,7 +269,9 @@ def _cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error(f"--sa: layer number(s) {bad} are not SA-capable; SA-capable layer "
                              f"numbers are {capable}")
             out = dict(inputs, **run([n - 1 for n in numbers]))  # 1-based -> 0-based
-        per_crop = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        from visor_vllm.model.packing import crop_tokens
+
+        per_crop = crop_tokens(cfg)  # what one crop yields to VISOR (packed under VISOR-TR)
         crops = math.ceil(args.image_tokens / per_crop) if args.image_tokens > 0 else 0
         out.update(vision_crops_estimate=crops, vision_encoder_flops=vision_encoder_flops(cfg, crops),
                    vision_note="vision_crops_estimate = ceil(image_tokens / tokens per crop): an "

@@ -15,15 +15,24 @@ ratio is still ``r`` is the one above (resize to ``s/sqrt(r)`` of the grid, then
 Footguns. Packing runs on SigLIP features *before* the projector, so the projector's input width
 becomes ``C * s * s``: a TR checkpoint is not weight-compatible with LLaVA-OV's projector (it is
 trained, not converted). Token counts change, so the processor's placeholder count must come
-from `packed_grid_size`, not from transformers' LLaVA-OV processor.
+from `packed_grid_size`, not from transformers' LLaVA-OV processor's default. A TR checkpoint's ``processor_config.json``
+therefore says ``num_image_tokens = crop_tokens(cfg)`` (the packed count), which makes
+transformers' processor count packed tokens too; `visual_token_count` is the same rule as a pure
+function (the engine's placeholder count, and with ``packed=False`` the dense LLaVA-OV count
+that FLOP savings are measured against).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from visor_vllm.model.config import VisorConfig
 
 
 def packed_grid_size(height: int, width: int, ratio: float) -> tuple[int, int]:
@@ -41,3 +50,62 @@ def pack_tokens(grid: torch.Tensor, ratio: float, s2d: int = 2) -> torch.Tensor:
     h, w = packed_grid_size(grid.shape[-2], grid.shape[-1], ratio)
     resized = F.interpolate(grid, size=(h * s2d, w * s2d), mode="bilinear", align_corners=False)
     return F.pixel_unshuffle(resized, s2d)
+
+
+def crop_side(cfg: VisorConfig, packed: bool = True) -> int:
+    """Side of one crop's token grid: SigLIP's ``image_size // patch_size``, packed for TR."""
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    ratio = getattr(cfg, "token_packing_ratio", None)
+    if not packed or ratio is None:
+        return side
+    return packed_grid_size(side, side, ratio)[0]  # square crops: a square packed grid
+
+
+def crop_tokens(cfg: VisorConfig, packed: bool = True) -> int:
+    """Visual tokens of one base crop (before anyres tiles and newline tokens)."""
+    return crop_side(cfg, packed) ** 2
+
+
+def visual_token_count(cfg: VisorConfig, height: int, width: int, n_images: int = 1,
+                       packed: bool = True) -> int:
+    """LLaVA-OV's visual-token count of one image of ``height x width`` pixels in a prompt with
+    ``n_images`` images: base crop + unpadded anyres tiles + one newline per row for a single
+    image, base crop + one newline each for several (transformers'
+    ``LlavaOnevisionProcessor._get_number_of_features`` with the crop grid side as a parameter).
+    ``packed=False``: the count of dense LLaVA-OV (no VISOR-TR) for the same image.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    side = crop_side(cfg, packed)
+    base = side * side
+    if n_images > 1:
+        return base + 1
+    best_h, best_w = select_best_resolution([height, width], cfg.image_grid_pinpoints)
+    crop = cfg.vision_config.image_size
+    cur_h, cur_w = side * (best_h // crop), side * (best_w // crop)
+    if width / height > cur_w / cur_h:  # wider than the tile grid: rows of padding removed
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= (cur_h - new_h) // 2 * 2
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= (cur_w - new_w) // 2 * 2
+    unpadded, newline = cur_h * cur_w, cur_h
+    max_patches = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
+    scale = math.sqrt(cur_h * cur_w / (max_patches * side ** 2))
+    if scale > 1.1:  # anyres_max_N: the unpadded grid is resized down to ~N crops
+        unpadded = int(cur_h // scale) * int(cur_w // scale)
+        newline = int(cur_h // scale)
+    return unpadded + newline + base
+
+
+def projector_config(cfg: VisorConfig):
+    """The projector's config: TR widens its input to ``C * s * s`` (packing runs before it)."""
+    if getattr(cfg, "token_packing_ratio", None) is None:
+        return cfg
+    proj = copy.copy(cfg)
+    vc = copy.copy(cfg.vision_config)
+    vc.hidden_size = cfg.vision_config.hidden_size * cfg.token_packing_s2d ** 2
+    proj.vision_config = vc
+    return proj

@@ -24,7 +24,6 @@ masks; the FLOPs model counts exactly what runs here (full mask rectangles).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from visor_vllm.model import plan
 from visor_vllm.model.budget import Budget, allowed_configs
 from visor_vllm.model.config import VisorConfig
-from visor_vllm.model.packing import pack_tokens, packed_grid_size
+from visor_vllm.model.packing import pack_tokens, projector_config, visual_token_count
 
 
 class ImageTokenMismatchError(ValueError):
@@ -251,7 +250,7 @@ class VisorForConditionalGeneration(nn.Module):
         # hub layout: vision_tower.vision_model.* (transformers 5 drops the inner prefix)
         self.vision_tower = nn.Module()
         self.vision_tower.vision_model = SiglipVisionModel(config.vision_config)
-        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(_projector_config(config))
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(projector_config(config))
         self.image_newline = nn.Parameter(torch.zeros(tc.hidden_size))
         self.language_model = LanguageModel(config)
         if plan.needs_router(config):
@@ -296,6 +295,13 @@ class VisorForConditionalGeneration(nn.Module):
         pixels = torch.cat([p[:n] for p, n in zip(pixel_values, crops)], dim=0)
         feats, side = self.encode_crops(pixels)
         return self.pack_images(list(torch.split(feats, crops, dim=0)), image_sizes, side)
+
+    def dense_image_tokens(self, image_sizes: torch.Tensor | None, n_images: int) -> int:
+        """What dense LLaVA-OV would see of these images: their full count (VISOR-TR packs)."""
+        if not n_images:
+            return 0
+        return sum(visual_token_count(self.config, int(h), int(w), n_images, packed=False)
+                   for h, w in image_sizes.tolist())
 
     def crops_per_image(self, image_sizes: torch.Tensor) -> list[int]:
         """Crops the tower sees per image of one prompt: anyres tiles for one image, else 1."""
@@ -364,7 +370,8 @@ class VisorForConditionalGeneration(nn.Module):
         text_ids = ids[~is_image]
         routing_idx = (text_ids == self.config.routing_token_id).nonzero().flatten()
         allowed = (None if budget is None
-                   else allowed_configs(self.config, budget, n_vision, int(text_ids.numel())))
+                   else allowed_configs(self.config, budget, n_vision, int(text_ids.numel()),
+                                        self.dense_image_tokens(image_sizes, len(images))))
         return self._run(text_ids, vis, [x.shape[0] for x in images], sa_layers, routing_idx,
                          use_cache, allowed)
 
@@ -472,22 +479,3 @@ class VisorForConditionalGeneration(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.language_model.model.embed_tokens.weight.dtype
 
-
-def _projector_config(cfg: VisorConfig):
-    """The projector's config: TR widens its input to ``C * s * s`` (see `visor_vllm.model.packing`)."""
-    if cfg.token_packing_ratio is None:
-        return cfg
-    proj = copy.copy(cfg)
-    vc = copy.copy(cfg.vision_config)
-    vc.hidden_size = cfg.vision_config.hidden_size * cfg.token_packing_s2d ** 2
-    proj.vision_config = vc
-    return proj
-
-
-def num_packed_image_tokens(cfg: VisorConfig) -> int:
-    """Visual tokens of one base crop (before anyres tiles and newlines)."""
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    if cfg.token_packing_ratio is None:
-        return side * side
-    h, w = packed_grid_size(side, side, cfg.token_packing_ratio)
-    return h * w

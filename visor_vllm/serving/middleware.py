@@ -85,12 +85,14 @@ def summarize(receipt: dict, output_tokens: int) -> dict:
     f = request_flops(cfg, receipt["n_image"], receipt["n_text"], output_tokens,
                       [n - 1 for n in receipt["sa_layers"]],
                       n_routing=min(receipt["n_routing"], receipt["n_text"]),
-                      routed=receipt["routed"])
+                      routed=receipt["routed"],
+                      n_image_dense=receipt.get("n_image_dense"))  # VISOR-TR: full count
     return dict(
         sa_layers=receipt["sa_layers"], num_sa_layers=len(receipt["sa_layers"]),
         config_index=receipt["config_index"], budget=receipt["budget"],
         budget_source=receipt["budget_source"], max_flops=receipt["max_flops"],
         flops_cap_met=receipt["flops_cap_met"], image_tokens=receipt["n_image"],
+        dense_image_tokens=f["dense_image_tokens"],
         text_tokens=receipt["n_text"], output_tokens=output_tokens,
         visor_flops=f["visor_flops"], dense_flops=f["dense_flops"], savings=f["savings"],
         visor_prefill_flops=f["visor_prefill_flops"], visor_decode_flops=f["visor_decode_flops"],
