@@ -28,7 +28,7 @@ How to run::
     .venv/bin/python benchmarks/bench_vs_llava.py --concurrency 1 --num-prompts 2 --budgets max
     .venv/bin/python benchmarks/bench_vs_llava.py --help
 
-Useful flags: ``--concurrency 1 4`` (levels), ``--num-prompts N`` (per level; default
+Useful flags: ``--concurrency 1 4 16`` (levels, the default), ``--num-prompts N`` (per level; default
 ``max(4, 2*c)``), ``--max-tokens 64``, ``--image 384x384``, ``--budgets min auto max``,
 ``--kv-space-gib 4`` (``VLLM_CPU_KVCACHE_SPACE``), ``--omp-bind 0-1``
 (``VLLM_CPU_OMP_THREADS_BIND``), ``--out FILE``, ``--workdir DIR`` (checkpoints, datasets,
@@ -59,6 +59,12 @@ How it measures.
   own image (same size, none of the timed ones) is sent with the ``openai`` client; after
   every streamed token it reads ``vllm:kv_cache_usage_perc`` and ``num_gpu_blocks`` from
   ``/metrics``.
+* Multi-turn (``--conversations N``, default 3): per (model, budget), N two-turn chats about
+  one fresh image each (seed slot ``TURNS_LEVEL``, the same images for every model and budget),
+  one request at a time; turn 2 re-sends the image, turn 1's question and answer and a follow-up,
+  as chat clients do. Reported: median TTFT of each turn. Neither server has prefix caching,
+  so turn 2 re-prefills; what differs is the vision work: vLLM's encoder cache serves LLaVA-OV's
+  repeated image, VISOR's own vision-tower cache serves VISOR's (``VISOR_VISION_CACHE_MB``).
 * KV capacity = ``num_gpu_blocks // peak_blocks_of_one_request`` with
   ``peak_blocks = round(peak_usage * num_gpu_blocks)``, i.e. measured from what vLLM actually
   allocates for this request shape (image + prompt + ``--max-tokens``), in the same
@@ -142,6 +148,8 @@ PROMPTS = (
 )
 SERVED_NAME = "m"
 PROBE_LEVEL = 10**6  # seed slot of the probe images (never a concurrency level)
+TURNS_LEVEL = 10**6 + 1  # seed slot of the multi-turn images
+FOLLOW_UP = "And what else can you see there?"
 BIN = Path(sys.executable).parent
 
 
@@ -159,7 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", choices=["visor", "llava"], default=["visor", "llava"])
     ap.add_argument("--budgets", nargs="+", default=list(DEFAULT_BUDGETS),
                     help="VISOR budgets, each a visor_budget value (min/auto/max or an int)")
-    ap.add_argument("--concurrency", nargs="+", type=_positive_int, default=[1, 4],
+    ap.add_argument("--concurrency", nargs="+", type=_positive_int, default=[1, 4, 16],
                     help="max concurrent requests, one timed run per level")
     ap.add_argument("--num-prompts", type=_positive_int, default=None,
                     help="timed requests per concurrency level (default: max(4, 2*c))")
@@ -180,6 +188,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--serve-args", type=shlex.split, default=[],
                     help="extra vllm serve arguments for *both* servers, one quoted string, "
                          "e.g. --serve-args='--max-num-seqs 8'")
+    ap.add_argument("--conversations", type=int, default=3,
+                    help="multi-turn case: conversations per (model, budget), each two turns "
+                         "about one fresh image, sent one at a time (0: skip the case)")
     ap.add_argument("--no-probe", action="store_true",
                     help="skip the warm-up/KV probe request (no KV capacity then)")
     args = ap.parse_args(argv)
@@ -442,6 +453,55 @@ def probe(base: str, url: str, prompt: str, max_tokens: int, budget: str | None)
             "kv_capacity_requests": kv_capacity(num_blocks, peak)}
 
 
+def conversation_turn2(url: str, question: str, answer: str, follow_up: str = FOLLOW_UP) -> list[dict]:
+    """Turn 2 of a chat as clients send it: the image, turn 1's question and answer, a new one."""
+    return [{"role": "user", "content": chat_content(url, question)},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": follow_up}]
+
+
+def _stream_ttft(client, messages, max_tokens: int, budget: str | None) -> tuple[float, str]:
+    extra = {"ignore_eos": True}
+    if budget is not None:
+        extra["vllm_xargs"] = {"visor_budget": budget}
+    t0, ttft, text = time.perf_counter(), None, []
+    for chunk in client.chat.completions.create(model=SERVED_NAME, messages=messages,
+                                                max_tokens=max_tokens, temperature=0,
+                                                stream=True, extra_body=extra):
+        if chunk.choices and chunk.choices[0].delta.content is not None:
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            text.append(chunk.choices[0].delta.content)
+    return ttft, "".join(text)
+
+
+def multi_turn(base: str, urls: list[str], max_tokens: int, budget: str | None) -> dict:
+    """Two-turn conversations, one at a time: TTFT of each turn (turn 2 re-sends the image)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="none", timeout=3600, max_retries=0)
+    convs = []
+    for i, url in enumerate(urls):
+        q = PROMPTS[i % len(PROMPTS)]
+        t1, answer = _stream_ttft(client, [{"role": "user", "content": chat_content(url, q)}],
+                                  max_tokens, budget)
+        t2, _ = _stream_ttft(client, conversation_turn2(url, q, answer), max_tokens, budget)
+        convs.append({"ttft_turn1_s": t1, "ttft_turn2_s": t2})
+    return summarize_turns(convs)
+
+
+def summarize_turns(convs: list[dict]) -> dict:
+    """Median TTFT of turn 1 and turn 2 over conversations, and turn 2 / turn 1."""
+    import statistics
+
+    def med(key):
+        vals = [c[key] for c in convs if c.get(key) is not None]
+        return round(statistics.median(vals), 3) if vals else None
+
+    t1, t2 = med("ttft_turn1_s"), med("ttft_turn2_s")
+    return {"conversations": convs, "ttft_turn1_s": t1, "ttft_turn2_s": t2,
+            "turn2_over_turn1": round(t2 / t1, 3) if t1 and t2 is not None else None}
+
+
 # ---------------------------------------------------------------------------------------------
 # Timed runs: vllm bench serve
 # ---------------------------------------------------------------------------------------------
@@ -545,6 +605,21 @@ def format_ratios(ratios: list[dict]) -> str:
     return _grid(head, body)
 
 
+def format_multi_turn(models: dict) -> str:
+    """Turn-1 and turn-2 TTFT per (model, budget), and VISOR/LLaVA-OV on turn 2."""
+    ref = models.get("llava", {}).get("multi_turn", {}).get("-", {})
+    head = ("model/budget", "turn-1 TTFT s", "turn-2 TTFT s", "turn 2 / turn 1",
+            "turn-2 vs LLaVA-OV")
+    body = []
+    for name, info in models.items():
+        for key, t in info.get("multi_turn", {}).items():
+            body.append((row_label(name, None if key == "-" else key),
+                         _fmt(t.get("ttft_turn1_s"), ".2f"), _fmt(t.get("ttft_turn2_s"), ".2f"),
+                         _fmt(t.get("turn2_over_turn1"), ".2f"),
+                         _fmt(_ratio(t.get("ttft_turn2_s"), ref.get("ttft_turn2_s")), ".2f")))
+    return _grid(head, body)
+
+
 def _grid(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -562,7 +637,7 @@ def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path
     env = server_env(args.kv_space_gib, args.omp_bind)
     budgets = list(args.budgets) if name == "visor" else [None]
     info: dict = {"checkpoint": str(ckpt), "server_cmd": cmd, "server_log": None, "probes": {},
-                  "rows": [], "error": None}
+                  "multi_turn": {}, "rows": [], "error": None}
     log = work / "logs" / args.preset / f"{name}-server.log"
     info["server_log"] = str(log)
     print(f"\n== {name}: starting {' '.join(cmd)}", flush=True)
@@ -588,6 +663,16 @@ def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path
                     p = {"error": f"{type(e).__name__}: {e}"}
                 info["probes"][key] = p
                 print(f"   probe {row_label(name, budget)}: {p}", flush=True)
+            if args.conversations > 0:  # fresh images, the same for every model and budget
+                rng = np.random.default_rng([args.seed, TURNS_LEVEL])
+                urls = [image_data_url(rng, *args.image) for _ in range(args.conversations)]
+                try:
+                    t = multi_turn(server.base, urls, args.max_tokens, budget)
+                except Exception as e:  # keep going: the other cases are still useful
+                    t = {"error": f"{type(e).__name__}: {e}"}
+                info["multi_turn"][key] = t
+                print(f"   multi-turn {row_label(name, budget)}: "
+                      f"{ {k: v for k, v in t.items() if k != 'conversations'} }", flush=True)
             for c in args.concurrency:
                 n = requests_for(c, args.num_prompts)
                 res = work / "runs" / args.preset / f"{tag}-c{c}.json"
@@ -653,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         print("\nratios, same run (TTFT/ITL < 1 and req/s, tok/s, KV cap > 1 favour VISOR):")
         print(format_ratios(ratios))
+    if any(m.get("multi_turn") for m in models.values()):
+        print("\nmulti-turn (turn 2 re-sends turn 1's image; no prefix caching on either server):")
+        print(format_multi_turn(models))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out} (raw results and logs under {work}); "

@@ -25,8 +25,9 @@ def bench():
 def test_defaults(bench):
     a = bench.parse_args([])
     assert a.preset == "real" and a.models == ["visor", "llava"]
-    assert a.budgets == ["min", "auto", "max"] and a.concurrency == [1, 4]
+    assert a.budgets == ["min", "auto", "max"] and a.concurrency == [1, 4, 16]
     assert a.image == (384, 384) and a.max_tokens == 64 and a.num_prompts is None
+    assert a.conversations == 3
     assert a.out == Path("bench-results/bench_vs_llava.json") and a.serve_args == []
 
 
@@ -201,3 +202,25 @@ def test_format_ratios(bench):
     out = bench.format_ratios(bench.compute_ratios(ROWS)).splitlines()
     assert out[2].split() == ["visor/min", "1", "0.50x", "0.80x", "0.80x", "2.00x", "2.00x",
                               "1.50x"]
+
+
+# --- multi-turn case --------------------------------------------------------------------------
+
+def test_turn_two_resends_the_image_question_and_answer(bench):
+    msgs = bench.conversation_turn2("data:image/png;base64,AAAA", "What is it?", "A cat.")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"] == bench.chat_content("data:image/png;base64,AAAA", "What is it?")
+    assert msgs[1]["content"] == "A cat." and msgs[2]["content"] == bench.FOLLOW_UP
+
+
+def test_turns_summary_and_table(bench):
+    t = bench.summarize_turns([{"ttft_turn1_s": 3.0, "ttft_turn2_s": 1.0},
+                               {"ttft_turn1_s": 4.0, "ttft_turn2_s": 1.2},
+                               {"ttft_turn1_s": 5.0, "ttft_turn2_s": None}])
+    assert (t["ttft_turn1_s"], t["ttft_turn2_s"], t["turn2_over_turn1"]) == (4.0, 1.1, 0.275)
+    models = {"visor": {"multi_turn": {"min": t}},
+              "llava": {"multi_turn": {"-": bench.summarize_turns([{"ttft_turn1_s": 8.0,
+                                                                    "ttft_turn2_s": 2.2}])}}}
+    lines = bench.format_multi_turn(models).splitlines()
+    assert lines[2].split() == ["visor/min", "4.00", "1.10", "0.28", "0.50"]
+    assert lines[3].split() == ["llava-ov", "8.00", "2.20", "0.28", "1.00"]

@@ -214,30 +214,26 @@ def write_paged(views, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     vc[slots // bs, slots % bs] = v.to(vc.dtype)
 
 
-def gather_paged(views, block_table: torch.Tensor, lengths: torch.Tensor):
-    """The first ``lengths[r]`` tokens of every row: k/v ``[R, Lmax, Hkv, D]``, valid ``[R, Lmax]``."""
-    kc, vc = views
-    bs = kc.shape[1]
-    lmax = int(lengths.max()) if lengths.numel() else 0
-    idx = torch.arange(lmax, device=block_table.device)
-    blocks = block_table[:, idx // bs].long()  # [R, Lmax]
-    valid = idx[None, :] < lengths[:, None]
-    blocks = torch.where(valid, blocks, torch.zeros_like(blocks))
-    return kc[blocks, idx % bs], vc[blocks, idx % bs], valid
+def paged_blocks(kv_cache: torch.Tensor, head_dim: int, blocks: torch.Tensor) -> torch.Tensor:
+    """Whole blocks ``blocks`` [G, n] of one layer's cache: ``[2, G, Hkv, n, bs, D]`` (K, V).
 
-
-def masked_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """q [R, Q, H, D], k/v [R, K, Hkv, D], mask [R, Q, K] (True = attend) -> [R, Q, H, D].
-
-    On CPU the math runs in fp32: bf16 SDPA is ~6x slower there without AMX (1.7 vs 0.3 ms for
-    one decode query over 1.5k keys, 2 cores), and fp32 is also what the reference computes.
+    One gather of contiguous blocks (a memcpy each), returned as a permuted view: the caller's
+    single ``copy_`` into its attention buffer does the layout change and the dtype cast in one
+    pass. A token-level gather moves ``Hkv`` separate ``D``-element pieces per token instead.
     """
-    dtype = q.dtype
-    work = torch.float32 if q.device.type == "cpu" else dtype
-    q, k, v = (t.transpose(1, 2).to(work) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
-                                         enable_gqa=True)
-    return out.transpose(1, 2).to(dtype)
+    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_dim:   # CPU: [nb, Hkv, bs, 2D]
+        x = kv_cache[blocks]                                          # [G, n, Hkv, bs, 2D]
+        g, n, hkv, bs, _ = x.shape
+        return x.view(g, n, hkv, bs, 2, head_dim).permute(4, 0, 2, 1, 3, 5)
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:                  # flash: [2, nb, bs, Hkv, D]
+        return kv_cache[:, blocks].permute(0, 1, 4, 2, 3, 5)          # [2, G, Hkv, n, bs, D]
+    raise NotImplementedError(f"VISOR does not know the KV cache layout {tuple(kv_cache.shape)}")
+
+
+def _attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """On CPU attention math runs in fp32: bf16 SDPA is ~6x slower there without AMX (1.7 vs
+    0.3 ms for one decode query over 1.5k keys, 2 cores), and fp32 is what the reference computes."""
+    return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +299,23 @@ class VisorRouter(nn.Module):
         return out
 
 
+def attention_groups(q_lens: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> list[tuple]:
+    """SA text attention's row groups: decode rows, then prefill rows (``q_lens`` [R]; ``row``,
+    ``col`` [N]: each token's row and column). Each group is (rows [G], its tokens as a mask
+    [N], their local row and column [n_g], the group's longest query)."""
+    groups = []
+    for group in (q_lens == 1, q_lens > 1):
+        rows = group.nonzero().flatten()                                            # [G]
+        if rows.numel() == 0:
+            continue
+        local = torch.full((q_lens.numel(),), -1, dtype=torch.long, device=q_lens.device)
+        local[rows] = torch.arange(rows.numel(), device=q_lens.device)
+        lrow = local[row]                                                           # [N]
+        tok = lrow >= 0
+        groups.append((rows, tok, lrow[tok], col[tok], int(q_lens[rows].max())))
+    return groups
+
+
 class _Step:
     """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
 
@@ -323,21 +336,9 @@ class _Step:
         self.slots = (torch.arange(self.R, device=dev) if slots is None
                       else slots[: self.R].to(dev).long())                       # [R]
         self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
+        self.has_vis = (self.n_vision > 0)[self.row]  # [N] text tokens of rows with images
         self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
-        # SA text attention's row groups (decode rows, then prefill rows), the same for every
-        # SA-capable layer of the step: (rows [G], tokens [N] in the group, their local row
-        # and column [n_g], the group's longest query)
-        self.attn_groups = []
-        for group in (q_lens == 1, q_lens > 1):
-            rows = group.nonzero().flatten()                                        # [G]
-            if rows.numel() == 0:
-                continue
-            local = torch.full((self.R,), -1, dtype=torch.long, device=dev)
-            local[rows] = torch.arange(rows.numel(), device=dev)
-            lrow = local[self.row]                                                  # [N]
-            tok = lrow >= 0
-            self.attn_groups.append((rows, tok, lrow[tok], self.col[tok],
-                                     int(q_lens[rows].max())))
+        self.attn_groups = attention_groups(q_lens, self.row, self.col)  # same in every SA layer
         pos = positions.clone()
         pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
         self.positions = pos
@@ -419,8 +420,7 @@ class VisorDecoder(nn.Module):
             kind = self.cfg.layer_types[i]
             if kind == "cross":
                 delta = layer.cross_attn(h, vis, s.item_lens)
-                has_vis = (s.n_vision > 0)[s.row]                       # [N]
-                h[: s.N] = h[: s.N] + torch.where(has_vis[:, None], delta[: s.N], 0)
+                h[: s.N] = h[: s.N] + torch.where(s.has_vis[:, None], delta[: s.N], 0)
             if kind == "self":
                 h, vis = self._sa_layer(i, layer, h, vis, s, sa_mask[:, i])
             else:
@@ -509,7 +509,7 @@ class VisorDecoder(nn.Module):
         attn = layer.self_attn
         holder = layer.vision_kv
         x_md = s.md[holder.layer_name]
-        vviews = paged_kv_views(holder.kv_cache, attn.head_dim)
+        vviews = paged_kv_views(holder.kv_cache, attn.head_dim)  # for the writes
         # 1) first-step rows that run the layer: advance their visual stream, store its K/V once
         if vis is not None:
             sel = active[s.vis_row]                                    # [Nv_new]
@@ -530,8 +530,8 @@ class VisorDecoder(nn.Module):
         t_md = s.md[attn.attn.layer_name]  # KV groups may differ per layer: use this layer's
         tviews = paged_kv_views(attn.attn.kv_cache, hd)
         write_paged(tviews, t_md.slot_mapping[:n], k[:n].view(n, -1, hd), v[:n].view(n, -1, hd))
-        out = sa_text_attention(q[:n].view(n, -1, hd), s, tviews, t_md.block_table, vviews,
-                                x_md.block_table, active, attn.scaling)
+        out = sa_text_attention(q[:n].view(n, -1, hd), s, attn.attn.kv_cache, t_md.block_table,
+                                holder.kv_cache, x_md.block_table, active, attn.scaling)
         o = torch.zeros_like(q)
         o[:n] = out.reshape(n, -1)
         o, _ = attn.o_proj(o)
@@ -568,7 +568,7 @@ def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torc
     (``sum(lens) == n``, zeros allowed) -> [n, H, D]. One unmasked ``is_causal`` SDPA per
     non-empty segment (first step only: the segments are the images that arrive now)."""
     dtype = q.dtype
-    work = torch.float32 if q.device.type == "cpu" else dtype  # see masked_attention
+    work = _attention_dtype(q)
     out = torch.empty_like(q)
     start = 0
     for m in lens[lens > 0].tolist():
@@ -580,31 +580,55 @@ def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torc
     return out
 
 
-def sa_text_attention(q, s: _Step, tviews, text_block_table, vviews, vision_block_table,
-                      active, scale):
+def sa_text_attention(q, s: _Step, text_cache, text_block_table, vision_cache,
+                      vision_block_table, active, scale):
     """Text queries [N, H, D] over ``[vision K/V if the row runs the layer ; causal text K/V]``.
 
-    CPU path: rows are split into decode rows (one query) and the rest (prefill), and each
-    group gathers only its own rows' paged caches and runs one masked SDPA; so a decode row
-    is never padded to a prefill row's query length, nor to its key length.
+    CPU path: rows are split into decode rows (one query) and the rest (prefill); each group
+    copies its rows' whole pages, vision then text, into one ``[2, G, Hkv, V+T, D]`` buffer in
+    the attention dtype (one pass per page, no concatenation, no per-token gather), and runs
+    one masked SDPA (GQA, no K/V repeat). Page slots past a row's length are masked, so a
+    decode row is never padded to a prefill row's query length, and holds only its own pages.
     GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
     pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
     ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
     """
+    hd, dev = q.shape[-1], q.device
     nv = torch.where(active, s.n_vision, 0)                                          # [R]
+    _, bs_v, hkv, _ = paged_kv_views(vision_cache, hd)[0].shape
+    bs_t = paged_kv_views(text_cache, hd)[0].shape[1]
     out = torch.empty_like(q)
+    work = _attention_dtype(q)
     for rows, tok, lrow, lcol, qmax in s.attn_groups:  # decode rows, then prefill rows
-        kt, vt, tvalid = gather_paged(tviews, text_block_table[rows], s.seq_lens[rows])  # [G, T, ..]
-        kv_, vv_, vvalid = gather_paged(vviews, vision_block_table[rows], nv[rows])       # [G, V, ..]
-        qp = q.new_zeros(rows.numel(), qmax, *q.shape[1:])
-        qp[lrow, lcol] = q[tok]                                                      # [G, Q, H, D]
-        qi = torch.arange(qmax, device=q.device)
-        ti = torch.arange(kt.shape[1], device=q.device)
+        t_len, v_len = s.seq_lens[rows], nv[rows]                                    # [G]
+        nbv, nbt = (int(x) for x in (torch.stack([(v_len.max() + bs_v - 1) // bs_v,
+                                                  (t_len.max() + bs_t - 1) // bs_t])))
+        lv, g = nbv * bs_v, rows.numel()
+        kv = torch.empty(2, g, hkv, lv + nbt * bs_t, hd, dtype=work, device=dev)  # [2, G, Hkv, V+T, D]
+        for cache, table, lens, n_blk, bs, at in (
+                (vision_cache, vision_block_table, v_len, nbv, bs_v, 0),
+                (text_cache, text_block_table, t_len, nbt, bs_t, lv)):
+            if n_blk:
+                blk = table[rows, :n_blk].long()                                    # [G, n]
+                # columns past a row's own pages may hold stale ids: read block 0 instead
+                blk = torch.where(torch.arange(n_blk, device=dev) * bs < lens[:, None], blk, 0)
+                kv[:, :, :, at:at + n_blk * bs].unflatten(3, (n_blk, bs)).copy_(
+                    paged_blocks(cache, hd, blk))
+        vi, ti = torch.arange(lv, device=dev), torch.arange(nbt * bs_t, device=dev)
+        valid = torch.cat([vi[None, :] < v_len[:, None], ti[None, :] < t_len[:, None]], -1)  # [G, V+T]
+        # slots past a row's length hold other requests' (or no) data: zero them, so nothing
+        # non-finite there can reach the output through a zero attention weight
+        kv.masked_fill_(~valid[None, :, None, :, None], 0)
+        qi = torch.arange(qmax, device=dev)
         causal = ti[None, None, :] <= (s.computed[rows][:, None, None] + qi[None, :, None])
-        mask = torch.cat([vvalid[:, None, :].expand(-1, qmax, -1),
-                          causal & tvalid[:, None, :]], -1)                          # [G, Q, V+T]
-        res = masked_attention(qp, torch.cat([kv_, kt], 1), torch.cat([vv_, vt], 1), mask, scale)
-        out[tok] = res[lrow, lcol]
+        mask = valid[:, None, :].expand(-1, qmax, -1).clone()                         # [G, Q, V+T]
+        mask[:, :, lv:] &= causal
+        qp = torch.zeros(g, qmax, *q.shape[1:], dtype=work, device=dev)
+        qp[lrow, lcol] = q[tok].to(work)                                              # [G, Q, H, D]
+        res = F.scaled_dot_product_attention(qp.transpose(1, 2), kv[0], kv[1],
+                                             attn_mask=mask[:, None], scale=scale,
+                                             enable_gqa=True)                        # [G, H, Q, D]
+        out[tok] = res.transpose(1, 2)[lrow, lcol].to(q.dtype)
     return out                                                                        # [N, H, D]
 
 

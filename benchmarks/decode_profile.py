@@ -1,0 +1,135 @@
+"""Where a decode step's time goes: VISOR's components vs LLaVA-OV's decoder, in-process, eager.
+
+    python benchmarks/decode_profile.py visor DIR [--budget min|auto|max] [-c 16] [--tokens 24]
+    python benchmarks/decode_profile.py llava DIR [-c 16]
+
+DIR: a checkpoint directory without weights is fine (``--load-format dummy`` is always used):
+``checkpoints/visor-0.5b`` (``visor-vllm serve visor-0.5b`` builds it) or the LLaVA-OV one that
+``benchmarks/bench_vs_llava.py`` builds under ``bench-results/``. ``c`` requests with fresh
+384x384 images run together (after a two-request warm-up); every full-batch decode step is
+timed, and VISOR's pieces (``_Step``, SA-capable layers and their text attention, cross
+attention, the other decoder layers, the side channels) are timed by wrapping them (nested
+wrappers: ``_sa_layer (all)`` includes ``sa_text_attention`` and ``write_paged``). Prints one
+JSON object: the median full-batch decode step and milliseconds per step per piece.
+
+A diagnostic, not a comparison of record (that is ``bench_vs_llava.py``): it runs the engine in
+this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to reach the model's functions, and
+monkeypatches them. CPU timings on 2 cores: compare runs of one session only.
+"""
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+import numpy as np
+
+T = defaultdict(float)
+N = defaultdict(int)
+STEP = {"decode": False}
+STEPS = []
+
+
+def timed(name, fn):
+    def wrap(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            if STEP["decode"]:
+                T[name] += time.perf_counter() - t
+                N[name] += 1
+    return wrap
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kind")
+    ap.add_argument("model")
+    ap.add_argument("--budget", default=None)
+    ap.add_argument("-c", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=24)
+    args = ap.parse_args()
+    from PIL import Image
+
+    if args.kind == "visor":
+        from visor_vllm.engine import vllm_model as vm
+
+        dec_fwd = vm.VisorDecoder.forward
+
+        def fwd(self, input_ids, *a, **k):
+            STEP["decode"] = input_ids.shape[0] <= args.c and not (a[1] if len(a) > 1 else k.get("encoder_outputs"))
+            t = time.perf_counter()
+            out = dec_fwd(self, input_ids, *a, **k)
+            if STEP["decode"]:
+                STEPS.append((input_ids.shape[0], time.perf_counter() - t))
+            STEP["decode"] = False
+            return out
+        vm.VisorDecoder.forward = fwd
+        vm.sa_text_attention = timed("sa_text_attention", vm.sa_text_attention)
+        vm.write_paged = timed("write_paged", vm.write_paged)
+        vm._Step.__init__ = timed("_Step", vm._Step.__init__)
+        vm.VisorDecoder._sa_layer = timed("_sa_layer (all)", vm.VisorDecoder._sa_layer)
+        vm.VisorDecoder._initial_sa_mask = timed("_initial_sa_mask", vm.VisorDecoder._initial_sa_mask)
+        vm.VisorDecoder._side_channels = timed("_side_channels", vm.VisorDecoder._side_channels)
+        vm.VisorCrossAttention.forward = timed("cross_attn module", vm.VisorCrossAttention.forward)
+        from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+        Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward (non-SA layers)", Qwen2DecoderLayer.forward)
+    else:
+        from vllm.model_executor.models.qwen2 import Qwen2Model, Qwen2DecoderLayer
+        qf = Qwen2Model.forward
+
+        def fwd(self, input_ids, *a, **k):
+            n = (input_ids.shape[0] if input_ids is not None else k["inputs_embeds"].shape[0])
+            STEP["decode"] = n <= args.c
+            t = time.perf_counter()
+            out = qf(self, input_ids, *a, **k)
+            if STEP["decode"]:
+                STEPS.append((n, time.perf_counter() - t))
+            STEP["decode"] = False
+            return out
+        Qwen2Model.forward = fwd
+        Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward", Qwen2DecoderLayer.forward)
+
+    from vllm import LLM, SamplingParams
+
+    llava = args.kind == "llava"
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, load_format="dummy",
+              max_model_len=10000, max_num_batched_tokens=10000, max_num_seqs=args.c,
+              limit_mm_per_prompt={"image": 1, "video": 0} if llava else {"image": 1}, seed=0,
+              mm_processor_cache_gb=0, enable_prefix_caching=False)
+    rng = np.random.default_rng(0)
+    msgs = []
+    for i in range(args.c):
+        img = Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8))
+        buf = io.BytesIO(); img.save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        msgs.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                  {"type": "text", "text": f"Describe picture {i}."}]}])
+    extra = {"visor_budget": args.budget} if args.budget else None
+    sp = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, extra_args=extra)
+    llm.chat(msgs[:2], sp, use_tqdm=False)  # warm-up
+    T.clear(); N.clear(); STEPS.clear()
+    t0 = time.perf_counter()
+    llm.chat(msgs, sp, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    full = [t for n, t in STEPS if n == args.c]
+    out = {"kind": args.kind, "budget": args.budget, "c": args.c, "wall_s": round(wall, 2),
+           "decode_steps_full_batch": len(full),
+           "decode_step_ms_p50": round(1000 * statistics.median(full), 2) if full else None,
+           "per_step_ms": {k: round(1000 * v / max(len(STEPS), 1), 3) for k, v in
+                           sorted(T.items(), key=lambda kv: -kv[1])},
+           "calls_per_step": {k: round(N[k] / max(len(STEPS), 1), 1) for k in N}}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
