@@ -104,8 +104,10 @@ def test_sa_text_attention_ignores_non_finite_stale_slots():
     from visor_vllm.engine.vllm_model import sa_text_attention
 
     q, s, (tc, vc), (tt, vt), active, want = _paged_case("cpu", seed=1)
-    # row 0's text ends at token 8 of 9 -> slot 1 of its third block is past its length
+    # row 0's text ends at token 8 of 9 -> slot 1 of its third block is past its length;
+    # row 1 (prefill, 5 tokens) -> slots 1.. of its second block
     tc[tt[0, 2], :, 1:] = float("nan")
+    tc[tt[1, 1], :, 1:] = float("nan")
     vc[vt[2, 1], :, 3:] = float("inf")      # row 2's vision: 7 tokens, slot 3 of block 2 is stale
     out = sa_text_attention(q, s, tc, tt, vc, vt, active, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -580,15 +580,36 @@ def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torc
     return out
 
 
+def _zero_tails(kv: torch.Tensor, lens: torch.Tensor, bs: int, at: int) -> None:
+    """Zero K/V [2, G, Hkv, L, D] at the slots of each row's last page past its length (from
+    column ``at``): other requests' stale data, which a masked score or a zero attention weight
+    would still turn into NaN if it were not finite. Pages past a row's last one are the null
+    block (never written). At most ``bs - 1`` slots per row: no pass over the buffer."""
+    pos = lens[:, None] + torch.arange(bs - 1, device=kv.device)[None, :]          # [G, bs-1]
+    g, k = (pos < (lens[:, None] + bs - 1) // bs * bs).nonzero(as_tuple=True)
+    kv[:, g, :, at + pos[g, k]] = 0
+
+
+def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [G, H, D], k/v [G, Hkv, L, D], mask [G, L] (True = attend) -> [G, H, D]: GQA as a
+    reshape (query heads of one K/V head are rows of one matmul), no K/V repeat."""
+    g, h, d = q.shape
+    hkv = k.shape[1]
+    scores = torch.matmul(q.view(g, hkv, h // hkv, d), k.transpose(-1, -2)) * scale  # [G, Hkv, r, L]
+    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    return torch.matmul(scores.softmax(-1), v).view(g, h, d)
+
+
 def sa_text_attention(q, s: _Step, text_cache, text_block_table, vision_cache,
                       vision_block_table, active, scale):
     """Text queries [N, H, D] over ``[vision K/V if the row runs the layer ; causal text K/V]``.
 
     CPU path: rows are split into decode rows (one query) and the rest (prefill); each group
     copies its rows' whole pages, vision then text, into one ``[2, G, Hkv, V+T, D]`` buffer in
-    the attention dtype (one pass per page, no concatenation, no per-token gather), and runs
-    one masked SDPA (GQA, no K/V repeat). Page slots past a row's length are masked, so a
-    decode row is never padded to a prefill row's query length, and holds only its own pages.
+    the attention dtype (one pass per page, no concatenation, no per-token gather); decode
+    rows then run two batched matmuls, prefill rows one masked SDPA (GQA, no K/V repeat).
+    Page slots past a row's length are masked (and zeroed in V), so a decode row is never
+    padded to a prefill row's query length, and holds only its own pages.
     GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
     pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
     ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
@@ -614,21 +635,23 @@ def sa_text_attention(q, s: _Step, text_cache, text_block_table, vision_cache,
                 blk = torch.where(torch.arange(n_blk, device=dev) * bs < lens[:, None], blk, 0)
                 kv[:, :, :, at:at + n_blk * bs].unflatten(3, (n_blk, bs)).copy_(
                     paged_blocks(cache, hd, blk))
+                _zero_tails(kv, lens, bs, at)
         vi, ti = torch.arange(lv, device=dev), torch.arange(nbt * bs_t, device=dev)
         valid = torch.cat([vi[None, :] < v_len[:, None], ti[None, :] < t_len[:, None]], -1)  # [G, V+T]
-        # slots past a row's length hold other requests' (or no) data: zero them, so nothing
-        # non-finite there can reach the output through a zero attention weight
-        kv.masked_fill_(~valid[None, :, None, :, None], 0)
         qi = torch.arange(qmax, device=dev)
         causal = ti[None, None, :] <= (s.computed[rows][:, None, None] + qi[None, :, None])
         mask = valid[:, None, :].expand(-1, qmax, -1).clone()                         # [G, Q, V+T]
         mask[:, :, lv:] &= causal
         qp = torch.zeros(g, qmax, *q.shape[1:], dtype=work, device=dev)
         qp[lrow, lcol] = q[tok].to(work)                                              # [G, Q, H, D]
-        res = F.scaled_dot_product_attention(qp.transpose(1, 2), kv[0], kv[1],
-                                             attn_mask=mask[:, None], scale=scale,
-                                             enable_gqa=True)                        # [G, H, Q, D]
-        out[tok] = res.transpose(1, 2)[lrow, lcol].to(q.dtype)
+        if qmax == 1:  # decode: two batched matmuls beat SDPA's kernel for one query
+            res = _one_query_attention(qp[:, 0], kv[0], kv[1], mask[:, 0], scale)     # [G, H, D]
+            out[tok] = res[lrow].to(q.dtype)
+        else:
+            res = F.scaled_dot_product_attention(qp.transpose(1, 2), kv[0], kv[1],
+                                                 attn_mask=mask[:, None], scale=scale,
+                                                 enable_gqa=True)                    # [G, H, Q, D]
+            out[tok] = res.transpose(1, 2)[lrow, lcol].to(q.dtype)
     return out                                                                        # [N, H, D]
 
 
