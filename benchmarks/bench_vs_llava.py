@@ -50,17 +50,17 @@ How it measures.
   ``--disable-shuffle``): fresh seeded random-noise PNGs plus a fixed list of questions, byte
   for byte the same for every model and budget. ``--extra-body`` applies to a whole invocation,
   which is exactly one budget here, so per-request extra body is not needed.
-* Fresh images: every concurrency level has its own images (seed ``[seed, c]``), so the
-  LLaVA-OV server never sees an image twice (vLLM's encoder cache would otherwise skip SigLIP
-  for a repeated image). The VISOR server sees each level's images once per budget; VISOR in
-  encoder-decoder mode has no encoder cache and no prefix caching, and both servers run with
-  ``--mm-processor-cache-gb 0 --no-enable-prefix-caching`` so no cache hides any work.
+* Fresh images: every concurrency level and VISOR budget has its own images (seed
+  ``[seed, c]`` for the first budget and for LLaVA-OV, ``[seed, c, slot]`` for the others), so
+  neither server ever sees an image twice in the timed runs: vLLM's encoder cache (LLaVA-OV)
+  and VISOR's vision-tower cache would otherwise skip SigLIP for a repeated image. Both
+  servers run with ``--mm-processor-cache-gb 0 --no-enable-prefix-caching``.
 * Warm-up + KV probe: before each (model, budget)'s timed runs one streaming request with its
   own image (same size, none of the timed ones) is sent with the ``openai`` client; after
   every streamed token it reads ``vllm:kv_cache_usage_perc`` and ``num_gpu_blocks`` from
   ``/metrics``.
 * Multi-turn (``--conversations N``, default 3): per (model, budget), N two-turn chats about
-  one fresh image each (seed slot ``TURNS_LEVEL``, the same images for every model and budget),
+  one fresh image each (seed ``[seed, TURNS_LEVEL, slot]``: LLaVA-OV gets the first budget's),
   one request at a time; turn 2 re-sends the image, turn 1's question and answer and a follow-up,
   as chat clients do. Reported: median TTFT of each turn. Neither server has prefix caching,
   so turn 2 re-prefills; what differs is the vision work: vLLM's encoder cache serves LLaVA-OV's
@@ -252,24 +252,29 @@ def chat_content(url: str, prompt: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
 
 
-def dataset_lines(seed: int, level: int, n: int, size: tuple[int, int]) -> list[str]:
-    """``custom_image`` JSONL lines: n fresh images for one level; same args -> same bytes."""
+def dataset_lines(seed: int, level: int, n: int, size: tuple[int, int], slot: int = 0) -> list[str]:
+    """``custom_image`` JSONL lines: n fresh images for one level and budget slot; same args ->
+    same bytes. Slot 0 (the first VISOR budget, and LLaVA-OV) keeps the historical stream."""
     import numpy as np
 
-    rng = np.random.default_rng([seed, level])
+    rng = np.random.default_rng([seed, level] if slot == 0 else [seed, level, slot])
     return [json.dumps({"content": chat_content(image_data_url(rng, *size),
                                                 PROMPTS[i % len(PROMPTS)])})
             for i in range(n)]
 
 
-def write_datasets(args: argparse.Namespace, root: Path) -> dict[int, Path]:
+def write_datasets(args: argparse.Namespace, root: Path) -> dict[tuple[int, int], Path]:
+    """One dataset per (concurrency level, budget slot): a VISOR server never sees an image
+    twice across its budgets, or its vision-tower cache would hide SigLIP from every budget
+    after the first. Images of one size cost the same whatever their pixels."""
     root.mkdir(parents=True, exist_ok=True)
     paths = {}
     for c in args.concurrency:
-        p = root / f"images-{args.image[0]}x{args.image[1]}-seed{args.seed}-c{c}.jsonl"
-        p.write_text("\n".join(dataset_lines(args.seed, c, requests_for(c, args.num_prompts),
-                                             args.image)) + "\n")
-        paths[c] = p
+        for slot in range(len(args.budgets)):
+            p = root / f"images-{args.image[0]}x{args.image[1]}-seed{args.seed}-c{c}-b{slot}.jsonl"
+            p.write_text("\n".join(dataset_lines(args.seed, c, requests_for(c, args.num_prompts),
+                                                 args.image, slot)) + "\n")
+            paths[c, slot] = p
     return paths
 
 
@@ -653,7 +658,7 @@ def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path
         import numpy as np
 
         probe_url = image_data_url(np.random.default_rng([args.seed, PROBE_LEVEL]), *args.image)
-        for budget in budgets:
+        for slot, budget in enumerate(budgets):  # LLaVA-OV: slot 0, the first budget's images
             key = budget or "-"
             tag = f"{name}-{budget}" if budget else name
             if not args.no_probe:
@@ -664,7 +669,7 @@ def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path
                 info["probes"][key] = p
                 print(f"   probe {row_label(name, budget)}: {p}", flush=True)
             if args.conversations > 0:  # fresh images, the same for every model and budget
-                rng = np.random.default_rng([args.seed, TURNS_LEVEL])
+                rng = np.random.default_rng([args.seed, TURNS_LEVEL, slot])
                 urls = [image_data_url(rng, *args.image) for _ in range(args.conversations)]
                 try:
                     t = multi_turn(server.base, urls, args.max_tokens, budget)
@@ -678,7 +683,7 @@ def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path
                 res = work / "runs" / args.preset / f"{tag}-c{c}.json"
                 res.parent.mkdir(parents=True, exist_ok=True)
                 res.unlink(missing_ok=True)
-                bcmd = bench_command(port, ckpt, datasets[c], n, c, args.max_tokens, budget,
+                bcmd = bench_command(port, ckpt, datasets[c, slot], n, c, args.max_tokens, budget,
                                      res, args.seed)
                 blog = work / "logs" / args.preset / f"{tag}-c{c}.bench.log"
                 print(f"   {row_label(name, budget)} c={c}: {n} requests ...", flush=True)

@@ -103,7 +103,8 @@ def test_dataset_is_deterministic_and_fresh_per_level(bench):
     def urls(lines):
         return [json.loads(x)["content"][0]["image_url"]["url"] for x in lines]
 
-    assert len(set(urls(a) + urls(b))) == 6  # every image is new
+    c = bench.dataset_lines(0, 1, 3, (16, 12), slot=1)  # the next VISOR budget: fresh again
+    assert len(set(urls(a) + urls(b) + urls(c))) == 9  # every image is new
     first = json.loads(a[0])["content"]
     assert first[0]["type"] == "image_url"
     assert first[1] == {"type": "text", "text": bench.PROMPTS[0]}

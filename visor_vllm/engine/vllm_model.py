@@ -21,8 +21,9 @@ Layout (see ../shared/research/vllm-v1-feasibility.md section 3 and `visor_vllm.
 Attention for SA layers. The CPU kernel returns no log-sum-exp, so two kernel calls cannot be
 merged. SA-capable layers therefore never go through vLLM's kernel: this module writes and
 reads their paged caches itself, in a layout it owns inside each block (`paged_kv_views`,
-asserted against the backend's shape), and runs one masked SDPA over gathered keys, batched
-over rows. On GPU the same seam takes two FlashAttention varlen calls with
+asserted against the backend's shape): whole pages are copied once into one buffer per row
+group (decode rows, prefill rows), then decode rows run two batched matmuls and prefill rows
+one masked SDPA. On GPU the same seam takes two FlashAttention varlen calls with
 ``return_softmax_lse`` and ``merge_attn_states`` (see `sa_text_attention`).
 
 Footguns.
