@@ -40,7 +40,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from fractions import Fraction
 from types import SimpleNamespace
 
 import torch
@@ -81,8 +80,8 @@ from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
 from visor_vllm.model.config import VisorConfig
-from visor_vllm.model.packing import (crop_side, pack_tokens, projector_config,
-                                      visual_token_count)
+from visor_vllm.model.packing import (anyres_grid_view, crop_side, pack_features,
+                                      projector_config, visual_token_count)
 
 logger = init_logger(__name__)
 
@@ -609,7 +608,7 @@ def sa_text_attention(q, s: _Step, text_cache, text_block_table, vision_cache,
     copies its rows' whole pages, vision then text, into one ``[2, G, Hkv, V+T, D]`` buffer in
     the attention dtype (one pass per page, no concatenation, no per-token gather); decode
     rows then run two batched matmuls, prefill rows one masked SDPA (GQA, no K/V repeat).
-    Page slots past a row's length are masked (and zeroed in V), so a decode row is never
+    Page slots past a row's length are masked (and zeroed), so a decode row is never
     padded to a prefill row's query length, and holds only its own pages.
     GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
     pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
@@ -711,31 +710,20 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     # -- vision path (LLaVA-OV's, plus VISOR-TR packing) ----------------------------------------
     def _image_pixels_to_features(self, vision_tower, pixel_values):
         """SigLIP features ``[B, P, C]``; VISOR-TR packs each crop's grid to ``[B, h*w, C*s*s]``."""
-        feats = super()._image_pixels_to_features(vision_tower, pixel_values)
-        cfg = self.config
-        if cfg.token_packing_ratio is None:
-            return feats
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)   # [B, C, S, S]
-        packed = pack_tokens(grid, cfg.token_packing_ratio, cfg.token_packing_s2d)
-        return packed.flatten(2).transpose(1, 2)                               # [B, h*w, C*s*s]
+        return pack_features(super()._image_pixels_to_features(vision_tower, pixel_values),
+                             self.config)
 
     def _merge_image_patch_embeddings(self, image_size, patch_embeddings, **kwargs):
         """LLaVA-OV's anyres merge on the crop's token grid, which VISOR-TR makes smaller.
 
-        vLLM's merge derives the grid side as ``image_size // patch_size``: it is handed a view
-        whose ``patch_size`` is the Fraction giving the packed side, while ``image_size`` stays
-        the crop's pixel size that anyres tiles are counted in (the reference does the same).
+        vLLM's merge derives the grid side from the config: it is handed the packed one
+        (`visor_vllm.model.packing.anyres_grid_view`, as the reference is).
         """
         cfg = self.config
         if cfg.token_packing_ratio is None:
             return super()._merge_image_patch_embeddings(image_size, patch_embeddings, **kwargs)
-        crop = cfg.vision_config.image_size
-        view = SimpleNamespace(
-            config=SimpleNamespace(image_grid_pinpoints=cfg.image_grid_pinpoints,
-                                   vision_config=SimpleNamespace(
-                                       image_size=crop, patch_size=Fraction(crop, crop_side(cfg)))),
-            image_newline=self.image_newline)
+        view = SimpleNamespace(config=anyres_grid_view(cfg, crop_side(cfg)),
+                               image_newline=self.image_newline)
         return LlavaOnevisionForConditionalGeneration._merge_image_patch_embeddings(
             view, image_size, patch_embeddings, **kwargs)
 

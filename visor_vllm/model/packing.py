@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +52,28 @@ def pack_tokens(grid: torch.Tensor, ratio: float, s2d: int = 2) -> torch.Tensor:
     h, w = packed_grid_size(grid.shape[-2], grid.shape[-1], ratio)
     resized = F.interpolate(grid, size=(h * s2d, w * s2d), mode="bilinear", align_corners=False)
     return F.pixel_unshuffle(resized, s2d)
+
+
+def pack_features(feats: torch.Tensor, cfg: VisorConfig) -> torch.Tensor:
+    """SigLIP features of square crops ``[B, S*S, C]`` -> VISOR-TR's ``[B, h*w, C*s*s]``
+    (unchanged without a packing ratio). The reference and the vLLM model both call this."""
+    ratio = getattr(cfg, "token_packing_ratio", None)
+    if ratio is None:
+        return feats
+    side = crop_side(cfg, packed=False)
+    grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)          # [B, C, S, S]
+    return pack_tokens(grid, ratio, cfg.token_packing_s2d).flatten(2).transpose(1, 2)
+
+
+def anyres_grid_view(cfg: VisorConfig, side: int) -> SimpleNamespace:
+    """The config fields LLaVA-OV's anyres packing reads (transformers' and vLLM's), with the
+    crop's token grid ``side`` (packed under VISOR-TR): both derive the side as
+    ``image_size // patch_size``, so ``patch_size`` is the Fraction that gives it exactly, while
+    ``image_size`` stays the crop size in pixels that the anyres tile count is computed from."""
+    crop = cfg.vision_config.image_size
+    return SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=crop, patch_size=Fraction(crop, side)),
+        image_grid_pinpoints=cfg.image_grid_pinpoints)
 
 
 def crop_side(cfg: VisorConfig, packed: bool = True) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from types import SimpleNamespace
 
 import torch
@@ -44,7 +43,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from visor_vllm.model import plan
 from visor_vllm.model.budget import Budget, allowed_configs
 from visor_vllm.model.config import VisorConfig
-from visor_vllm.model.packing import pack_tokens, projector_config, visual_token_count
+from visor_vllm.model.packing import (anyres_grid_view, crop_side, pack_features,
+                                      projector_config, visual_token_count)
 
 
 class ImageTokenMismatchError(ValueError):
@@ -322,25 +322,15 @@ class VisorForConditionalGeneration(nn.Module):
                                    output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
         if cfg.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        if cfg.token_packing_ratio is not None:  # VISOR-TR (Appendix I), before the projector
-            grid = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
-            hidden = pack_tokens(grid, cfg.token_packing_ratio, cfg.token_packing_s2d)
-            side = hidden.shape[-1]
-            hidden = hidden.flatten(2).transpose(1, 2)
-        return self.multi_modal_projector(hidden), side
+        hidden = pack_features(hidden, cfg)  # VISOR-TR (Appendix I), before the projector
+        return self.multi_modal_projector(hidden), crop_side(cfg)
 
     def pack_images(self, feats: list[torch.Tensor], image_sizes: torch.Tensor,
                     side: int) -> list[torch.Tensor]:
         """One prompt's per-image crop features -> LLaVA-OV's packed sequence per image."""
         cfg = self.config
-        # transformers' packing derives the grid side from the vision config: give it the packed one
-        # (patch_size as a Fraction so that image_size // patch_size == side exactly, while
-        # image_size stays the crop size in pixels that the anyres tile count is computed from)
-        crop = cfg.vision_config.image_size
-        view = SimpleNamespace(config=SimpleNamespace(
-            vision_config=SimpleNamespace(image_size=crop, patch_size=Fraction(crop, side)),
-            image_grid_pinpoints=cfg.image_grid_pinpoints))
+        # transformers' packing derives the grid side from the vision config: give it this one
+        view = SimpleNamespace(config=anyres_grid_view(cfg, side))
         packed, _ = LlavaOnevisionModel.pack_image_features(
             view, feats, image_sizes, image_newline=self.image_newline,
             vision_aspect_ratio=cfg.vision_aspect_ratio)
