@@ -17,6 +17,7 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to reach the model's functio
 monkeypatches them. CPU timings on 2 cores: compare runs of one session only.
 """
 import argparse
+import functools
 import base64
 import io
 import json
@@ -39,6 +40,7 @@ STEPS = []
 
 
 def timed(name, fn):
+    @functools.wraps(fn)  # vLLM's compile decorator reads forward signatures
     def wrap(*a, **k):
         t = time.perf_counter()
         try:
@@ -65,6 +67,7 @@ def main():
 
         dec_fwd = vm.VisorDecoder.forward
 
+        @functools.wraps(dec_fwd)
         def fwd(self, input_ids, *a, **k):
             STEP["decode"] = input_ids.shape[0] <= args.c and not (a[1] if len(a) > 1 else k.get("encoder_outputs"))
             t = time.perf_counter()
@@ -87,6 +90,7 @@ def main():
         from vllm.model_executor.models.qwen2 import Qwen2Model, Qwen2DecoderLayer
         qf = Qwen2Model.forward
 
+        @functools.wraps(qf)  # Qwen3Model inherits it; support_torch_compile inspects it
         def fwd(self, input_ids, *a, **k):
             n = (input_ids.shape[0] if input_ids is not None else k["inputs_embeds"].shape[0])
             STEP["decode"] = n <= args.c
