@@ -9,7 +9,7 @@ import pytest
 from visor_vllm import patches
 
 ALL = lambda: (patches.PATCHES + patches.VLLM_PATCHES + patches.FRONTEND_PATCHES  # noqa: E731
-               + patches.CONFIG_PATCHES)
+               + patches.CONFIG_PATCHES + patches.SCHEDULER_PATCHES)
 
 
 def test_patch_ledger_entries_are_documented():

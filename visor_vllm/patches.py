@@ -77,6 +77,20 @@ Ledger
    When it can go.  When vLLM offers a registration API for config hooks (then use it), and
    the settings themselves when the VISOR step is graph-safe and its MRV2 state is proven.
 
+6. ``vllm-kv-manager-tells-visor-the-request`` (vLLM 0.32 ``KVCacheManager.allocate_slots``;
+   the scheduler's process, only once a VISOR vision manager exists)
+
+   Why.  VISOR's optional SA layers keep their vision K/V in their own KV-cache group
+   (`visor_vllm.engine.kv_layout`), and a request whose budget cannot run them should hold no
+   blocks there. vLLM's single-type managers are told request ids and token counts only; the
+   budget is in the request's ``sampling_params.extra_args``.
+   How.  Wrap ``allocate_slots(request, ...)``: first hand the request to every
+   `VisorVisionManager` of the coordinator (``note(request)``), then run vLLM's code, in which
+   that manager allocates zero tokens for the noted ids. Applied by the manager's
+   ``__init__``.
+   When it can go.  When vLLM passes the request (or its sampling params) to single-type
+   managers, or has a per-request allocation hook.
+
 Not a patch, recorded here because it works around vLLM internals: `VisorMultiModalProcessor`
 reports every image placeholder at encoder offset 0. vLLM 0.32's scheduler compares decoder
 token counts with encoder placeholder offsets when it decides which encoder inputs to run, so a
@@ -376,3 +390,51 @@ CONFIG_PATCHES: list[Patch] = [
 def apply_config_patches() -> list[str]:
     """Install VISOR's vLLM config hook where vLLM is installed (``register()``); idempotent."""
     return _apply(CONFIG_PATCHES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch 6 (the scheduler's process): VISOR's vision manager sees the request it allocates for
+# ---------------------------------------------------------------------------------------------
+
+def _allocate_slots_applied() -> bool:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    return hasattr(KVCacheManager.allocate_slots, "__visor_original__")
+
+
+def _apply_allocate_slots() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from visor_vllm.engine.kv_layout import VisorVisionManager
+
+    original = KVCacheManager.allocate_slots
+
+    def allocate_slots(self, request, *args, **kwargs):
+        for manager in self.coordinator.single_type_managers:
+            if isinstance(manager, VisorVisionManager):
+                manager.note(request)
+        return original(self, request, *args, **kwargs)
+
+    allocate_slots.__visor_original__ = original
+    KVCacheManager.allocate_slots = allocate_slots
+
+
+SCHEDULER_PATCHES: list[Patch] = [
+    Patch(
+        name="vllm-kv-manager-tells-visor-the-request",
+        target="vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots",
+        why="VISOR's optional-vision KV group holds blocks only for requests whose budget can "
+            "run those layers (visor_vllm.engine.kv_layout); vLLM's single-type managers get "
+            "request ids, not the requests whose vllm_xargs carry the budget.",
+        how="wrap allocate_slots: before vLLM's code, hand the request to each "
+            "VisorVisionManager (note(request)), which keeps the ids that hold nothing.",
+        removal="drop when vLLM passes the Request (or its sampling params) to single-type "
+                "managers, or offers a per-request allocation hook.",
+        needed=_vllm_importable, applied=_allocate_slots_applied, apply=_apply_allocate_slots,
+    ),
+]
+
+
+def apply_scheduler_patches() -> list[str]:
+    """Applied by `VisorVisionManager.__init__`, i.e. only where a VISOR scheduler runs."""
+    return _apply(SCHEDULER_PATCHES)

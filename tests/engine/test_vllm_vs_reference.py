@@ -153,7 +153,10 @@ def test_vision_kv_lives_only_in_ca_and_sa_capable_layers(llm, visor_ckpt):
 
     cfg = VisorConfig.from_pretrained(str(visor_ckpt))
     specs = llm.collective_rpc(kv_cache_spec_kinds, timeout=120)[0]   # layer name -> spec class
-    cross = sorted(n for n, s in specs.items() if s == CrossAttentionSpec.__name__)
+    from visor_vllm.engine.kv_layout import VisorVisionSpec
+
+    cross = sorted(n for n, s in specs.items()
+                   if s in (CrossAttentionSpec.__name__, VisorVisionSpec.__name__))
     text = [n for n, s in specs.items() if s == FullAttentionSpec.__name__]
     want = sorted([f"language_model.model.layers.{i}.cross_attn.attn" for i in cfg.cross_layers]
                   + [f"language_model.model.layers.{i}.vision_kv" for i in cfg.sa_capable_layers])

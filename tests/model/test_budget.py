@@ -116,3 +116,33 @@ def test_a_flops_cap_is_a_fraction_of_dense_on_the_full_image():
     assert flops_fit(cfg, mask, cap, 741, 60)[1] is False
     fit, met = flops_fit(cfg, mask, cap, 741, 60, n_image_dense=1485)
     assert met and fit[cfg.sa_configs.index(cheapest)]
+
+
+@pytest.mark.parametrize("preset", ["preset_tiny", "preset_0_5b", "preset_1_5b"])
+def test_possible_sa_layers_cover_every_configuration_the_worker_can_run(preset):
+    """The scheduler allocates vision K/V from possible_sa_layers before the first step; every
+    configuration the worker may then run (allowed, FLOP-capped with its fallback) is inside."""
+    import visor_vllm.model.config as config_module
+    from types import SimpleNamespace
+
+    from visor_vllm.model.budget import Budget, allowed_configs, possible_sa_layers
+
+    cfg = getattr(config_module, preset)()
+    light = SimpleNamespace(sa_configs=cfg.sa_configs, always_on_sa_layers=cfg.always_on_sa_layers)
+    n_opt = len(cfg.sa_capable_layers) - len(cfg.always_on_sa_layers)
+    budgets = ([Budget(), Budget("min"), Budget("max")] + [Budget("cap", cap=k) for k in range(n_opt + 1)]
+               + [Budget("auto", max_flops=f) for f in (0.01, 0.3, 1.0)]
+               + [Budget("cap", cap=1, max_flops=0.01), Budget("layers", sa_layers=tuple(cfg.sa_configs[0]))])
+    for budget in budgets:
+        possible = possible_sa_layers(light, budget)
+        assert possible == possible_sa_layers(cfg, budget)
+        if budget.mode == "layers":
+            assert possible == set(budget.sa_layers)
+            continue
+        for n_image in (0, 10, 729, 5000):
+            mask = allowed_configs(cfg, budget, n_image=n_image, n_text=20)
+            for c, ok in zip(cfg.sa_configs, mask):
+                assert not ok or set(c) <= possible, (budget, n_image, c)
+    cheapest = set(min(cfg.sa_configs, key=len))
+    assert possible_sa_layers(cfg, Budget("min")) == cheapest
+    assert possible_sa_layers(cfg, Budget("max")) == set(cfg.sa_capable_layers)

@@ -75,7 +75,7 @@ from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
 from vllm.v1.attention.backend import AttentionType
 
 from visor_vllm import patches
-from visor_vllm.engine import bridge, stats
+from visor_vllm.engine import bridge, kv_layout, stats
 from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
@@ -381,12 +381,16 @@ class VisorDecoder(nn.Module):
         for i in cfg.cross_layers:
             self.layers[i].cross_attn = VisorCrossAttention(cfg, cache, quant,
                                                             prefix=f"{prefix}.layers.{i}.cross_attn")
+        # holders of the optional SA layers form their own KV group, allocated per budget
+        optional = kv_layout.split_optional_layers(cfg)
         for i in cfg.sa_capable_layers:
             sa = self.layers[i].self_attn
-            self.layers[i].vision_kv = CrossAttention(
+            holder, extra = ((kv_layout.VisorVisionHolder, {"visor_cfg": cfg}) if i in optional
+                             else (CrossAttention, {}))
+            self.layers[i].vision_kv = holder(
                 sa.num_heads, sa.head_dim, sa.scaling, num_kv_heads=sa.num_kv_heads,
                 cache_config=cache, prefix=f"{prefix}.layers.{i}.vision_kv",
-                attn_type=AttentionType.ENCODER_DECODER)
+                attn_type=AttentionType.ENCODER_DECODER, **extra)
         first = min(cfg.cross_layers + cfg.sa_capable_layers)
         holder = self.layers[first].cross_attn.attn if first in cfg.cross_layers else self.layers[first].vision_kv
         self.first_cross_name = holder.layer_name

@@ -204,6 +204,33 @@ def _n_optional(cfg: VisorConfig, config: list[int]) -> int:
     return len(set(config) - set(cfg.always_on_sa_layers))
 
 
+def cheapest_config(cfg) -> int:
+    """Index of the cheapest configuration (fewest SA layers, then the first): budget ``min``,
+    and the fallback when no configuration meets a FLOP cap."""
+    return min((len(c), i) for i, c in enumerate(cfg.sa_configs))[1]
+
+
+def costliest_config(cfg) -> int:
+    return max((len(c), i) for i, c in enumerate(cfg.sa_configs))[1]
+
+
+def possible_sa_layers(cfg, budget: Budget) -> frozenset[int]:
+    """Every SA layer (0-based) a request under ``budget`` may run: what its vision K/V must hold.
+
+    The scheduler allocates vision K/V from this before the request's first step, the worker
+    then runs a configuration inside it, so it must cover each path the worker can take: the
+    explicit layers; else every configuration the cap-free mask allows (a FLOP cap only
+    narrows that mask and falls back inside it; the router picks inside it), and the cheapest
+    configuration for good measure. ``cfg`` needs only ``sa_configs`` and
+    ``always_on_sa_layers``: the engine's scheduler process calls this with those two.
+    """
+    if budget.mode == "layers":
+        return frozenset(budget.sa_layers)
+    mask = allowed_configs(cfg, budget)
+    layers = {i for c, ok in zip(cfg.sa_configs, mask) if ok for i in c}
+    return frozenset(layers | set(cfg.sa_configs[cheapest_config(cfg)]))
+
+
 def allowed_configs(cfg: VisorConfig, budget: Budget, n_image: int | None = None,
                     n_text: int | None = None, n_image_dense: int | None = None) -> list[bool]:
     """Mask over ``cfg.sa_configs`` the router may choose from (all False for ``layers``).
@@ -218,8 +245,7 @@ def allowed_configs(cfg: VisorConfig, budget: Budget, n_image: int | None = None
     elif budget.mode == "cap":
         mask = [_n_optional(cfg, c) <= budget.cap for c in cfg.sa_configs]
     elif budget.mode in ("min", "max"):
-        cost = [(len(c), i) for i, c in enumerate(cfg.sa_configs)]
-        pick = (min(cost) if budget.mode == "min" else max(cost))[1]
+        pick = cheapest_config(cfg) if budget.mode == "min" else costliest_config(cfg)
         return [i == pick for i in range(n)]
     else:
         return [False] * n
