@@ -40,16 +40,13 @@ from dataclasses import dataclass, fields
 from types import SimpleNamespace
 
 from vllm.model_executor.layers.attention.cross_attention import CrossAttention
+from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import CrossAttentionManager
 from vllm.v1.kv_cache_interface import CrossAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from visor_vllm.model.budget import (BudgetError, cheapest_config, default_budget,
                                      parse_budget, possible_sa_layers)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def pages_per_block(counts: list[int]) -> list[int]:
@@ -59,7 +56,7 @@ def pages_per_block(counts: list[int]) -> list[int]:
     g = min(counts)
     if max(counts) < g * 1.5:
         g = max(counts)
-    return [_cdiv(n, g) * g for n in counts]
+    return [cdiv(n, g) * g for n in counts]
 
 
 def optional_layers(cfg) -> tuple[int, ...]:
@@ -89,62 +86,68 @@ class VisorVisionSpec(CrossAttentionSpec):
     sa_configs: tuple[tuple[int, ...], ...] = ()
     always_on_sa_layers: tuple[int, ...] = ()
 
-    def needed(self, extra_args) -> bool:
-        """Whether a request with these ``vllm_xargs`` may run one of ``layers``."""
-        cfg = SimpleNamespace(sa_configs=[list(c) for c in self.sa_configs],
-                              always_on_sa_layers=list(self.always_on_sa_layers))
-        try:
-            budget = parse_budget(extra_args, None, default_budget(None))
-        except BudgetError:  # validated by the frontend; never guess low
-            return True
-        return bool(possible_sa_layers(cfg, budget) & set(self.layers))
-
 
 class VisorVisionManager(CrossAttentionManager):
     """A cross-attention manager that gives a request no blocks when its budget cannot run the
-    group's layers. ``note(request)`` (ledger entry 6) is called before each allocation."""
+    group's layers. ``note(request)`` (ledger entry 6) is called before each allocation, i.e.
+    every step for every running request: it decides once per request, until ``free``."""
 
     def __init__(self, kv_cache_spec: VisorVisionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.skip: set[str] = set()   # request ids that hold nothing here
+        spec = kv_cache_spec
+        self._cfg = SimpleNamespace(sa_configs=[list(c) for c in spec.sa_configs],
+                                    always_on_sa_layers=list(spec.always_on_sa_layers))
+        self._layers = set(spec.layers)
+        try:  # read once, as the worker's bridge does
+            self._default = default_budget(None)
+        except BudgetError:  # the worker stops the engine on it; here never guess low
+            self._default = None
+        self.holds: dict[str, bool] = {}   # request id -> holds blocks here (decided once)
         from visor_vllm.patches import apply_scheduler_patches
 
         apply_scheduler_patches()
 
+    def needed(self, extra_args) -> bool:
+        """Whether a request with these ``vllm_xargs`` may run one of the group's layers."""
+        if self._default is None:
+            return True
+        try:
+            budget = parse_budget(extra_args, None, self._default)
+        except BudgetError:  # validated by the frontend; never guess low
+            return True
+        return bool(possible_sa_layers(self._cfg, budget) & self._layers)
+
     def note(self, request) -> None:
-        params = getattr(request, "sampling_params", None)
-        extra = getattr(params, "extra_args", None) if params is not None else None
-        if self.kv_cache_spec.needed(extra):
-            self.skip.discard(request.request_id)
-        else:
-            self.skip.add(request.request_id)
+        if request.request_id not in self.holds:
+            params = getattr(request, "sampling_params", None)
+            self.holds[request.request_id] = self.needed(getattr(params, "extra_args", None))
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
                                    num_tokens_main_model, *args, **kwargs) -> int:
-        if request_id in self.skip:
+        if not self.holds.get(request_id, True):
             num_tokens = num_tokens_main_model = 0
         return super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, total_computed_tokens,
             num_local_computed_tokens, num_tokens_main_model, *args, **kwargs)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
-        if request_id in self.skip:
+        if not self.holds.get(request_id, True):
             num_tokens = num_tokens_main_model = 0
         return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self.skip.discard(request_id)
+        self.holds.pop(request_id, None)  # a preempted request is decided again on resume
 
 
 class VisorVisionHolder(CrossAttention):
     """The ``vision_kv`` holder of an optional SA layer: allocation only (never called)."""
 
-    def __init__(self, *args, visor_cfg, **kwargs) -> None:
+    def __init__(self, *args, visor_cfg, optional: tuple[int, ...], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._visor_fields = dict(
-            layers=tuple(split_optional_layers(visor_cfg)),
+            layers=tuple(optional),  # split_optional_layers(visor_cfg), computed by the caller
             sa_configs=tuple(tuple(c) for c in visor_cfg.sa_configs),
             always_on_sa_layers=tuple(visor_cfg.always_on_sa_layers))
 

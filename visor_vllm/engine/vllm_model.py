@@ -385,7 +385,8 @@ class VisorDecoder(nn.Module):
         optional = kv_layout.split_optional_layers(cfg)
         for i in cfg.sa_capable_layers:
             sa = self.layers[i].self_attn
-            holder, extra = ((kv_layout.VisorVisionHolder, {"visor_cfg": cfg}) if i in optional
+            holder, extra = ((kv_layout.VisorVisionHolder, {"visor_cfg": cfg, "optional": optional})
+                             if i in optional
                              else (CrossAttention, {}))
             self.layers[i].vision_kv = holder(
                 sa.num_heads, sa.head_dim, sa.scaling, num_kv_heads=sa.num_kv_heads,
