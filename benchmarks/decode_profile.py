@@ -9,7 +9,7 @@ DIR: a checkpoint directory without weights is fine (``--load-format dummy`` is 
 384x384 images run together (after a two-request warm-up); every full-batch decode step is
 timed, and VISOR's pieces (``_Step``, SA-capable layers and their text attention, cross
 attention, the other decoder layers, the side channels) are timed by wrapping them (nested
-wrappers: ``_sa_layer (all)`` includes ``sa_text_attention`` and ``write_paged``). Prints one
+wrappers: ``_sa_layer (all)`` includes the ``sa_attention`` calls). Prints one
 JSON object: the median full-batch decode step and milliseconds per step per piece.
 
 A diagnostic, not a comparison of record (that is ``bench_vs_llava.py``): it runs the engine in
@@ -77,8 +77,10 @@ def main():
             STEP["decode"] = False
             return out
         vm.VisorDecoder.forward = fwd
-        vm.sa_text_attention = timed("sa_text_attention", vm.sa_text_attention)
-        vm.write_paged = timed("write_paged", vm.write_paged)
+        from visor_vllm.engine import sa_attention as sa
+        sa.attend = timed("sa_attention.attend", sa.attend)
+        sa.write = timed("sa_attention.write", sa.write)
+        sa.with_prefix = timed("sa_attention.with_prefix", sa.with_prefix)
         vm._Step.__init__ = timed("_Step", vm._Step.__init__)
         vm.VisorDecoder._sa_layer = timed("_sa_layer (all)", vm.VisorDecoder._sa_layer)
         vm.VisorDecoder._initial_sa_mask = timed("_initial_sa_mask", vm.VisorDecoder._initial_sa_mask)

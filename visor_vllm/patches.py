@@ -78,15 +78,16 @@ Ledger
    the settings themselves when the VISOR step is graph-safe and its MRV2 state is proven.
 
 6. ``vllm-kv-manager-tells-visor-the-request`` (vLLM 0.32 ``KVCacheManager.allocate_slots``;
-   the scheduler's process, only once a VISOR vision manager exists)
+   the scheduler's process, only once a VISOR SA-layer manager exists)
 
-   Why.  VISOR's optional SA layers keep their vision K/V in their own KV-cache group
-   (`visor_vllm.engine.kv_layout`), and a request whose budget cannot run them should hold no
-   blocks there. vLLM's single-type managers are told request ids and token counts only; the
-   budget is in the request's ``sampling_params.extra_args``.
+   Why.  VISOR's SA-capable layers keep one ``[vision ; text]`` sequence per request
+   (`visor_vllm.engine.kv_layout`): a request needs ``Nv + T`` slots there when its budget may
+   run the group's layers, ``T`` when it cannot. vLLM's single-type managers are told request
+   ids and text token counts only; the image size and the budget (``sampling_params.
+   extra_args``) are on the request.
    How.  Wrap ``allocate_slots(request, ...)``: first hand the request to every
-   `VisorVisionManager` of the coordinator (``note(request)``), then run vLLM's code, in which
-   that manager allocates zero tokens for the noted ids. Applied by the manager's
+   `VisorSAManager` of the coordinator (``note(request)``), then run vLLM's code, in which
+   that manager adds the noted vision prefix to the token counts. Applied by the manager's
    ``__init__``.
    When it can go.  When vLLM passes the request (or its sampling params) to single-type
    managers, or has a per-request allocation hook.
@@ -405,13 +406,13 @@ def _allocate_slots_applied() -> bool:
 def _apply_allocate_slots() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    from visor_vllm.engine.kv_layout import VisorVisionManager
+    from visor_vllm.engine.kv_layout import VisorSAManager
 
     original = KVCacheManager.allocate_slots
 
     def allocate_slots(self, request, *args, **kwargs):
         for manager in self.coordinator.single_type_managers:
-            if isinstance(manager, VisorVisionManager):
+            if isinstance(manager, VisorSAManager):
                 manager.note(request)
         return original(self, request, *args, **kwargs)
 
@@ -423,11 +424,12 @@ SCHEDULER_PATCHES: list[Patch] = [
     Patch(
         name="vllm-kv-manager-tells-visor-the-request",
         target="vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots",
-        why="VISOR's optional-vision KV group holds blocks only for requests whose budget can "
-            "run those layers (visor_vllm.engine.kv_layout); vLLM's single-type managers get "
-            "request ids, not the requests whose vllm_xargs carry the budget.",
+        why="VISOR's SA-layer KV groups hold [vision ; text] per request, the vision prefix only "
+            "for requests whose budget can run those layers (visor_vllm.engine.kv_layout); "
+            "vLLM's single-type managers get request ids and text token counts, not the "
+            "requests whose images and vllm_xargs decide the prefix.",
         how="wrap allocate_slots: before vLLM's code, hand the request to each "
-            "VisorVisionManager (note(request)), which keeps the ids that hold nothing.",
+            "VisorSAManager (note(request)), which keeps each id's vision prefix.",
         removal="drop when vLLM passes the Request (or its sampling params) to single-type "
                 "managers, or offers a per-request allocation hook.",
         needed=_vllm_importable, applied=_allocate_slots_applied, apply=_apply_allocate_slots,
@@ -436,5 +438,5 @@ SCHEDULER_PATCHES: list[Patch] = [
 
 
 def apply_scheduler_patches() -> list[str]:
-    """Applied by `VisorVisionManager.__init__`, i.e. only where a VISOR scheduler runs."""
+    """Applied by `VisorSAManager.__init__`, i.e. only where a VISOR scheduler runs."""
     return _apply(SCHEDULER_PATCHES)

@@ -1,8 +1,10 @@
-"""The engine's attention helpers equal one dense masked attention, and cost what their rows cost.
+"""The engine's attention equals dense attention, and costs what its rows cost.
 
 `causal_segments_attention` (first step: each new image's visual tokens attend causally among
 themselves) must give what the old padded ``[R, Nv_max, Nv_max]`` masked attention gave, for
 segments of different lengths and empty segments (decode rows of the same step).
+`visor_vllm.engine.sa_attention` (SA-capable layers: text over ``[vision ; text]`` with vLLM's
+CPU kernel) must give each row's dense attention, with and without a vision prefix.
 """
 
 from __future__ import annotations
@@ -46,68 +48,79 @@ def test_causal_segments_keep_the_input_dtype():
     assert causal_segments_attention(q, k, v, torch.tensor([2, 4]), 0.5).dtype == torch.bfloat16
 
 
-def _paged_case(layout: str, seed: int = 0):
-    """Three rows (decode, prefill, decode) with text and vision K/V written into paged caches
-    whose blocks are shuffled and partly stale; returns what `sa_text_attention` needs and
-    the dense per-row reference."""
+def _sa_case(dtype=torch.float32, seed: int = 0):
+    """Three rows (decode with a vision prefix, prefill without, decode with) of one SA-capable
+    layer's ``[vision ; text]`` paged sequences on the CPU kernel, written through
+    `sa_attention.write` into shuffled blocks of a cache full of stale data; returns the layer,
+    queries, the group's text-length metadata, the prefixes and the dense per-row reference."""
     from types import SimpleNamespace
 
-    from visor_vllm.engine.vllm_model import attention_groups, paged_kv_views, write_paged
+    from unittest import mock
+
+    from vllm.v1.attention.backends import cpu_attn
+    from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackendImpl, CPUAttentionMetadata,
+                                                     _get_attn_isa)
+
+    from visor_vllm.engine import sa_attention
 
     g = torch.Generator().manual_seed(seed)
-    H, Hkv, D, bs, nb = 4, 2, 8, 4, 40
-    q_lens, seq_lens = torch.tensor([1, 5, 1]), torch.tensor([9, 5, 3])
-    n_vision, active = torch.tensor([10, 6, 7]), torch.tensor([True, False, True])
-    shape = (nb, Hkv, bs, 2 * D) if layout == "cpu" else (2, nb, bs, Hkv, D)
-    caches = [torch.randn(shape, generator=g) * 50 for _ in range(2)]  # stale garbage everywhere
-    perm = torch.randperm(nb - 1, generator=g) + 1                      # block 0: the null block
-    tables = [perm[:24].view(3, 8), perm[24:].view(3, 5)]               # text, vision; [R, cols]
-    texts, visions = [], []
+    H, Hkv, D, bs, nb = 4, 2, 32, 32, 24
+    q_lens, seq_lens = torch.tensor([1, 5, 1]), torch.tensor([9, 5, 40])   # text tokens
+    prefix = torch.tensor([45, 0, 70])                                      # vision slots
+    model = SimpleNamespace(model_config=SimpleNamespace(dtype=dtype))  # all the impl reads
+    with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: model):
+        impl = CPUAttentionBackendImpl(H, D, D ** -0.5, Hkv, None, None, "auto")
+    cache = (torch.randn(nb, Hkv, bs, 2 * D, generator=g) * 50).to(dtype)  # stale everywhere
+    layer = SimpleNamespace(impl=impl, kv_cache=cache, isa=_get_attn_isa(dtype, bs, D),
+                            _k_scale_float=1.0, _v_scale_float=1.0)
+    perm = torch.randperm(nb - 1, generator=g) + 1                           # block 0: null
+    table = perm[:21].view(3, 7).to(torch.int32)                            # [R, cols]
+    seqs = []
     for r in range(3):
-        for cache, table, n, out in ((caches[0], tables[0], seq_lens[r], texts),
-                                     (caches[1], tables[1], n_vision[r], visions)):
-            k, v = torch.randn(n, Hkv, D, generator=g), torch.randn(n, Hkv, D, generator=g)
-            slots = table[r, torch.arange(n) // bs] * bs + torch.arange(n) % bs
-            write_paged(paged_kv_views(cache, D), slots, k, v)
-            out.append((k, v))
-    qsl = torch.cat([torch.zeros(1, dtype=torch.long), q_lens.cumsum(0)])
+        n = int(prefix[r] + seq_lens[r])
+        k, v = (torch.randn(n, Hkv, D, generator=g).to(dtype) for _ in range(2))
+        rows = torch.full((n,), r)
+        sa_attention.write(layer, k, v, sa_attention.slots(table, rows, torch.arange(n), bs))
+        seqs.append((k, v))
+    qsl = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).to(torch.int32)])
+    n = int(qsl[-1])
+    md = CPUAttentionMetadata(num_actual_tokens=n, max_query_len=int(q_lens.max()),
+                              query_start_loc=qsl, max_seq_len=int(seq_lens.max()),
+                              seq_lens=seq_lens.to(torch.int32), block_table=table,
+                              slot_mapping=torch.zeros(n, dtype=torch.long),
+                              scheduler_metadata=None)
+    q = torch.randn(n, H, D, generator=g).to(dtype)
     row = torch.repeat_interleave(torch.arange(3), q_lens)
-    col = torch.arange(int(qsl[-1])) - qsl[row]
-    s = SimpleNamespace(n_vision=n_vision, seq_lens=seq_lens, computed=seq_lens - q_lens,
-                        attn_groups=attention_groups(q_lens, row, col))
-    q = torch.randn(int(qsl[-1]), H, D, generator=g)
-    want = torch.empty_like(q)
-    for t in range(q.shape[0]):
-        r, c = int(row[t]), int(col[t])
-        kt, vt = (x[: int(s.computed[r]) + c + 1] for x in texts[r])   # causal text
-        kv_, vv_ = visions[r] if active[r] else (kt[:0], vt[:0])
-        k, v = torch.cat([kv_, kt]), torch.cat([vv_, vt])               # [K, Hkv, D]
-        att = torch.einsum("hd,khd->hk", q[t], k.repeat_interleave(H // Hkv, 1)) * D ** -0.5
-        want[t] = torch.einsum("hk,khd->hd", att.softmax(-1), v.repeat_interleave(H // Hkv, 1))
-    return q, s, caches, tables, active, want
+    col = torch.arange(n) - qsl[:-1].long()[row]
+    want = torch.empty(n, H, D)
+    for t in range(n):
+        r = int(row[t])
+        end = int(prefix[r] + seq_lens[r] - q_lens[r] + col[t]) + 1       # causal over [V ; T]
+        k, v = (x[:end].float().repeat_interleave(H // Hkv, 1) for x in seqs[r])
+        att = torch.einsum("hd,khd->hk", q[t].float(), k) * D ** -0.5
+        want[t] = torch.einsum("hk,khd->hd", att.softmax(-1), v)
+    return layer, q, md, prefix, want
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash"])
-def test_sa_text_attention_equals_dense_attention_per_row(layout):
-    """Whole-page reads of shuffled, partly stale pages (garbage past each row's length, in its
-    last block and in its table's unused columns) give exactly each row's dense attention over
-    [vision if it runs the layer ; its causal text]."""
-    from visor_vllm.engine.vllm_model import sa_text_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sa_attention_is_causal_attention_over_vision_then_text(dtype):
+    """vLLM's CPU kernel, given `with_prefix` metadata, gives each row's dense attention over
+    [its vision K/V if it has a prefix ; its causal text], from shuffled blocks with stale data
+    past every row's length (what `VisorDecoder._sa_layer` relies on)."""
+    from visor_vllm.engine import sa_attention
 
-    q, s, (tc, vc), (tt, vt), active, want = _paged_case(layout)
-    tt = torch.cat([tt, torch.full((3, 2), 7)], 1)  # stale ids in columns no row needs
-    out = sa_text_attention(q, s, tc, tt, vc, vt, active, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    layer, q, md, prefix, want = _sa_case(dtype)
+    mdp = sa_attention.with_prefix(md, layer, prefix, int(prefix.max()), dtype)
+    assert mdp.seq_lens.tolist() == [54, 5, 110] and md.seq_lens.tolist() == [9, 5, 40]
+    out = sa_attention.attend(layer, q, q[:, :2], q[:, :2], mdp)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
-def test_sa_text_attention_ignores_non_finite_stale_slots():
-    from visor_vllm.engine.vllm_model import sa_text_attention
+def test_kernel_block_size_reads_each_layout():
+    from visor_vllm.engine.sa_attention import kernel_block_size
 
-    q, s, (tc, vc), (tt, vt), active, want = _paged_case("cpu", seed=1)
-    # row 0's text ends at token 8 of 9 -> slot 1 of its third block is past its length;
-    # row 1 (prefill, 5 tokens) -> slots 1.. of its second block
-    tc[tt[0, 2], :, 1:] = float("nan")
-    tc[tt[1, 1], :, 1:] = float("nan")
-    vc[vt[2, 1], :, 3:] = float("inf")      # row 2's vision: 7 tokens, slot 3 of block 2 is stale
-    out = sa_text_attention(q, s, tc, tt, vc, vt, active, q.shape[-1] ** -0.5)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert kernel_block_size(torch.empty(5, 2, 32, 128)) == 32          # CPU
+    assert kernel_block_size(torch.empty(2, 5, 16, 2, 64)) == 16        # flash
+    with pytest.raises(NotImplementedError):
+        kernel_block_size(torch.empty(5, 16))

@@ -37,9 +37,10 @@ def engine(visor_ckpt, **kw):
 
 
 def test_preempted_requests_reroute_to_the_same_tokens(visor_ckpt):
-    # vLLM insists on room for one max-length request (~75 blocks here, the encoder budget included); sixteen ~18-block
-    # prompts fill the pool and their outputs do not fit
-    small = engine(visor_ckpt, num_gpu_blocks_override=120)  # 2-layer blocks (kv_layout: 6 groups)
+    # vLLM insists on room for one max-length request (128 blocks here: SA layers hold the
+    # encoder budget plus max_model_len); sixteen ~23-block prompts fill the pool and their
+    # outputs do not fit
+    small = engine(visor_ckpt, num_gpu_blocks_override=140)  # 1-layer blocks (kv_layout: 8 groups)
     try:
         contended = generate(small, PROMPTS)
         preempted = sum(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions")

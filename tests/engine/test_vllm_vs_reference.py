@@ -145,23 +145,24 @@ def kv_cache_spec_kinds(worker) -> dict[str, str]:
 
 
 def test_vision_kv_lives_only_in_ca_and_sa_capable_layers(llm, visor_ckpt):
-    """Vision K/V per request <= (CA layers + SA-capable layers) x visual tokens: only those
-    layers hold an encoder (cross-attention) cache; every text cache is text tokens only."""
+    """Vision K/V per request <= (CA layers + SA-capable layers) x visual tokens: CA layers hold
+    a cross-attention (encoder) cache, SA-capable layers one [vision ; text] sequence
+    (`VisorSASpec`), and every other layer's cache is text tokens only."""
     from vllm.v1.kv_cache_interface import CrossAttentionSpec, FullAttentionSpec
 
+    from visor_vllm.engine.kv_layout import VisorSASpec
     from visor_vllm.model.config import VisorConfig
 
     cfg = VisorConfig.from_pretrained(str(visor_ckpt))
     specs = llm.collective_rpc(kv_cache_spec_kinds, timeout=120)[0]   # layer name -> spec class
-    from visor_vllm.engine.kv_layout import VisorVisionSpec
-
-    cross = sorted(n for n, s in specs.items()
-                   if s in (CrossAttentionSpec.__name__, VisorVisionSpec.__name__))
-    text = [n for n, s in specs.items() if s == FullAttentionSpec.__name__]
-    want = sorted([f"language_model.model.layers.{i}.cross_attn.attn" for i in cfg.cross_layers]
-                  + [f"language_model.model.layers.{i}.vision_kv" for i in cfg.sa_capable_layers])
-    assert cross == want
-    assert len(text) == cfg.num_layers and len(specs) == len(cross) + len(text)
+    by_kind = {k: sorted(n for n, s in specs.items() if s == k.__name__)
+               for k in (CrossAttentionSpec, VisorSASpec, FullAttentionSpec)}
+    layer = "language_model.model.layers.{}.{}".format
+    assert by_kind[CrossAttentionSpec] == sorted(layer(i, "cross_attn.attn") for i in cfg.cross_layers)
+    assert by_kind[VisorSASpec] == sorted(layer(i, "self_attn.attn") for i in cfg.sa_capable_layers)
+    text_only = [i for i in range(cfg.num_layers) if i not in cfg.sa_capable_layers]
+    assert by_kind[FullAttentionSpec] == sorted(layer(i, "self_attn.attn") for i in text_only)
+    assert len(specs) == cfg.num_layers + len(cfg.cross_layers)
 
 
 def vision_cache_stats(worker) -> dict:

@@ -3,28 +3,20 @@
 Layout (see ../shared/research/vllm-v1-feasibility.md section 3 and `visor_vllm.model.plan`):
 
 * The visual tokens are the **encoder sequence** (``is_encoder_decoder``); the decoder sequence
-  is the prompt without its image placeholders. Text K/V of every layer is ordinary paged KV
-  over text tokens only.
+  is the prompt without its image placeholders. Text K/V of the text-only layers is ordinary
+  paged KV over text tokens only.
 * ``cross`` layers run `VisorCrossAttention` on vLLM's `CrossAttention`: the visual keys/values
   (RMSNorm, per-image depthwise conv, k/v projections) are computed and written **once**, in
   the request's first step, then only read by the CPU/GPU kernel.
-* ``self`` (SA-capable) layers: in the first step the visual stream of every row that runs the
-  layer is advanced through it (causal among its own visual tokens; ``V`` precedes ``T``) and
-  its keys/values are written once into the layer's ``vision_kv`` holder (a `CrossAttention`
-  used only for its CrossAttentionSpec allocation of ``Nv`` slots). Text queries then attend
-  ``[vision K/V of the layer ; causal text K/V]`` in one masked attention; a row that skips
-  the layer has its vision keys masked out, which is exactly text-only attention, so rows with
-  different configurations share one batch and one code path.
+* ``self`` (SA-capable) layers keep one paged sequence per request, ``[V ; T]``
+  (`visor_vllm.engine.kv_layout`). In the first step the visual stream of every row that runs
+  the layer is advanced through it (causal among its own visual tokens; ``V`` precedes ``T``)
+  and its keys/values are written once at the head of that sequence; a row that skips the layer
+  has no vision there. Text queries then attend the sequence causally with vLLM's own kernel
+  (`visor_vllm.engine.sa_attention`), so rows with different configurations share one batch,
+  one kernel call per layer, and no mask.
 * The router runs in the first step at ``config.router_layer`` on the prompt's routing tokens
   (restricted by the request's budget) and fixes the row's configuration in `bridge.RowState`.
-
-Attention for SA layers. The CPU kernel returns no log-sum-exp, so two kernel calls cannot be
-merged. SA-capable layers therefore never go through vLLM's kernel: this module writes and
-reads their paged caches itself, in a layout it owns inside each block (`paged_kv_views`,
-asserted against the backend's shape): whole pages are copied once into one buffer per row
-group (decode rows, prefill rows), then decode rows run two batched matmuls and prefill rows
-one masked SDPA. On GPU the same seam takes two FlashAttention varlen calls with
-``return_softmax_lse`` and ``merge_attn_states`` (see `sa_text_attention`).
 
 Footguns.
 * Encoder outputs are matched to rows by order; `visor_vllm.patches` makes vLLM emit them in
@@ -75,7 +67,7 @@ from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
 from vllm.v1.attention.backend import AttentionType
 
 from visor_vllm import patches
-from visor_vllm.engine import bridge, kv_layout, stats
+from visor_vllm.engine import bridge, kv_layout, sa_attention, stats
 from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import plan
@@ -184,52 +176,6 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiMod
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Paged K/V that this module owns (SA-capable layers and their vision holders)
-# ---------------------------------------------------------------------------------------------
-
-def paged_kv_views(kv_cache: torch.Tensor, head_dim: int):
-    """``(K, V)`` views ``[num_blocks, block_size, Hkv, D]`` of one layer's paged cache.
-
-    Only this module reads and writes SA-capable layers' caches, so the layout *inside* a block
-    is ours (plain K and V, unlike the CPU kernel's ISA-dependent transposed K); the block
-    boundaries stay the backend's, because vLLM may share one raw tensor between KV groups.
-    """
-    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_dim:   # CPU: [nb, Hkv, bs, 2D]
-        nb, hkv, bs, _ = kv_cache.shape
-        kv = kv_cache.view(nb, hkv, bs, 2, head_dim)
-        return kv[:, :, :, 0].transpose(1, 2), kv[:, :, :, 1].transpose(1, 2)
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:                  # flash: [2, nb, bs, Hkv, D]
-        return kv_cache[0], kv_cache[1]
-    raise NotImplementedError(f"VISOR does not know the KV cache layout {tuple(kv_cache.shape)}")
-
-
-def write_paged(views, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write k/v ``[n, Hkv, D]`` at flat slots ``[n]`` (``block * block_size + offset``)."""
-    kc, vc = views
-    bs = kc.shape[1]
-    keep = slots >= 0  # padding tokens carry slot -1
-    slots, k, v = slots[keep].long(), k[keep], v[keep]
-    kc[slots // bs, slots % bs] = k.to(kc.dtype)
-    vc[slots // bs, slots % bs] = v.to(vc.dtype)
-
-
-def paged_blocks(kv_cache: torch.Tensor, head_dim: int, blocks: torch.Tensor) -> torch.Tensor:
-    """Whole blocks ``blocks`` [G, n] of one layer's cache: ``[2, G, Hkv, n, bs, D]`` (K, V).
-
-    One gather of contiguous blocks (a memcpy each), returned as a permuted view: the caller's
-    single ``copy_`` into its attention buffer does the layout change and the dtype cast in one
-    pass. A token-level gather moves ``Hkv`` separate ``D``-element pieces per token instead.
-    """
-    if kv_cache.dim() == 4 and kv_cache.shape[-1] == 2 * head_dim:   # CPU: [nb, Hkv, bs, 2D]
-        x = kv_cache[blocks]                                          # [G, n, Hkv, bs, 2D]
-        g, n, hkv, bs, _ = x.shape
-        return x.view(g, n, hkv, bs, 2, head_dim).permute(4, 0, 2, 1, 3, 5)
-    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:                  # flash: [2, nb, bs, Hkv, D]
-        return kv_cache[:, blocks].permute(0, 1, 4, 2, 3, 5)          # [2, G, Hkv, n, bs, D]
-    raise NotImplementedError(f"VISOR does not know the KV cache layout {tuple(kv_cache.shape)}")
-
-
 def _attention_dtype(x: torch.Tensor) -> torch.dtype:
     """On CPU attention math runs in fp32: bf16 SDPA is ~6x slower there without AMX (1.7 vs
     0.3 ms for one decode query over 1.5k keys, 2 cores), and fp32 is what the reference computes."""
@@ -299,23 +245,6 @@ class VisorRouter(nn.Module):
         return out
 
 
-def attention_groups(q_lens: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> list[tuple]:
-    """SA text attention's row groups: decode rows, then prefill rows (``q_lens`` [R]; ``row``,
-    ``col`` [N]: each token's row and column). Each group is (rows [G], its tokens as a mask
-    [N], their local row and column [n_g], the group's longest query)."""
-    groups = []
-    for group in (q_lens == 1, q_lens > 1):
-        rows = group.nonzero().flatten()                                            # [G]
-        if rows.numel() == 0:
-            continue
-        local = torch.full((q_lens.numel(),), -1, dtype=torch.long, device=q_lens.device)
-        local[rows] = torch.arange(rows.numel(), device=q_lens.device)
-        lrow = local[row]                                                           # [N]
-        tok = lrow >= 0
-        groups.append((rows, tok, lrow[tok], col[tok], int(q_lens[rows].max())))
-    return groups
-
-
 class _Step:
     """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
 
@@ -331,6 +260,7 @@ class _Step:
         self.seq_lens = text_md.seq_lens[: self.R].long()               # [R] after this step
         self.computed = self.seq_lens - q_lens                          # [R]
         self.n_vision = x_md.seq_lens[: self.R].long()                  # [R]
+        self.max_vision = x_md.max_seq_len   # host int >= n_vision.max() (kernel bounds)
         # each row's slot in bridge.RowState: V1 = the persistent-batch row itself; MRV2 = the
         # request's state index (input_batch.idx_mapping, passed by engine/model_state.py)
         self.slots = (torch.arange(self.R, device=dev) if slots is None
@@ -338,7 +268,6 @@ class _Step:
         self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
         self.has_vis = (self.n_vision > 0)[self.row]  # [N] text tokens of rows with images
         self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
-        self.attn_groups = attention_groups(q_lens, self.row, self.col)  # same in every SA layer
         pos = positions.clone()
         pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
         self.positions = pos
@@ -381,20 +310,15 @@ class VisorDecoder(nn.Module):
         for i in cfg.cross_layers:
             self.layers[i].cross_attn = VisorCrossAttention(cfg, cache, quant,
                                                             prefix=f"{prefix}.layers.{i}.cross_attn")
-        # holders of the optional SA layers form their own KV group, allocated per budget
-        optional = kv_layout.split_optional_layers(cfg)
-        for i in cfg.sa_capable_layers:
-            sa = self.layers[i].self_attn
-            holder, extra = ((kv_layout.VisorVisionHolder, {"visor_cfg": cfg, "optional": optional})
-                             if i in optional
-                             else (CrossAttention, {}))
-            self.layers[i].vision_kv = holder(
-                sa.num_heads, sa.head_dim, sa.scaling, num_kv_heads=sa.num_kv_heads,
-                cache_config=cache, prefix=f"{prefix}.layers.{i}.vision_kv",
-                attn_type=AttentionType.ENCODER_DECODER, **extra)
-        first = min(cfg.cross_layers + cfg.sa_capable_layers)
-        holder = self.layers[first].cross_attn.attn if first in cfg.cross_layers else self.layers[first].vision_kv
-        self.first_cross_name = holder.layer_name
+        # SA-capable layers: one [V ; T] paged sequence per request (kv_layout), in one or
+        # two KV groups (the optional layers apart, allocated per budget)
+        for group in kv_layout.sa_groups(cfg):
+            for i in group:
+                attn = kv_layout.make_sa_attention(self.layers[i].self_attn.attn, cfg, group)
+                sa_attention.check_backend(attn)
+        if not cfg.cross_layers:  # the step reads each row's visual token count from a CA layer
+            raise NotImplementedError("VISOR in vLLM needs at least one cross-attention layer")
+        self.first_cross_name = self.layers[cfg.cross_layers[0]].cross_attn.attn.layer_name
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
         self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
@@ -510,21 +434,22 @@ class VisorDecoder(nn.Module):
 
     # -- SA-capable layer ------------------------------------------------------------------------
     def _sa_layer(self, i: int, layer, h, vis, s: _Step, active: torch.Tensor):
-        """active [R]: rows whose configuration runs layer i."""
+        """active [R]: rows whose configuration runs layer i. The layer's paged sequence of a
+        row is ``[its vision K/V if active ; its text K/V]`` (`visor_vllm.engine.kv_layout`)."""
         attn = layer.self_attn
-        holder = layer.vision_kv
-        x_md = s.md[holder.layer_name]
-        vviews = paged_kv_views(holder.kv_cache, attn.head_dim)  # for the writes
+        sa = attn.attn                                             # VisorSAAttention
+        md = s.md[sa.layer_name]
+        bs = sa_attention.kernel_block_size(sa.kv_cache)
+        prefix = torch.where(active, s.n_vision, 0)                # [R] vision slots first
         # 1) first-step rows that run the layer: advance their visual stream, store its K/V once
         if vis is not None:
             sel = active[s.vis_row]                                    # [Nv_new]
             if bool(sel.any()):
-                x, k, v = self._vision_block(layer, vis[sel], s.vis_row[sel], s.vis_col[sel], s.R)
+                rows, cols = s.vis_row[sel], s.vis_col[sel]
+                x, k, v = self._vision_block(layer, vis[sel], rows, cols, s.R)
                 vis = vis.clone()
                 vis[sel] = x
-                blocks = x_md.block_table[s.vis_row[sel], s.vis_col[sel] // vviews[0].shape[1]]
-                write_paged(vviews, blocks.long() * vviews[0].shape[1]
-                            + s.vis_col[sel] % vviews[0].shape[1], k, v)
+                sa_attention.write(sa, k, v, sa_attention.slots(md.block_table, rows, cols, bs))
         # 2) text tokens attend [vision K/V of this layer (active rows) ; causal text K/V]
         residual = h
         x = layer.input_layernorm(h)
@@ -532,13 +457,13 @@ class VisorDecoder(nn.Module):
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(s.positions, q, k)
         n, hd = s.N, attn.head_dim
-        t_md = s.md[attn.attn.layer_name]  # KV groups may differ per layer: use this layer's
-        tviews = paged_kv_views(attn.attn.kv_cache, hd)
-        write_paged(tviews, t_md.slot_mapping[:n], k[:n].view(n, -1, hd), v[:n].view(n, -1, hd))
-        out = sa_text_attention(q[:n].view(n, -1, hd), s, attn.attn.kv_cache, t_md.block_table,
-                                holder.kv_cache, x_md.block_table, active, attn.scaling)
+        q3, k3, v3 = q[:n].view(n, -1, hd), k[:n].view(n, -1, hd), v[:n].view(n, -1, hd)
+        text_pos = s.computed[s.row] + s.col                        # [N] text index of each token
+        sa_attention.write(sa, k3, v3, sa_attention.slots(md.block_table, s.row,
+                                                          prefix[s.row] + text_pos, bs))
+        mdp = sa_attention.with_prefix(md, sa, prefix, s.max_vision, self.dtype)
         o = torch.zeros_like(q)
-        o[:n] = out.reshape(n, -1)
+        o[:n] = sa_attention.attend(sa, q3, k3, v3, mdp).reshape(n, -1)
         o, _ = attn.o_proj(o)
         h = residual + o
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -583,81 +508,6 @@ def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torc
                                                  enable_gqa=True)[0].transpose(0, 1).to(dtype)
         start += m
     return out
-
-
-def _zero_tails(kv: torch.Tensor, lens: torch.Tensor, bs: int, at: int) -> None:
-    """Zero K/V [2, G, Hkv, L, D] at the slots of each row's last page past its length (from
-    column ``at``): other requests' stale data, which a masked score or a zero attention weight
-    would still turn into NaN if it were not finite. Pages past a row's last one are the null
-    block (never written). At most ``bs - 1`` slots per row: no pass over the buffer."""
-    pos = lens[:, None] + torch.arange(bs - 1, device=kv.device)[None, :]          # [G, bs-1]
-    g, k = (pos < (lens[:, None] + bs - 1) // bs * bs).nonzero(as_tuple=True)
-    kv[:, g, :, at + pos[g, k]] = 0
-
-
-def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """q [G, H, D], k/v [G, Hkv, L, D], mask [G, L] (True = attend) -> [G, H, D]: GQA as a
-    reshape (query heads of one K/V head are rows of one matmul), no K/V repeat."""
-    g, h, d = q.shape
-    hkv = k.shape[1]
-    scores = torch.matmul(q.view(g, hkv, h // hkv, d), k.transpose(-1, -2)) * scale  # [G, Hkv, r, L]
-    scores.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    return torch.matmul(scores.softmax(-1), v).view(g, h, d)
-
-
-def sa_text_attention(q, s: _Step, text_cache, text_block_table, vision_cache,
-                      vision_block_table, active, scale):
-    """Text queries [N, H, D] over ``[vision K/V if the row runs the layer ; causal text K/V]``.
-
-    CPU path: rows are split into decode rows (one query) and the rest (prefill); each group
-    copies its rows' whole pages, vision then text, into one ``[2, G, Hkv, V+T, D]`` buffer in
-    the attention dtype (one pass per page, no concatenation, no per-token gather); decode
-    rows then run two batched matmuls, prefill rows one masked SDPA (GQA, no K/V repeat).
-    Page slots past a row's length are masked (and zeroed), so a decode row is never
-    padded to a prefill row's query length, and holds only its own pages.
-    GPU seam: ``flash_attn_varlen_func`` over the text pages (causal) and over the vision
-    pages (``seqused_k = Nv * active``), both with ``return_softmax_lse=True``, merged by
-    ``merge_attn_states``; a row with ``seqused_k = 0`` contributes ``lse = -inf``.
-    """
-    hd, dev = q.shape[-1], q.device
-    nv = torch.where(active, s.n_vision, 0)                                          # [R]
-    _, bs_v, hkv, _ = paged_kv_views(vision_cache, hd)[0].shape
-    bs_t = paged_kv_views(text_cache, hd)[0].shape[1]
-    out = torch.empty_like(q)
-    work = _attention_dtype(q)
-    for rows, tok, lrow, lcol, qmax in s.attn_groups:  # decode rows, then prefill rows
-        t_len, v_len = s.seq_lens[rows], nv[rows]                                    # [G]
-        nbv, nbt = (int(x) for x in (torch.stack([(v_len.max() + bs_v - 1) // bs_v,
-                                                  (t_len.max() + bs_t - 1) // bs_t])))
-        lv, g = nbv * bs_v, rows.numel()
-        kv = torch.empty(2, g, hkv, lv + nbt * bs_t, hd, dtype=work, device=dev)  # [2, G, Hkv, V+T, D]
-        for cache, table, lens, n_blk, bs, at in (
-                (vision_cache, vision_block_table, v_len, nbv, bs_v, 0),
-                (text_cache, text_block_table, t_len, nbt, bs_t, lv)):
-            if n_blk:
-                blk = table[rows, :n_blk].long()                                    # [G, n]
-                # columns past a row's own pages may hold stale ids: read block 0 instead
-                blk = torch.where(torch.arange(n_blk, device=dev) * bs < lens[:, None], blk, 0)
-                kv[:, :, :, at:at + n_blk * bs].unflatten(3, (n_blk, bs)).copy_(
-                    paged_blocks(cache, hd, blk))
-                _zero_tails(kv, lens, bs, at)
-        vi, ti = torch.arange(lv, device=dev), torch.arange(nbt * bs_t, device=dev)
-        valid = torch.cat([vi[None, :] < v_len[:, None], ti[None, :] < t_len[:, None]], -1)  # [G, V+T]
-        qi = torch.arange(qmax, device=dev)
-        causal = ti[None, None, :] <= (s.computed[rows][:, None, None] + qi[None, :, None])
-        mask = valid[:, None, :].expand(-1, qmax, -1).clone()                         # [G, Q, V+T]
-        mask[:, :, lv:] &= causal
-        qp = torch.zeros(g, qmax, *q.shape[1:], dtype=work, device=dev)
-        qp[lrow, lcol] = q[tok].to(work)                                              # [G, Q, H, D]
-        if qmax == 1:  # decode: two batched matmuls beat SDPA's kernel for one query
-            res = _one_query_attention(qp[:, 0], kv[0], kv[1], mask[:, 0], scale)     # [G, H, D]
-            out[tok] = res[lrow].to(q.dtype)
-        else:
-            res = F.scaled_dot_product_attention(qp.transpose(1, 2), kv[0], kv[1],
-                                                 attn_mask=mask[:, None], scale=scale,
-                                                 enable_gqa=True)                    # [G, H, Q, D]
-            out[tok] = res.transpose(1, 2)[lrow, lcol].to(q.dtype)
-    return out                                                                        # [N, H, D]
 
 
 # ---------------------------------------------------------------------------------------------
