@@ -1,13 +1,14 @@
-"""Where a decode step's time goes: VISOR's components vs LLaVA-OV's decoder, in-process, eager.
+"""Where a decode step's time goes: VISOR's components vs LLaVA-OV's decoder, in-process.
 
     python benchmarks/decode_profile.py visor DIR [--budget min|auto|max] [-c 16] [--tokens 24]
     python benchmarks/decode_profile.py llava DIR [-c 16]
+    python benchmarks/decode_profile.py visor DIR --compiled     # torch.compile: whole steps only
 
 DIR: a checkpoint directory without weights is fine (``--load-format dummy`` is always used):
 ``checkpoints/visor-0.5b`` (``visor-vllm serve visor-0.5b`` builds it) or the LLaVA-OV one that
 ``benchmarks/bench_vs_llava.py`` builds under ``bench-results/``. ``c`` requests with fresh
 384x384 images run together (after a two-request warm-up); every full-batch decode step is
-timed, and VISOR's pieces (``_Step``, SA-capable layers and their text attention, cross
+timed at the model's top-level forward, and (eager only) VISOR's pieces (``_Step``, SA-capable layers and their text attention, cross
 attention, the other decoder layers, the side channels) are timed by wrapping them (nested
 wrappers: ``_sa_layer (all)`` includes the ``sa_attention`` calls). Prints one
 JSON object: the median full-batch decode step and milliseconds per step per piece.
@@ -59,56 +60,58 @@ def main():
     ap.add_argument("--budget", default=None)
     ap.add_argument("-c", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--compiled", action="store_true",
+                    help="vLLM's default path (torch.compile) instead of --enforce-eager; "
+                         "whole steps only")
     args = ap.parse_args()
     from PIL import Image
 
-    if args.kind == "visor":
-        from visor_vllm.engine import vllm_model as vm
+    def step_timer(cls):
+        """Time whole decode steps at the model's top-level forward (never compiled)."""
+        fwd = cls.forward
 
-        dec_fwd = vm.VisorDecoder.forward
-
-        @functools.wraps(dec_fwd)
-        def fwd(self, input_ids, *a, **k):
-            STEP["decode"] = input_ids.shape[0] <= args.c and not (a[1] if len(a) > 1 else k.get("encoder_outputs"))
+        @functools.wraps(fwd)
+        def wrap(self, input_ids, positions, *a, **k):
+            n = (input_ids if input_ids is not None else k["inputs_embeds"]).shape[0]
+            STEP["decode"] = n <= args.c and not k.get("encoder_outputs")
             t = time.perf_counter()
-            out = dec_fwd(self, input_ids, *a, **k)
-            if STEP["decode"]:
-                STEPS.append((input_ids.shape[0], time.perf_counter() - t))
-            STEP["decode"] = False
-            return out
-        vm.VisorDecoder.forward = fwd
-        from visor_vllm.engine import sa_attention as sa
-        sa.attend = timed("sa_attention.attend", sa.attend)
-        sa.write = timed("sa_attention.write", sa.write)
-        sa.with_prefix = timed("sa_attention.with_prefix", sa.with_prefix)
-        vm._Step.__init__ = timed("_Step", vm._Step.__init__)
-        vm.VisorDecoder._sa_layer = timed("_sa_layer (all)", vm.VisorDecoder._sa_layer)
-        vm.VisorDecoder._initial_sa_mask = timed("_initial_sa_mask", vm.VisorDecoder._initial_sa_mask)
-        vm.VisorDecoder._side_channels = timed("_side_channels", vm.VisorDecoder._side_channels)
-        vm.VisorCrossAttention.forward = timed("cross_attn module", vm.VisorCrossAttention.forward)
-        from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
-        Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward (non-SA layers)", Qwen2DecoderLayer.forward)
-    else:
-        from vllm.model_executor.models.qwen2 import Qwen2Model, Qwen2DecoderLayer
-        qf = Qwen2Model.forward
-
-        @functools.wraps(qf)  # Qwen3Model inherits it; support_torch_compile inspects it
-        def fwd(self, input_ids, *a, **k):
-            n = (input_ids.shape[0] if input_ids is not None else k["inputs_embeds"].shape[0])
-            STEP["decode"] = n <= args.c
-            t = time.perf_counter()
-            out = qf(self, input_ids, *a, **k)
+            out = fwd(self, input_ids, positions, *a, **k)
             if STEP["decode"]:
                 STEPS.append((n, time.perf_counter() - t))
             STEP["decode"] = False
             return out
-        Qwen2Model.forward = fwd
-        Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward", Qwen2DecoderLayer.forward)
+        cls.forward = wrap
+
+    if args.kind == "visor":
+        from visor_vllm.engine import vllm_model as vm
+
+        step_timer(vm.VisorForConditionalGeneration)
+        if not args.compiled:  # pieces: wrappers inside a compiled graph would time the trace
+            from visor_vllm.engine import sa_attention as sa
+            sa.attend = timed("sa_attention.attend", sa.attend)
+            sa.write = timed("sa_attention.write", sa.write)
+            sa.with_prefix = timed("sa_attention.with_prefix", sa.with_prefix)
+            vm._Step.__init__ = timed("_Step", vm._Step.__init__)
+            vm.VisorDecoder._sa_layer = timed("_sa_layer (all)", vm.VisorDecoder._sa_layer)
+            vm.VisorDecoder.side_channels = timed("side_channels", vm.VisorDecoder.side_channels)
+            vm.VisorCrossAttention.forward = timed("cross_attn module", vm.VisorCrossAttention.forward)
+            from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+            Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward (non-SA layers)",
+                                              Qwen2DecoderLayer.forward)
+    else:
+        from visor_vllm.patches import apply_transformers_patches
+
+        apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module
+        from vllm.model_executor.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+        step_timer(LlavaOnevisionForConditionalGeneration)
+        if not args.compiled:
+            from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
+            Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward", Qwen2DecoderLayer.forward)
 
     from vllm import LLM, SamplingParams
 
     llava = args.kind == "llava"
-    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, load_format="dummy",
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=not args.compiled, load_format="dummy",
               max_model_len=10000, max_num_batched_tokens=10000, max_num_seqs=args.c,
               limit_mm_per_prompt={"image": 1, "video": 0} if llava else {"image": 1}, seed=0,
               mm_processor_cache_gb=0, enable_prefix_caching=False)
@@ -128,7 +131,8 @@ def main():
     llm.chat(msgs, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
     full = [t for n, t in STEPS if n == args.c]
-    out = {"kind": args.kind, "budget": args.budget, "c": args.c, "wall_s": round(wall, 2),
+    out = {"kind": args.kind, "budget": args.budget, "c": args.c, "compiled": args.compiled,
+           "wall_s": round(wall, 2),
            "decode_steps_full_batch": len(full),
            "decode_step_ms_p50": round(1000 * statistics.median(full), 2) if full else None,
            "per_step_ms": {k: round(1000 * v / max(len(STEPS), 1), 3) for k, v in

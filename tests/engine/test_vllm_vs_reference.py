@@ -181,9 +181,18 @@ def test_a_second_turn_with_the_same_image_skips_the_vision_tower(llm, batched):
     assert 0 < after["bytes"] <= after["max_bytes"]
 
 
+def decoder_compiled(worker) -> bool:
+    """Runs in the worker: whether vLLM compiled the VISOR decoder (support_torch_compile),
+    now or from its compile cache."""
+    decoder = worker.get_model().language_model.model
+    return bool(getattr(decoder, "compiled", False)
+                or getattr(decoder, "aot_compiled_fn", None) is not None)
+
+
 def test_without_enforce_eager_the_tokens_are_the_eager_ones(visor_ckpt, batched):
-    """vLLM's default path (compilation on; on GPU CUDA graphs, which VISOR's config hook turns
-    off with a log line): the same tokens and logprobs as the eager engine, every case batched."""
+    """vLLM's default path: the VISOR decoder is compiled (torch.compile; on GPU CUDA graphs,
+    which VISOR's config hook turns off with a log line) and gives the eager engine's tokens
+    and logprobs, every case batched and each alone (other batch sizes, same graph)."""
     from vllm import LLM
 
     compiled = LLM(model=str(visor_ckpt), dtype="float32", max_model_len=4096,
@@ -191,12 +200,15 @@ def test_without_enforce_eager_the_tokens_are_the_eager_ones(visor_ckpt, batched
                    seed=0)
     try:
         cc = compiled.llm_engine.vllm_config.compilation_config
-        assert cc.cudagraph_mode.name == "NONE"
+        assert cc.cudagraph_mode.name == "NONE" and cc.mode.name != "NONE"
         outs = run(compiled, list(CASES))
+        alone = {name: run(compiled, [name])[name] for name in CASES}
+        assert compiled.collective_rpc(decoder_compiled, timeout=120) == [True]
     finally:
         compiled.llm_engine.engine_core.shutdown()
     for name in CASES:
         assert list(outs[name].token_ids) == list(batched[name].token_ids), name
+        assert list(alone[name].token_ids) == list(batched[name].token_ids), name
         for a, b in zip(outs[name].logprobs, batched[name].logprobs):
             assert a.keys() == b.keys(), name
             assert all(abs(a[t].logprob - b[t].logprob) < ATOL for t in a), name

@@ -6,12 +6,14 @@ process that builds the config (``vllm serve``, ``LLM(...)``), before compilatio
 CUDA-graph defaults are resolved.
 
 * **CUDA graphs off.** vLLM runs encoder-decoder models with full decode-only CUDA graphs on
-  GPU. VISOR's step reads per-request state and has data-dependent shapes (the first step's
-  routing and per-image attention, SA-layer gathers sized by the batch's longest row), so a
-  graph capture would fail or replay stale shapes. The hook sets ``cudagraph_mode = NONE``
-  with one log line instead of letting capture crash. Compilation stays as configured: the
-  VISOR decoder is not a ``support_torch_compile`` module, so it runs eagerly either way (the
-  equivalence suite runs with and without ``enforce_eager``).
+  GPU. VISOR's compiled step (`VisorDecoder.forward`, every step without new images) has no
+  host synchronisation and no data-dependent shape (``tests/engine/test_graph_safety.py``), but
+  a captured graph would still replay stale state: the ``visor::step`` / ``visor::sa_attention``
+  ops read host-side bounds of the step (the batch's largest image) and the side channels
+  (receipts, executed-FLOP stats) run in Python after each step, which a replay skips. Neither
+  can be proven without a GPU build of vLLM, so the hook sets ``cudagraph_mode = NONE`` with
+  one log line instead of letting capture run. Compilation stays on: vLLM compiles the VISOR
+  decoder (``support_torch_compile``) unless ``--enforce-eager``.
 * **Model Runner V2 off unless asked for.** vLLM picks MRV2 by default where Triton exists (GPU
   installs). VISOR's proven path is the V1 runner, where per-request state reaches the model
   through a V1 logits processor (`visor_vllm.engine.bridge`). MRV2 has its own channel
@@ -52,9 +54,9 @@ class VisorConfigHook:
         if cc.cudagraph_mode is None or cc.cudagraph_mode != CUDAGraphMode.NONE:
             was = "default" if cc.cudagraph_mode is None else cc.cudagraph_mode.name
             cc.cudagraph_mode = CUDAGraphMode.NONE
-            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): the VISOR step "
-                           "has data-dependent shapes and per-request state that a captured "
-                           "graph cannot replay; decode runs eagerly", was)
+            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): a captured VISOR "
+                           "step would replay stale per-step bounds and skip its side channels; "
+                           "decode runs compiled, without graphs", was)
         choice = os.environ.get(MRV2_ENV)
         if choice is None:
             os.environ[MRV2_ENV] = "0"

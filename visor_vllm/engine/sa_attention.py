@@ -96,9 +96,11 @@ def write(attn, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor) -> None:
     attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot)
 
 
-def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md) -> torch.Tensor:
+def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q ``[n, H, D]`` over the layer's paged sequences under ``md``
-    (`with_prefix`); k/v ``[n, Hkv, D]`` are this step's text K/V (already written)."""
-    out = torch.empty_like(q)
+    (`with_prefix`) into ``out`` ``[n, H, D]``; k/v ``[n, Hkv, D]``: this step's text K/V,
+    already written."""
+    out = torch.empty_like(q) if out is None else out
     attn.impl.forward(attn, q, k, v, attn.kv_cache, md, output=out)
     return out

@@ -37,11 +37,13 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.library import Library
 
 from visor_vllm.patches import apply_transformers_patches
 
 apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module (ledger entry 2)
 
+from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: E402
 from vllm.forward_context import get_forward_context
@@ -62,6 +64,7 @@ from vllm.model_executor.models.llava_onevision import (LlavaOnevisionDummyInput
                                                         LlavaOnevisionProcessingInfo)
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, maybe_prefix
+from vllm.utils.torch_utils import direct_register_custom_op
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing.processor import EncDecMultiModalProcessor
 from vllm.v1.attention.backend import AttentionType
@@ -246,16 +249,20 @@ class VisorRouter(nn.Module):
 
 
 class _Step:
-    """Per-step batch facts derived from attention metadata (no Python loop over rows)."""
+    """Per-step batch facts derived from attention metadata, built by the ``visor::step`` op.
 
-    def __init__(self, model: VisorDecoder, input_ids, positions, encoder_outputs, slots=None,
-                 dense_vision: Sequence[int] | None = None):
-        md = get_forward_context().attn_metadata
-        text_md = md[model.layers[0].self_attn.attn.layer_name]
+    Tensor ops only, no device-to-host read: the host ints (``R``, ``N``, ``max_vision``) come
+    from the metadata, ``repeat_interleave`` gets its output size. So the same code can serve
+    a compiled (and, on GPU, a graph-captured) decode step. First-step facts (``new``,
+    ``vis_row``...) are added by `VisorDecoder.first_step`, which runs eagerly.
+    """
+
+    def __init__(self, model: VisorDecoder, positions: torch.Tensor, slots, state, md):
+        text_md = md[model.layers[0].self_attn.attn.layer_name]  # every group: same qsl/seq_lens
         x_md = md[model.first_cross_name]
-        dev = input_ids.device
+        dev = positions.device
         self.qsl = text_md.query_start_loc.long()                      # [R+1]
-        self.R, self.N = self.qsl.numel() - 1, int(self.qsl[-1])
+        self.R, self.N = self.qsl.numel() - 1, text_md.num_actual_tokens
         q_lens = self.qsl[1:] - self.qsl[:-1]                           # [R]
         self.seq_lens = text_md.seq_lens[: self.R].long()               # [R] after this step
         self.computed = self.seq_lens - q_lens                          # [R]
@@ -265,17 +272,28 @@ class _Step:
         # request's state index (input_batch.idx_mapping, passed by engine/model_state.py)
         self.slots = (torch.arange(self.R, device=dev) if slots is None
                       else slots[: self.R].to(dev).long())                       # [R]
-        self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens)  # [N]
-        self.has_vis = (self.n_vision > 0)[self.row]  # [N] text tokens of rows with images
+        self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens,
+                                           output_size=self.N)                  # [N]
         self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
+        self.text_pos = self.computed[self.row] + self.col   # [N] each token's text index
+        self.has_vis = torch.zeros(positions.shape[0], 1, dtype=torch.bool, device=dev)
+        self.has_vis[: self.N, 0] = (self.n_vision > 0)[self.row]  # [T, 1] rows with images
         pos = positions.clone()
         pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
-        self.positions = pos
-        # rows whose encoder outputs arrive now (first step, with images), in row order
+        self.positions = pos                                            # [T]
+        self.sa_mask = state.sa_mask[self.slots]  # [R, L]: first steps decide theirs below
+        # dense LLaVA-OV's visual tokens per row (FLOP accounting): VISOR-TR's full count for
+        # first-step rows, else what VISOR runs on. Decode rows keep theirs in bridge.RowState.
+        self.n_dense_vision = self.n_vision                             # [R]
+        self.new = None  # [R] rows whose images arrive now (first steps only)
+        self.md = md
+
+    def add_images(self, encoder_outputs, dense_vision, dtype) -> torch.Tensor:
+        """First step: the rows whose encoder outputs arrive now, in row order; returns their
+        visual tokens ``[Nv_new, d]``. Eager only (host reads)."""
+        dev = self.qsl.device
         self.new = (self.computed == 0) & (self.n_vision > 0)           # [R]
-        enc = list(encoder_outputs or [])
-        self.item_lens = [int(e.shape[0]) for e in enc]
-        self.vis = torch.cat(enc).to(model.dtype) if enc else None      # [Nv_new, d]
+        self.item_lens = [int(e.shape[0]) for e in encoder_outputs]
         new_lens = self.n_vision[self.new]
         if sum(self.item_lens) != int(new_lens.sum()):
             raise RuntimeError(f"VISOR: encoder outputs {self.item_lens} do not cover the visual "
@@ -283,19 +301,69 @@ class _Step:
         self.vis_row = torch.repeat_interleave(self.new.nonzero().flatten(), new_lens)  # [Nv_new]
         self.vis_col = (torch.arange(self.vis_row.numel(), device=dev)
                         - torch.repeat_interleave(new_lens.cumsum(0) - new_lens, new_lens))
-        # dense LLaVA-OV's visual tokens per row (FLOP accounting): VISOR-TR's full count for
-        # first-step rows, else what VISOR runs on. Decode rows keep theirs in bridge.RowState.
-        self.n_dense_vision = self.n_vision                             # [R]
-        if dense_vision is not None and enc:
+        if dense_vision is not None:
             lens = torch.tensor(self.item_lens, device=dev)
             item_row = self.vis_row[lens.cumsum(0) - lens]                              # [items]
             dense = self.n_vision.clone()
             dense[self.new] = 0
             self.n_dense_vision = dense.index_add_(
                 0, item_row, torch.tensor(list(dense_vision), device=dev, dtype=dense.dtype))
-        self.text_md, self.md = text_md, md
+        return torch.cat(list(encoder_outputs)).to(dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what a compiled step sees of VISOR's per-step state
+# ---------------------------------------------------------------------------------------------
+# vLLM compiles `VisorDecoder.forward` once (on CPU: dynamo traced once, then inductor) and
+# replays it for every step without new images. Everything that depends on the step's
+# attention metadata or on per-request state therefore lives in these two opaque ops, which
+# run eagerly inside the compiled graph (as vLLM's own attention op does): traced code that
+# read them would bake in the trace-time batch.
+
+_LIB = Library("visor", "FRAGMENT")  # noqa: the ops live as long as this module
+
+
+def _step_op(positions: torch.Tensor, slots: torch.Tensor | None,
+             decoder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build the step's `_Step` on the decoder; return positions shifted past each row's
+    image ``[T]`` and which tokens belong to rows with an image ``[T, 1]``."""
+    ctx = get_forward_context()
+    return ctx.no_compile_layers[decoder].begin_step(positions, slots, ctx.attn_metadata)
+
+
+def _step_op_fake(positions, slots, decoder):
+    return torch.empty_like(positions), positions.new_empty((positions.shape[0], 1),
+                                                           dtype=torch.bool)
+
+
+def _sa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     layer_name: str) -> None:
+    """SA-capable layer ``layer_name``: write this step's text K/V after each row's vision
+    prefix and attend ``[vision if the row runs the layer ; causal text]`` into ``out``."""
+    ctx = get_forward_context()
+    sa = ctx.no_compile_layers[layer_name]
+    s = ctx.no_compile_layers[sa.visor_decoder]._step
+    if s is None:  # profiling / dummy run: no metadata, nothing cached
+        out.zero_()
+        return
+    n = s.N
+    prefix = torch.where(s.sa_mask[:, sa.visor_layer], s.n_vision, 0)       # [R]
+    md = s.md[layer_name]
+    bs = sa_attention.kernel_block_size(sa.kv_cache)
+    q, k, v = q[:n], k[:n], v[:n]
+    sa_attention.write(sa, k, v, sa_attention.slots(md.block_table, s.row,
+                                                    prefix[s.row] + s.text_pos, bs))
+    mdp = sa_attention.with_prefix(md, sa, prefix, s.max_vision, q.dtype)
+    sa_attention.attend(sa, q, k, v, mdp, out[:n])
+    out[n:] = 0
+
+
+direct_register_custom_op("step", _step_op, fake_impl=_step_op_fake, target_lib=_LIB)
+direct_register_custom_op("sa_attention", _sa_attention_op, mutates_args=["out"],
+                          fake_impl=lambda q, k, v, out, layer_name: None, target_lib=_LIB)
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0, "visor_slots": 0})
 class VisorDecoder(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -310,11 +378,19 @@ class VisorDecoder(nn.Module):
         for i in cfg.cross_layers:
             self.layers[i].cross_attn = VisorCrossAttention(cfg, cache, quant,
                                                             prefix=f"{prefix}.layers.{i}.cross_attn")
+        # the ops find this decoder and its SA layers by name, as vLLM's attention op does
+        self.step_name = f"{prefix}.visor_step"
+        registry = vllm_config.compilation_config.static_forward_context
+        if self.step_name in registry:
+            raise ValueError(f"VISOR: duplicate layer name {self.step_name}")
+        registry[self.step_name] = self
+        self._step: _Step | None = None  # this step's facts (set by the visor::step op)
         # SA-capable layers: one [V ; T] paged sequence per request (kv_layout), in one or
         # two KV groups (the optional layers apart, allocated per budget)
         for group in kv_layout.sa_groups(cfg):
             for i in group:
                 attn = kv_layout.make_sa_attention(self.layers[i].self_attn.attn, cfg, group)
+                attn.visor_layer, attn.visor_decoder = i, self.step_name
                 sa_attention.check_backend(attn)
         if not cfg.cross_layers:  # the step reads each row's visual token count from a CA layer
             raise NotImplementedError("VISOR in vLLM needs at least one cross-attention layer")
@@ -328,41 +404,61 @@ class VisorDecoder(nn.Module):
         self._stats: stats.StatsWriter | None | bool = None  # False: could not open, stay off
 
     # -- the step --------------------------------------------------------------------------------
-    def forward(self, input_ids, positions, encoder_outputs=None, visor_slots=None,
-                dense_vision=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, visor_slots=None) -> torch.Tensor:
+        """Every step without new images (decode, text-only prefill). vLLM compiles this unless
+        ``--enforce-eager``: no Python branch here depends on the step (see the ops above)."""
+        return self._run(input_ids, positions, visor_slots)
+
+    def first_step(self, input_ids, positions, encoder_outputs, visor_slots=None,
+                   dense_vision=None) -> torch.Tensor:
+        """A step in which images arrive: the visual streams advance through the SA layers the
+        rows run, CA and SA layers store their vision K/V once, the router picks. Always eager
+        (vLLM runs encoder steps uncompiled as well)."""
+        return self._run(input_ids, positions, visor_slots, encoder_outputs, dense_vision)
+
+    def _run(self, input_ids, positions, slots, encoder_outputs=None, dense_vision=None):
         h = self.embed_tokens(input_ids)
-        md = get_forward_context().attn_metadata
-        if not isinstance(md, dict) or self.first_cross_name not in md:  # profiling/dummy run
-            for layer in self.layers:
-                hs, res = layer(positions, h, None)
+        pos, has_vis = torch.ops.visor.step(positions, slots, self.step_name)  # [T], [T, 1]
+        s, vis = self._step, None
+        if encoder_outputs is not None and s is not None:  # (no metadata: a profiling run)
+            vis = s.add_images(encoder_outputs, dense_vision, self.dtype)          # [Nv_new, d]
+            self._initial_sa_mask(s, bridge.STATE)
+        for i, layer in enumerate(self.layers):
+            kind = self.cfg.layer_types[i]
+            if kind == "cross":
+                delta = layer.cross_attn(h, vis, s.item_lens if vis is not None else None)
+                h = h + torch.where(has_vis, delta, 0)
+            if kind == "self":
+                if vis is not None:
+                    vis = self._advance_vision(i, layer, vis, s)
+                h = self._sa_layer(layer, h, pos)
+            else:
+                hs, res = layer(pos, h, None)
                 h = hs + res
-            return self.norm(h)
-        s = _Step(self, input_ids, positions, encoder_outputs, visor_slots, dense_vision)
+            if vis is not None and i == self.cfg.router_layer and self.router is not None:
+                self._route(h, input_ids, s, bridge.STATE)
+        return self.norm(h)
+
+    def begin_step(self, positions, slots, md):
+        """The ``visor::step`` op's body (eager, every step)."""
+        if not isinstance(md, dict) or self.first_cross_name not in md:  # profiling/dummy run
+            self._step = None
+            return positions.clone(), torch.zeros(positions.shape[0], 1, dtype=torch.bool,
+                                                  device=positions.device)
         state = bridge.STATE
         if state is None:
             raise RuntimeError("visor_vllm.engine.bridge:VisorBudgetBridge is not loaded; install "
                                "visor-vllm (entry point vllm.logits_processors) or pass "
                                "--logits-processors visor_vllm.engine.bridge:VisorBudgetBridge")
-        sa_mask = self._initial_sa_mask(s, state)                      # [R, L]
-        vis = s.vis
-        for i, layer in enumerate(self.layers):
-            kind = self.cfg.layer_types[i]
-            if kind == "cross":
-                delta = layer.cross_attn(h, vis, s.item_lens)
-                h[: s.N] = h[: s.N] + torch.where(s.has_vis[:, None], delta[: s.N], 0)
-            if kind == "self":
-                h, vis = self._sa_layer(i, layer, h, vis, s, sa_mask[:, i])
-            else:
-                hs, res = layer(s.positions, h, None)
-                h = hs + res
-            if i == self.cfg.router_layer and self.router is not None:
-                sa_mask = self._route(h, input_ids, s, state, sa_mask)
-        if self.writes_receipts:
-            self._side_channels(s, state)
-        return self.norm(h)
+        s = self._step = _Step(self, positions, slots, state, md)
+        return s.positions, s.has_vis
 
-    def _side_channels(self, s: _Step, state) -> None:
-        """Receipts and executed-FLOP stats. Side channels: a failure is logged, never raised."""
+    def side_channels(self) -> None:
+        """Receipts and executed-FLOP stats of the step just run (after the compiled part).
+        Side channels: a failure is logged, never raised."""
+        s, state = self._step, bridge.STATE
+        if s is None or not self.writes_receipts:
+            return
         try:
             state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None, s.slots,
                                 s.n_dense_vision)
@@ -381,10 +477,11 @@ class VisorDecoder(nn.Module):
             except Exception:  # noqa: BLE001
                 logger.exception("VISOR: executed-FLOP accounting failed for one step")
 
-    def _initial_sa_mask(self, s: _Step, state) -> torch.Tensor:
-        """Decode rows: the stored configuration. First-step rows: explicit, forced or always-on."""
+    def _initial_sa_mask(self, s: _Step, state) -> None:
+        """First-step rows: explicit, forced or always-on layers, into ``s.sa_mask`` and the
+        rows' state (the router may change routed rows' at ``router_layer``)."""
         R, sl = s.R, s.slots
-        mask = state.sa_mask[sl]                                         # [R, L] (a copy)
+        mask = s.sa_mask                                                 # [R, L]
         new = s.new
         if bool(new.any()):
             state.apply_flops_caps(new, s.n_vision, sl, s.n_dense_vision)  # this step's counts
@@ -401,17 +498,17 @@ class VisorDecoder(nn.Module):
             state.sa_mask[sl] = mask
             idx = torch.where(single, allowed.float().argmax(-1), -1)
             state.config_index[sl] = torch.where(new, idx, state.config_index[sl])
-        return mask
+        s.sa_mask = mask
 
-    def _route(self, h, input_ids, s: _Step, state, sa_mask) -> torch.Tensor:
+    def _route(self, h, input_ids, s: _Step, state) -> None:
         """Router on the routing tokens of first-step rows; the costliest vote per row wins."""
         R, C, sl = s.R, len(self.cfg.sa_configs), s.slots
         allowed = state.allowed[sl]                                                   # [R, C]
         needs = s.new & ~state.has_explicit[sl] & (allowed.sum(-1) > 1)              # [R]
         if not bool(needs.any()):
-            return sa_mask
+            return
         tok = (input_ids[: s.N] == self.cfg.routing_token_id) & needs[s.row] \
-            & (s.computed[s.row] + s.col < state.prompt_len[sl][s.row])              # [N]
+            & (s.text_pos < state.prompt_len[sl][s.row])                             # [N]
         rows = s.row[tok]                                                             # [M]
         logits = self.router(h[: s.N][tok]).float()                                   # [M, C]
         logits = logits.masked_fill(~allowed[rows], float("-inf"))
@@ -427,47 +524,43 @@ class VisorDecoder(nn.Module):
             allowed_key = torch.where(allowed, sizes[None] * C + torch.arange(C), -1)
             best = torch.where(missing, allowed_key.max(-1).values, best)
         chosen = torch.where(needs, best % C, -1)
-        sa_mask = torch.where(needs[:, None], state.config_masks[chosen.clamp(min=0)], sa_mask)
-        state.sa_mask[sl] = sa_mask
+        s.sa_mask = torch.where(needs[:, None], state.config_masks[chosen.clamp(min=0)], s.sa_mask)
+        state.sa_mask[sl] = s.sa_mask
         state.config_index[sl] = torch.where(needs, chosen, state.config_index[sl])
-        return sa_mask
 
     # -- SA-capable layer ------------------------------------------------------------------------
-    def _sa_layer(self, i: int, layer, h, vis, s: _Step, active: torch.Tensor):
-        """active [R]: rows whose configuration runs layer i. The layer's paged sequence of a
-        row is ``[its vision K/V if active ; its text K/V]`` (`visor_vllm.engine.kv_layout`)."""
+    def _sa_layer(self, layer, h, pos):
+        """The ordinary layer for text tokens, attention by the ``visor::sa_attention`` op over
+        each row's ``[its vision K/V if it runs the layer ; its text K/V]`` (kv_layout)."""
         attn = layer.self_attn
-        sa = attn.attn                                             # VisorSAAttention
-        md = s.md[sa.layer_name]
-        bs = sa_attention.kernel_block_size(sa.kv_cache)
-        prefix = torch.where(active, s.n_vision, 0)                # [R] vision slots first
-        # 1) first-step rows that run the layer: advance their visual stream, store its K/V once
-        if vis is not None:
-            sel = active[s.vis_row]                                    # [Nv_new]
-            if bool(sel.any()):
-                rows, cols = s.vis_row[sel], s.vis_col[sel]
-                x, k, v = self._vision_block(layer, vis[sel], rows, cols, s.R)
-                vis = vis.clone()
-                vis[sel] = x
-                sa_attention.write(sa, k, v, sa_attention.slots(md.block_table, rows, cols, bs))
-        # 2) text tokens attend [vision K/V of this layer (active rows) ; causal text K/V]
         residual = h
-        x = layer.input_layernorm(h)
-        qkv, _ = attn.qkv_proj(x)
+        qkv, _ = attn.qkv_proj(layer.input_layernorm(h))
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(s.positions, q, k)
-        n, hd = s.N, attn.head_dim
-        q3, k3, v3 = q[:n].view(n, -1, hd), k[:n].view(n, -1, hd), v[:n].view(n, -1, hd)
-        text_pos = s.computed[s.row] + s.col                        # [N] text index of each token
-        sa_attention.write(sa, k3, v3, sa_attention.slots(md.block_table, s.row,
-                                                          prefix[s.row] + text_pos, bs))
-        mdp = sa_attention.with_prefix(md, sa, prefix, s.max_vision, self.dtype)
-        o = torch.zeros_like(q)
-        o[:n] = sa_attention.attend(sa, q3, k3, v3, mdp).reshape(n, -1)
-        o, _ = attn.o_proj(o)
+        q, k = attn.rotary_emb(pos, q, k)
+        hd = attn.head_dim
+        out = torch.empty_like(q)                                          # [T, H * D]
+        torch.ops.visor.sa_attention(q.view(-1, attn.num_heads, hd), k.view(-1, attn.num_kv_heads, hd),
+                                     v.view(-1, attn.num_kv_heads, hd),
+                                     out.view(-1, attn.num_heads, hd), attn.attn.layer_name)
+        o, _ = attn.o_proj(out)
         h = residual + o
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, vis
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _advance_vision(self, i: int, layer, vis, s: _Step):
+        """First step: the new visual tokens of rows that run SA layer ``i`` go through it;
+        their K/V are stored once at the head of the layer's paged sequence."""
+        sel = s.sa_mask[s.vis_row, i]                                   # [Nv_new]
+        if not bool(sel.any()):
+            return vis
+        rows, cols = s.vis_row[sel], s.vis_col[sel]
+        x, k, v = self._vision_block(layer, vis[sel], rows, cols, s.R)
+        vis = vis.clone()
+        vis[sel] = x
+        sa = layer.self_attn.attn
+        bs = sa_attention.kernel_block_size(sa.kv_cache)
+        sa_attention.write(sa, k, v, sa_attention.slots(s.md[sa.layer_name].block_table,
+                                                        rows, cols, bs))
+        return vis
 
     def _vision_block(self, layer, x, rows, cols, R: int):
         """The ordinary layer on visual tokens only (V precedes T, so T cannot change V).
@@ -641,7 +734,13 @@ class VisorForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                                "savings count packed tokens", dense.count(None))
                 dense = [int(e.shape[0]) if d is None else d for d, e in zip(dense, encoder_outputs)]
         self._dense_tokens.clear()
-        return self.language_model.model(input_ids, positions, encoder_outputs, visor_slots, dense)
+        decoder = self.language_model.model
+        if encoder_outputs:  # images arrive: eager
+            h = decoder.first_step(input_ids, positions, encoder_outputs, visor_slots, dense)
+        else:                # compiled unless --enforce-eager
+            h = decoder(input_ids, positions, visor_slots)
+        decoder.side_channels()
+        return h
 
     def compute_logits(self, hidden_states):
         lm = self.language_model
