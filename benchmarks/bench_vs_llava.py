@@ -69,21 +69,17 @@ How it measures.
   ``peak_blocks = round(peak_usage * num_gpu_blocks)``, i.e. measured from what vLLM actually
   allocates for this request shape (image + prompt + ``--max-tokens``), in the same
   ``VLLM_CPU_KVCACHE_SPACE`` for both models. It cannot simply be computed from token counts:
-  VISOR's text K/V is paged per *text* token in every layer (full-attention spec), while its
-  vision K/V is written once per request in every CA layer and every SA-capable layer
-  (cross-attention spec: ``Nv`` slots each, allocated whether or not the request's
-  configuration runs that SA layer -- so capacity does not depend on the budget), and vLLM's
-  hybrid allocator groups the two kinds into equal-size layer groups with padding layers
-  (``Add N padding layers`` in the server log), which costs memory that a token count does
-  not see. LLaVA-OV pages image + text tokens in every layer. vLLM's own startup line
-  (``CPU KV cache size: N tokens, Maximum concurrency for L tokens per request: X``) is
-  recorded too, but it is for a ``--max-model-len`` request (and for VISOR adds encoder slots
-  for the largest encoder input vLLM allows), not for the benchmark's image request.
-  Measured at real size, 4 GiB, 384x384 image, 64 output tokens: VISOR's 24 text layers and
-  15 cross-spec layers (8 CA + 7 SA-capable) become 3 groups of 15 layers (6 padding layers,
-  i.e. a quarter of the text-KV memory holds nothing), 4,369 blocks of 15 layers x 128 tokens,
-  14 per request (12 vision + 2 x 1 text) -> 312 requests; LLaVA-OV: one group of 24 layers,
-  2,730 blocks, 13 per request (1,505 + 64 tokens) -> 210 requests; ratio 1.49x.
+  VISOR pages its text-only layers per *text* token, its CA layers per visual token (``Nv``,
+  written once) and its SA-capable layers as one ``[vision ; text]`` sequence per request
+  (``Nv + T``, the vision prefix only where the request's budget may run the layer, so
+  capacity depends on the budget: ``min`` holds fewer), and vLLM's hybrid allocator groups
+  these kinds into equal-size layer groups with padding layers (``Add N padding layers`` in
+  the server log), which costs memory that a token count does not see
+  (`visor_vllm.engine.kv_layout`). LLaVA-OV pages image + text tokens in every layer. vLLM's
+  own startup line (``CPU KV cache size: N tokens, Maximum concurrency for L tokens per
+  request: X``) is recorded too, but it is for a ``--max-model-len`` request (and for VISOR
+  adds encoder slots for the largest encoder input vLLM allows), not for the benchmark's
+  image request.
 
 Footguns.
 
@@ -189,6 +185,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--serve-args", type=shlex.split, default=[],
                     help="extra vllm serve arguments for *both* servers, one quoted string, "
                          "e.g. --serve-args='--max-num-seqs 8'")
+    ap.add_argument("--compiled", action="store_true",
+                    help="serve both models without --enforce-eager (vLLM's default: "
+                         "torch.compile)")
     ap.add_argument("--conversations", type=int, default=3,
                     help="multi-turn case: conversations per (model, budget), each two turns "
                          "about one fresh image, sent one at a time (0: skip the case)")
@@ -284,11 +283,12 @@ def write_datasets(args: argparse.Namespace, root: Path) -> dict[tuple[int, int]
 # ---------------------------------------------------------------------------------------------
 
 def server_command(model: Path, port: int, max_model_len: int = 10000,
-                   extra: list[str] | None = None) -> list[str]:
+                   extra: list[str] | None = None, compiled: bool = False) -> list[str]:
     """The `vllm serve` command; identical for both models but the directory.
 
-    VISOR's requirements, as in `visor_vllm.serving.serve.vllm_command`: ``--enforce-eager``,
-    ``--max-num-batched-tokens`` >= the largest image's tokens plus prompt (no chunked prefill in
+    ``--enforce-eager`` unless ``compiled`` (vLLM's default path: torch.compile for both models;
+    CPU start-up then includes the compilation). VISOR's requirements, as in
+    `visor_vllm.serving.serve.vllm_command`: ``--max-num-batched-tokens`` >= the largest image's tokens plus prompt (no chunked prefill in
     enc-dec mode), ``--limit-mm-per-prompt``. Benchmark choices: bfloat16; one image and no video
     per prompt (LLaVA-OV's video processor needs torchvision); no prefix caching and no
     multimodal processor cache, so no request is served from a cache; ``--load-format dummy``
@@ -299,8 +299,9 @@ def server_command(model: Path, port: int, max_model_len: int = 10000,
     """
     dummy = [] if any(Path(model).glob("*.safetensors")) else ["--load-format", "dummy"]
     return [str(BIN / "vllm"), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16", "--enforce-eager",
-            "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len),
+            "--served-model-name", SERVED_NAME, "--dtype", "bfloat16",
+            *([] if compiled else ["--enforce-eager"]), "--max-model-len", str(max_model_len),
+            "--max-num-batched-tokens", str(max_model_len),
             "--limit-mm-per-prompt", '{"image": 1, "video": 0}', "--no-enable-prefix-caching",
             "--mm-processor-cache-gb", "0", "--seed", "0", *dummy, *(extra or [])]
 
@@ -639,7 +640,7 @@ def _grid(head: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
 
 def run_model(name: str, ckpt: Path, args, datasets: dict[int, Path], work: Path) -> dict:
     port = args.port or free_port()
-    cmd = server_command(ckpt, port, args.max_model_len, args.serve_args)
+    cmd = server_command(ckpt, port, args.max_model_len, args.serve_args, args.compiled)
     env = server_env(args.kv_space_gib, args.omp_bind)
     budgets = list(args.budgets) if name == "visor" else [None]
     info: dict = {"checkpoint": str(ckpt), "server_cmd": cmd, "server_log": None, "probes": {},

@@ -7,11 +7,12 @@
 DIR: a checkpoint directory without weights is fine (``--load-format dummy`` is always used):
 ``checkpoints/visor-0.5b`` (``visor-vllm serve visor-0.5b`` builds it) or the LLaVA-OV one that
 ``benchmarks/bench_vs_llava.py`` builds under ``bench-results/``. ``c`` requests with fresh
-384x384 images run together (after a two-request warm-up); every full-batch decode step is
-timed at the model's top-level forward, and (eager only) VISOR's pieces (``_Step``, SA-capable layers and their text attention, cross
-attention, the other decoder layers, the side channels) are timed by wrapping them (nested
-wrappers: ``_sa_layer (all)`` includes the ``sa_attention`` calls). Prints one
-JSON object: the median full-batch decode step and milliseconds per step per piece.
+384x384 images (``--image WxH``) run together (after a two-request warm-up); every full-batch
+decode step is timed at the model's top-level forward, and (eager only) VISOR's pieces
+(``_Step``, SA-capable layers and their attention, cross attention, the other decoder layers,
+the side channels) are timed by wrapping them (nested wrappers: ``_sa_layer (all)`` includes
+the ``sa_attention`` calls). Prints one JSON object: the median full-batch decode step and
+milliseconds per step per piece.
 
 A diagnostic, not a comparison of record (that is ``bench_vs_llava.py``): it runs the engine in
 this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to reach the model's functions, and
@@ -60,6 +61,7 @@ def main():
     ap.add_argument("--budget", default=None)
     ap.add_argument("-c", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--image", default="384x384", metavar="WxH", help="image size (fresh noise)")
     ap.add_argument("--compiled", action="store_true",
                     help="vLLM's default path (torch.compile) instead of --enforce-eager; "
                          "whole steps only")
@@ -118,7 +120,8 @@ def main():
     rng = np.random.default_rng(0)
     msgs = []
     for i in range(args.c):
-        img = Image.fromarray(rng.integers(0, 255, (384, 384, 3), dtype=np.uint8))
+        w, h = (int(x) for x in args.image.lower().split("x"))
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         buf = io.BytesIO(); img.save(buf, "PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         msgs.append([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -131,7 +134,8 @@ def main():
     llm.chat(msgs, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
     full = [t for n, t in STEPS if n == args.c]
-    out = {"kind": args.kind, "budget": args.budget, "c": args.c, "compiled": args.compiled,
+    out = {"kind": args.kind, "budget": args.budget, "c": args.c, "image": args.image,
+           "compiled": args.compiled,
            "wall_s": round(wall, 2),
            "decode_steps_full_batch": len(full),
            "decode_step_ms_p50": round(1000 * statistics.median(full), 2) if full else None,

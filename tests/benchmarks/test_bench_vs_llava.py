@@ -68,6 +68,8 @@ def test_server_command_identical_for_both_models_but_the_path(bench, tmp_path):
         assert f in flags
     assert json.loads(cv[cv.index("--limit-mm-per-prompt") + 1]) == {"image": 1, "video": 0}
     assert "--middleware" not in flags  # VISOR-only serving features stay out of the comparison
+    cc = bench.server_command(visor, 8000, compiled=True)  # vLLM's default path, for both
+    assert "--enforce-eager" not in cc and cc == [f for f in cv if f != "--enforce-eager"]
 
 
 def test_server_command_weights_and_extra(bench, tmp_path):

@@ -3,7 +3,9 @@
 The KV pool is cut so that sixteen long image requests fit at admission but not while they all
 decode; vLLM then preempts (recompute) and later re-prefills a request from its prompt plus
 its outputs so far. The router must reach the same configuration (it reads only prompt
-routing tokens, causally), so every request's tokens equal its uncontended run.
+routing tokens, causally), so every request's tokens equal its uncontended run. The contended
+engine runs vLLM's default compiled path, the uncontended one eagerly: the preempted, compiled
+steps (batch sizes that change as requests leave and re-join) give the eager tokens.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ def generate(llm, prompts):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def engine(visor_ckpt, **kw):
+def engine(visor_ckpt, enforce_eager=True, **kw):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
-    return LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=1024,
+    return LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=enforce_eager, max_model_len=1024,
                max_num_batched_tokens=2048, max_num_seqs=16, limit_mm_per_prompt={"image": 1},
                disable_log_stats=False, seed=0, **kw)
 
@@ -40,7 +42,8 @@ def test_preempted_requests_reroute_to_the_same_tokens(visor_ckpt):
     # vLLM insists on room for one max-length request (128 blocks here: SA layers hold the
     # encoder budget plus max_model_len); sixteen ~23-block prompts fill the pool and their
     # outputs do not fit
-    small = engine(visor_ckpt, num_gpu_blocks_override=140)  # 1-layer blocks (kv_layout: 8 groups)
+    small = engine(visor_ckpt, enforce_eager=False,  # compiled
+                   num_gpu_blocks_override=140)  # 1-layer blocks (kv_layout: 8 groups)
     try:
         contended = generate(small, PROMPTS)
         preempted = sum(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions")

