@@ -41,7 +41,7 @@ def register() -> None:
     else:
         from visor_vllm.patches import apply_config_patches
 
-        apply_config_patches()  # cudagraphs off, V1 runner: logged (ledger entry 5)
+        apply_config_patches()  # cudagraphs off, logged (ledger entry 5)
         if "VisorForConditionalGeneration" not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model("VisorForConditionalGeneration",
                                          "visor_vllm.engine.vllm_model:VisorForConditionalGeneration")

@@ -64,20 +64,18 @@ Ledger
 5. ``vllm-models-config-map-visor-hook`` (vLLM 0.32 ``MODELS_CONFIG_MAP``; every process that
    builds a ``VllmConfig``)
 
-   Why.  Two vLLM defaults would break VISOR far from their cause: full decode-only CUDA
+   Why.  One vLLM default would break VISOR far from its cause: full decode-only CUDA
    graphs for encoder-decoder models on GPU (VISOR's compiled step is free of host syncs, but
-   a replay would reuse per-step host bounds and skip the Python side channels), and Model
-   Runner V2 wherever Triton exists (VISOR's per-request state arrives through a V1 logits
-   processor). vLLM's supported seam for per-architecture config
+   a replay would reuse per-step host bounds and skip the Python side channels). The model
+   runner is left to vLLM (VISOR runs on V1 and on Model Runner V2); the hook logs which one
+   the config resolves to. vLLM's supported seam for per-architecture config
    changes is ``verify_and_update_config`` in ``MODELS_CONFIG_MAP``, but that dict has no
    registration API for out-of-tree models.
    How.  ``MODELS_CONFIG_MAP["VisorForConditionalGeneration"] = VisorConfigHook``
    (`visor_vllm.engine.config_hook`), installed by ``register()``; the hook sets
-   ``cudagraph_mode = NONE`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (when unset) with a log line,
-   and warns on an explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` (VISOR's MRV2 state, unproven here).
+   ``cudagraph_mode = NONE`` with a log line, and logs the runner.
    When it can go.  When vLLM offers a registration API for config hooks (then use it), and
-   the settings themselves when a captured VISOR step is proven on a GPU and its MRV2 state is
-   proven.
+   the setting itself when a captured VISOR step is proven on a GPU.
 
 6. ``vllm-kv-manager-tells-visor-the-request`` (vLLM 0.32 ``KVCacheManager.allocate_slots``;
    the scheduler's process, only once a VISOR SA-layer manager exists)
@@ -379,13 +377,13 @@ CONFIG_PATCHES: list[Patch] = [
         name="vllm-models-config-map-visor-hook",
         target="vllm.model_executor.models.config.MODELS_CONFIG_MAP"
                "['VisorForConditionalGeneration']",
-        why="full decode-only CUDA graphs and Model Runner V2 are vLLM defaults VISOR is not "
-            "proven under (a replayed step would reuse per-step host bounds and skip the side "
-            "channels); MODELS_CONFIG_MAP is the per-architecture seam but has no registration API.",
+        why="full decode-only CUDA graphs are a vLLM default VISOR is not proven under (a "
+            "replayed step would reuse per-step host bounds and skip the side channels); "
+            "MODELS_CONFIG_MAP is the per-architecture seam but has no registration API.",
         how="insert VisorConfigHook (visor_vllm.engine.config_hook): cudagraph_mode NONE, "
-            "VLLM_USE_V2_MODEL_RUNNER=0 when unset, an explicit 1 warned about; each logged.",
-        removal="use vLLM's registration API once there is one; drop the settings once a "
-                "captured VISOR step and its MRV2 state are proven end to end on a GPU.",
+            "logged; the model runner (V1 or V2) is vLLM's choice and is logged.",
+        removal="use vLLM's registration API once there is one; drop the setting once a "
+                "captured VISOR step is proven end to end on a GPU.",
         needed=_vllm_importable, applied=_config_hook_applied, apply=_apply_config_hook,
     ),
 ]

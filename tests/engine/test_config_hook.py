@@ -1,4 +1,4 @@
-"""VISOR's vLLM config hook: CUDA graphs off and the V1 runner by default, each logged.
+"""VISOR's vLLM config hook: CUDA graphs off, logged; the model runner left to vLLM.
 
 The hook is ledger entry 5 (`visor_vllm.patches`); `register()` installs it, and vLLM calls it
 while it builds a `VllmConfig`, i.e. before any engine process exists.
@@ -44,7 +44,8 @@ def test_hook_leaves_an_eager_config_alone(monkeypatch, caplog):
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE and not caplog.text
 
 
-def test_hook_picks_the_v1_runner_when_unset_and_lets_an_explicit_v2_through(monkeypatch, caplog):
+@pytest.mark.parametrize("v2", [False, True])
+def test_hook_leaves_the_runner_to_vllm_and_says_which(v2, monkeypatch, caplog):
     import os
 
     from vllm.config.compilation import CUDAGraphMode
@@ -52,16 +53,17 @@ def test_hook_picks_the_v1_runner_when_unset_and_lets_an_explicit_v2_through(mon
     from visor_vllm.engine.config_hook import VisorConfigHook
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
-    VisorConfigHook.verify_and_update_config(fake_config(CUDAGraphMode.NONE))
-    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # engine processes inherit it
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
-        VisorConfigHook.verify_and_update_config(fake_config(CUDAGraphMode.NONE))
-    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1" and "experimental" in caplog.text
+    cfg = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.NONE),
+                          use_v2_model_runner=v2)
+    with caplog.at_level(logging.INFO, logger="visor_vllm.engine"):
+        VisorConfigHook.verify_and_update_config(cfg)
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ  # engine processes see vLLM's choice
+    assert ("Model Runner V2" if v2 else "V1 model runner") in caplog.text
 
 
 def test_register_installs_the_hook_and_vllm_calls_it(visor_ckpt, monkeypatch):
-    """Through vLLM's own config path: the map entry exists and a built config is eager, V1."""
+    """Through vLLM's own config path: the map entry exists, graphs are off, the runner is vLLM's
+    (V1 on this CPU build without triton-cpu; MRV2 where Triton has a backend)."""
     import os
 
     from vllm.config.compilation import CUDAGraphMode
@@ -76,4 +78,7 @@ def test_register_installs_the_hook_and_vllm_calls_it(visor_ckpt, monkeypatch):
                      compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"}
                      ).create_engine_config()
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
-    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0" and not cfg.use_v2_model_runner
+    from vllm.triton_utils import HAS_TRITON
+
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+    assert HAS_TRITON or not cfg.use_v2_model_runner  # vLLM's own fallback without Triton

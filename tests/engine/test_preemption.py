@@ -21,11 +21,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 PROMPTS = [(chat(LONG[: 1000 + 100 * i]), image(20 + i)) for i in range(16)]  # ~300-700 tokens
 
 
-def generate(llm, prompts):
+def generate(llm, prompts, max_tokens: int = 160):
     from vllm import SamplingParams
 
     outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": [img]}} for p, img in prompts],
-                        SamplingParams(temperature=0, max_tokens=160, ignore_eos=True), use_tqdm=False)
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 

@@ -14,13 +14,13 @@ CUDA-graph defaults are resolved.
   can be proven without a GPU build of vLLM, so the hook sets ``cudagraph_mode = NONE`` with
   one log line instead of letting capture run. Compilation stays on: vLLM compiles the VISOR
   decoder (``support_torch_compile``) unless ``--enforce-eager``.
-* **Model Runner V2 off unless asked for.** vLLM picks MRV2 by default where Triton exists (GPU
-  installs). VISOR's proven path is the V1 runner, where per-request state reaches the model
-  through a V1 logits processor (`visor_vllm.engine.bridge`). MRV2 has its own channel
-  (`visor_vllm.engine.model_state`, through ``get_model_state_cls``), but MRV2 needs Triton,
-  which this project's CPU machines lack, so it has never run end to end here. When
-  ``VLLM_USE_V2_MODEL_RUNNER`` is unset the hook sets it to ``0`` (inherited by the engine
-  processes it starts) and logs it; an explicit ``1`` is an opt-in and gets a warning.
+* **The model runner is vLLM's choice.** VISOR runs on both: on V1, per-request state reaches
+  the model through a V1 logits processor (`visor_vllm.engine.bridge`); on Model Runner V2
+  (vLLM's default where Triton has a backend: GPU installs) through
+  `visor_vllm.engine.model_state.VisorModelState` (``get_model_state_cls``). MRV2 is proven on
+  this project's CPU machines with vLLM's own MRV2 kernels run by Triton's interpreter
+  (``tests/engine/test_model_runner_v2.py``); without Triton vLLM itself falls back to V1.
+  The hook logs which runner the config resolves to.
 
 Footguns. The hook runs once per config (vLLM's ``config_updated`` flag) and only in processes
 that build one; engine processes inherit the environment variable, so it must be set before
@@ -31,12 +31,10 @@ they start, which is when vLLM calls the hook. Import nothing heavy at module to
 from __future__ import annotations
 
 import logging
-import os
 
 logger = logging.getLogger("visor_vllm.engine")
 
 ARCH = "VisorForConditionalGeneration"
-MRV2_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 class VisorConfigHook:
@@ -57,16 +55,12 @@ class VisorConfigHook:
             logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): a captured VISOR "
                            "step would replay stale per-step bounds and skip its side channels; "
                            "decode runs compiled, without graphs", was)
-        choice = os.environ.get(MRV2_ENV)
-        if choice is None:
-            os.environ[MRV2_ENV] = "0"
-            logger.warning("VISOR: %s=0 (the V1 model runner, VISOR's proven path); set %s=1 "
-                           "to opt in to VISOR's Model Runner V2 state (experimental)",
-                           MRV2_ENV, MRV2_ENV)
-        elif choice.strip().lower() in ("1", "true"):
-            logger.warning("VISOR: %s=%s: Model Runner V2 with VisorModelState is experimental "
-                           "(not run end to end in this project's CI: MRV2 needs Triton)",
-                           MRV2_ENV, choice)
+        try:  # vLLM's own resolution (env, Triton, unsupported features); logs nothing new
+            v2 = bool(vllm_config.use_v2_model_runner)
+        except Exception:  # a partial config (tests) or a vLLM that moved the property
+            return
+        logger.info("VISOR: %s", "Model Runner V2 (VisorModelState)" if v2 else
+                    "the V1 model runner (VISOR's logits-processor bridge)")
 
 
 def install() -> None:
