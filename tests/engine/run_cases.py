@@ -63,6 +63,19 @@ def tensor_parallel(ckpt: str, compiled: bool) -> dict:
     return {"tp2": tokens(ckpt, 2, Env, enforce_eager=not compiled), "tp1": tokens(ckpt, 1, Env)}
 
 
+def cases(ckpt: str, compiled: bool) -> dict:
+    """`test_vllm_vs_reference`'s engine and cases: all batched, then each alone."""
+    from .test_vllm_vs_reference import CASES, engine, run
+
+    llm = engine(ckpt, enforce_eager=not compiled)
+    try:
+        return {"runner": llm.collective_rpc(runner_module, timeout=120)[0],
+                "batched": {n: dump(o) for n, o in run(llm, list(CASES)).items()},
+                "alone": {n: dump(run(llm, [n])[n]) for n in CASES}}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("ckpt")
@@ -74,25 +87,12 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # runner_module
-    if args.mode != "cases":
-        result = preemption(args.ckpt, args.prompts, args.max_tokens) if args.mode == "preemption" else \
-            tensor_parallel(args.ckpt, args.compiled)
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-        return
-    from vllm import LLM
-
-    from .test_vllm_vs_reference import CASES, run
-
-    llm = LLM(model=args.ckpt, dtype="float32", enforce_eager=not args.compiled,
-              max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=16,
-              limit_mm_per_prompt={"image": 2}, seed=0)
-    try:
-        result = {"runner": llm.collective_rpc(runner_module, timeout=120)[0],
-                  "batched": {n: dump(o) for n, o in run(llm, list(CASES)).items()},
-                  "alone": {n: dump(run(llm, [n])[n]) for n in CASES}}
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    if args.mode == "cases":
+        result = cases(args.ckpt, args.compiled)
+    elif args.mode == "preemption":
+        result = preemption(args.ckpt, args.prompts, args.max_tokens)
+    else:
+        result = tensor_parallel(args.ckpt, args.compiled)
     with open(args.out, "w") as f:
         json.dump(result, f)
 

@@ -13,13 +13,12 @@ op's kernel); a test of the detector checks that it then sees into them.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .test_vllm_vs_reference import CASES, run
+from .test_vllm_vs_reference import CASES, engine, run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
@@ -78,9 +77,6 @@ def use_op_bodies(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def recorded(visor_ckpt):
     """Serve every equivalence case in one in-process eager engine; record the ops of each step."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
     from visor_vllm.engine import vllm_model as vm
 
     steps = {"decode": [], "first": []}
@@ -99,9 +95,7 @@ def recorded(visor_ckpt):
         mp.setattr(vm.VisorDecoder, "first_step", recording("first", vm.VisorDecoder.first_step))
         use_op_bodies(mp)
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-        llm = LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=4096,
-                  max_num_batched_tokens=8192, max_num_seqs=16, limit_mm_per_prompt={"image": 2},
-                  seed=0)
+        llm = engine(visor_ckpt)
         try:
             run(llm, list(CASES))
         finally:

@@ -51,16 +51,22 @@ CASES = {  # name -> (prompt, images, extra_args)
 }
 
 
-@pytest.fixture(scope="module")
-def llm(visor_ckpt):
+def engine(visor_ckpt, enforce_eager: bool = True):
+    """The equivalence suite's engine (fp32, 16 rows, 2 images); also the compiled, graph-safety
+    and MRV2 (`run_cases`) engines, so every comparison is between the same settings."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # lets collective_rpc ship a test function to the worker (kv_cache_spec_kinds); tests only
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    llm = LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=True, max_model_len=4096,
-              max_num_batched_tokens=8192, max_num_seqs=16, limit_mm_per_prompt={"image": 2},
-              seed=0)
+    return LLM(model=str(visor_ckpt), dtype="float32", enforce_eager=enforce_eager,
+               max_model_len=4096, max_num_batched_tokens=8192, max_num_seqs=16,
+               limit_mm_per_prompt={"image": 2}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def llm(visor_ckpt):
+    llm = engine(visor_ckpt)
     yield llm
     llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit after pytest closed stdout
 
@@ -193,11 +199,7 @@ def test_without_enforce_eager_the_tokens_are_the_eager_ones(visor_ckpt, batched
     """vLLM's default path: the VISOR decoder is compiled (torch.compile; on GPU CUDA graphs,
     which VISOR's config hook turns off with a log line) and gives the eager engine's tokens
     and logprobs, every case batched and each alone (other batch sizes, same graph)."""
-    from vllm import LLM
-
-    compiled = LLM(model=str(visor_ckpt), dtype="float32", max_model_len=4096,
-                   max_num_batched_tokens=8192, max_num_seqs=16, limit_mm_per_prompt={"image": 2},
-                   seed=0)
+    compiled = engine(visor_ckpt, enforce_eager=False)
     try:
         cc = compiled.llm_engine.vllm_config.compilation_config
         assert cc.cudagraph_mode.name == "NONE" and cc.mode.name != "NONE"

@@ -23,8 +23,8 @@ CUDA-graph defaults are resolved.
   The hook logs which runner the config resolves to.
 
 Footguns. The hook runs once per config (vLLM's ``config_updated`` flag) and only in processes
-that build one; engine processes inherit the environment variable, so it must be set before
-they start, which is when vLLM calls the hook. Import nothing heavy at module top level
+that build one, before any engine process starts; whatever it changes must live in the config
+(engine processes receive it), not in this process. Import nothing heavy at module top level
 (`register()` imports this module in every vLLM process).
 """
 
@@ -57,7 +57,7 @@ class VisorConfigHook:
                            "decode runs compiled, without graphs", was)
         try:  # vLLM's own resolution (env, Triton, unsupported features); logs nothing new
             v2 = bool(vllm_config.use_v2_model_runner)
-        except Exception:  # a partial config (tests) or a vLLM that moved the property
+        except AttributeError:  # a partial config (tests) or a vLLM that moved the property
             return
         logger.info("VISOR: %s", "Model Runner V2 (VisorModelState)" if v2 else
                     "the V1 model runner (VISOR's logits-processor bridge)")
