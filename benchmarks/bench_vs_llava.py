@@ -579,6 +579,65 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def decode_floor(cfg, n_image: int, n_image_dense: int, context: int, sa_layers,
+                 concurrency: int) -> dict[str, float]:
+    """What the architecture lets a full decode step of ``concurrency`` identical rows gain:
+    VISOR / LLaVA-OV FLOPs (`visor_vllm.model.flops`, plus the LM head both run) and bytes read
+    (every linear weight once per step, bf16, plus each row's K/V). A decode step that is bound
+    by either cannot beat that ratio, whatever the kernels; the measured ITL ratio adds what the
+    cost model leaves out (per-call overheads, the sampler, Python). ``context``: text tokens
+    the step attends (new one included); VISOR reads its K/V in every layer, its visual K/V in
+    the CA layers and the SA layers it runs, and also reads its CA layers' q/o projections;
+    LLaVA-OV reads ``n_image_dense + context`` K/V in every layer. Attention is the only term
+    that shrinks, so when weights dominate (small images, few rows) the floor is ~1.0x."""
+    from visor_vllm.model import flops
+
+    tc = cfg.text_config
+    d, h, hkv, f, L = (tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads,
+                       tc.intermediate_size, cfg.num_layers)
+    dh = getattr(tc, "head_dim", None) or d // h
+    lm_head = 2 * d * tc.vocab_size
+    visor = flops.decode_step_flops(cfg, n_image, context, sa_layers) + lm_head
+    dense = flops.dense_decode_step_flops(cfg, n_image_dense, context) + lm_head
+    weights = L * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 3 * d * f) + d * tc.vocab_size
+    cross = len(cfg.cross_layers) * 2 * d * h * dh                     # CA q_proj + o_proj
+    kv = 2 * hkv * dh                                                   # K and V, one token
+    kv_visor = kv * (L * context + (len(cfg.cross_layers) + len(set(sa_layers))) * n_image)
+    kv_dense = kv * L * (n_image_dense + context)
+    return {"flops": visor / dense,
+            "bytes": (2 * (weights + cross) + 2 * concurrency * kv_visor)
+            / (2 * weights + 2 * concurrency * kv_dense)}
+
+
+def decode_floors(cfg, image: tuple[int, int], n_text: int, max_tokens: int,
+                  budgets: list[str], levels: list[int]) -> dict[tuple[str, int], dict]:
+    """`decode_floor` per (budget, concurrency) at the run's mean decode context
+    (``n_text + max_tokens / 2``); a budget that lets the router choose gets the range over
+    the configurations it allows (``lo``/``hi``)."""
+    from visor_vllm.model.budget import allowed_configs, parse_budget
+    from visor_vllm.model.packing import visual_token_count
+
+    w, h = image
+    nv, nd = visual_token_count(cfg, h, w), visual_token_count(cfg, h, w, packed=False)
+    ctx = n_text + max(max_tokens // 2, 1)
+    out = {}
+    for b in budgets:
+        mask = allowed_configs(cfg, parse_budget({"visor_budget": b}, cfg))
+        configs = [c for c, ok in zip(cfg.sa_configs, mask) if ok]
+        for c in levels:
+            fl = [decode_floor(cfg, nv, nd, ctx, sa, c) for sa in configs]
+            out[b, c] = {k: {"lo": min(x[k] for x in fl), "hi": max(x[k] for x in fl)}
+                         for k in ("flops", "bytes")}
+    return out
+
+
+def _fmt_range(r: dict | None) -> str:
+    if not r:
+        return "-"
+    lo, hi = f"{r['lo']:.2f}", f"{r['hi']:.2f}"
+    return f"{lo}x" if lo == hi else f"{lo}-{hi}x"
+
+
 def _fmt(v, spec: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -603,11 +662,14 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_ratios(ratios: list[dict]) -> str:
+    """The ratio table; ``floor bytes`` / ``floor FLOPs``: `decode_floor` (the best ITL ratio a
+    decode step bound by memory / by compute could reach), when the run could compute it."""
     head = ("VISOR/LLaVA-OV", "conc", "TTFT", "ITL mean", "ITL p50", "req/s", "out tok/s",
-            "KV cap")
+            "KV cap", "floor bytes", "floor FLOPs")
     body = [(f"visor/{r['budget']}", str(r["concurrency"]),
              *(_fmt(r[k], ".2f") + ("x" if r[k] is not None else "")
-               for k in ("ttft", "itl", "itl_p50", "req_per_s", "tok_per_s", "kv_capacity")))
+               for k in ("ttft", "itl", "itl_p50", "req_per_s", "tok_per_s", "kv_capacity")),
+             *(_fmt_range((r.get("decode_floor") or {}).get(k)) for k in ("bytes", "flops")))
             for r in ratios]
     return _grid(head, body)
 
@@ -726,6 +788,18 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = run_model(name, ckpts[name], args, datasets, work)
     rows = [r for m in models.values() for r in m["rows"]]
     ratios = compute_ratios(rows)
+    try:  # the cost model's floor next to each measured ratio (never fails the run)
+        from visor_vllm.model.config import VisorConfig
+
+        probe_tokens = models.get("visor", {}).get("probes", {})
+        n_text = next((p["prompt_tokens"] for p in probe_tokens.values()
+                       if isinstance(p.get("prompt_tokens"), int)), 24)
+        floors = decode_floors(VisorConfig.from_pretrained(ckpts["visor"]), args.image, n_text,
+                               args.max_tokens, list(args.budgets), list(args.concurrency))
+        for r in ratios:
+            r["decode_floor"] = floors.get((r["budget"], r["concurrency"]))
+    except Exception as e:  # noqa: BLE001
+        print(f"no decode floor ({type(e).__name__}: {e})")
     import vllm
 
     result = {
