@@ -30,7 +30,7 @@ How to run::
 
 Useful flags: ``--concurrency 1 4 16`` (levels, the default), ``--num-prompts N`` (per level; default
 ``max(4, 2*c)``), ``--max-tokens 64``, ``--image 384x384``, ``--budgets min auto max``,
-``--kv-space-gib 4`` (``VLLM_CPU_KVCACHE_SPACE``), ``--omp-bind 0-1``
+``--kv-space-gib 4`` (``VLLM_CPU_KVCACHE_SPACE``), ``--omp-bind auto``
 (``VLLM_CPU_OMP_THREADS_BIND``), ``--out FILE``, ``--workdir DIR`` (checkpoints, datasets,
 server logs and every raw ``vllm bench serve`` result land there), ``--models visor llava``,
 ``--serve-args '...'`` (more ``vllm serve`` flags, given to both servers). Exit status 1 when
@@ -107,8 +107,17 @@ Footguns.
   ``--preset tiny`` runs the whole pipeline (servers really start) in ~4-8 minutes, most of
   it server start-up; ``--concurrency 1 --num-prompts 2 --budgets max`` is the quick
   real-size check (~5 minutes).
-* ``VLLM_CPU_OMP_THREADS_BIND=0-1`` is fastest on a 2-core box; pass ``--omp-bind auto`` (or
-  your own range) elsewhere.
+* Thread binding. The default, ``--omp-bind auto``, is vLLM's own default: the worker's OpenMP
+  threads get every core but one, which vLLM reserves for the engine-core process, because
+  that process busy-waits (``sched_yield``) on the worker's replies between steps. On this
+  2-core box that leaves the worker one core. ``--omp-bind 0-1`` gives the worker both cores
+  and is faster for both models in absolute terms, but the engine core then spins on a core
+  an OMP thread needs, and a parallel region can wait for the descheduled thread. VISOR's
+  step has more, smaller regions (8 more attention calls; a slot mapping per KV cache group,
+  17 groups against LLaVA-OV's 1: 4.7 against 0.6 ms of input preparation per step in a
+  py-spy profile with ``0-1``) and loses more: at c=1 its ITL p50 was 1.19-1.48x
+  LLaVA-OV's with ``0-1`` and 0.92-0.98x with ``auto`` (2026-12-04). Compare ratios of one
+  binding only.
 """
 
 from __future__ import annotations
@@ -175,7 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-space-gib", type=float, default=4.0,
                     help="VLLM_CPU_KVCACHE_SPACE for both servers")
-    ap.add_argument("--omp-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND (2-core box: 0-1)")
+    ap.add_argument("--omp-bind", default="auto",
+                    help="VLLM_CPU_OMP_THREADS_BIND for both servers (default: vLLM's own, one "
+                         "core reserved for the engine core; see the footguns)")
     ap.add_argument("--max-model-len", type=_positive_int, default=10000)
     ap.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     ap.add_argument("--startup-timeout", type=float, default=1800, help="seconds per server")
@@ -579,17 +590,20 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def decode_floor(cfg, n_image: int, n_image_dense: int, context: int, sa_layers,
-                 concurrency: int) -> dict[str, float]:
-    """What the architecture lets a full decode step of ``concurrency`` identical rows gain:
-    VISOR / LLaVA-OV FLOPs (`visor_vllm.model.flops`, plus the LM head both run) and bytes read
-    (every linear weight once per step, bf16, plus each row's K/V). A decode step that is bound
-    by either cannot beat that ratio, whatever the kernels; the measured ITL ratio adds what the
-    cost model leaves out (per-call overheads, the sampler, Python). ``context``: text tokens
-    the step attends (new one included); VISOR reads its K/V in every layer, its visual K/V in
-    the CA layers and the SA layers it runs, and also reads its CA layers' q/o projections;
-    LLaVA-OV reads ``n_image_dense + context`` K/V in every layer. Attention is the only term
-    that shrinks, so when weights dominate (small images, few rows) the floor is ~1.0x."""
+def decode_cost_model(cfg, n_image: int, n_image_dense: int, context: int, sa_layers,
+                      concurrency: int) -> dict[str, float]:
+    """The decode-step ratio VISOR / LLaVA-OV that a cost model predicts for ``concurrency``
+    identical rows: by FLOPs (`visor_vllm.model.flops`, plus the LM head both run) and by bytes
+    read (every linear weight once per step, bf16, plus each row's K/V). ``context``: text
+    tokens the step attends (new one included). VISOR reads text K/V in every layer, visual
+    K/V in its CA layers and in the SA layers it runs, and its CA layers' q/o projections;
+    LLaVA-OV reads ``n_image_dense + context`` K/V in every layer.
+
+    What it is for: reading a measured ITL ratio. Attention is the only term VISOR shrinks, so
+    where weights dominate (small images, few rows) both models are ~1.0x. It is not a hard
+    floor: a CPU attention kernel slower per byte than the GEMMs lets the measured ratio go
+    below the bytes model (seen at c=16 here), and per-call overheads push it above.
+    """
     from visor_vllm.model import flops
 
     tc = cfg.text_config
@@ -609,9 +623,9 @@ def decode_floor(cfg, n_image: int, n_image_dense: int, context: int, sa_layers,
             / (2 * weights + 2 * concurrency * kv_dense)}
 
 
-def decode_floors(cfg, image: tuple[int, int], n_text: int, max_tokens: int,
-                  budgets: list[str], levels: list[int]) -> dict[tuple[str, int], dict]:
-    """`decode_floor` per (budget, concurrency) at the run's mean decode context
+def decode_cost_models(cfg, image: tuple[int, int], n_text: int, max_tokens: int,
+                       budgets: list[str], levels: list[int]) -> dict[tuple[str, int], dict]:
+    """`decode_cost_model` per (budget, concurrency) at the run's mean decode context
     (``n_text + max_tokens / 2``); a budget that lets the router choose gets the range over
     the configurations it allows (``lo``/``hi``)."""
     from visor_vllm.model.budget import allowed_configs, parse_budget
@@ -625,7 +639,7 @@ def decode_floors(cfg, image: tuple[int, int], n_text: int, max_tokens: int,
         mask = allowed_configs(cfg, parse_budget({"visor_budget": b}, cfg))
         configs = [c for c, ok in zip(cfg.sa_configs, mask) if ok]
         for c in levels:
-            fl = [decode_floor(cfg, nv, nd, ctx, sa, c) for sa in configs]
+            fl = [decode_cost_model(cfg, nv, nd, ctx, sa, c) for sa in configs]
             out[b, c] = {k: {"lo": min(x[k] for x in fl), "hi": max(x[k] for x in fl)}
                          for k in ("flops", "bytes")}
     return out
@@ -662,14 +676,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_ratios(ratios: list[dict]) -> str:
-    """The ratio table; ``floor bytes`` / ``floor FLOPs``: `decode_floor` (the best ITL ratio a
-    decode step bound by memory / by compute could reach), when the run could compute it."""
+    """The ratio table; ``model bytes`` / ``model FLOPs``: `decode_cost_model`, the decode-step
+    ratio a step whose time followed bytes read / FLOPs would have (a range where the router
+    chooses), when the run could compute it."""
     head = ("VISOR/LLaVA-OV", "conc", "TTFT", "ITL mean", "ITL p50", "req/s", "out tok/s",
-            "KV cap", "floor bytes", "floor FLOPs")
+            "KV cap", "model bytes", "model FLOPs")
     body = [(f"visor/{r['budget']}", str(r["concurrency"]),
              *(_fmt(r[k], ".2f") + ("x" if r[k] is not None else "")
                for k in ("ttft", "itl", "itl_p50", "req_per_s", "tok_per_s", "kv_capacity")),
-             *(_fmt_range((r.get("decode_floor") or {}).get(k)) for k in ("bytes", "flops")))
+             *(_fmt_range((r.get("decode_cost_model") or {}).get(k)) for k in ("bytes", "flops")))
             for r in ratios]
     return _grid(head, body)
 
@@ -788,18 +803,19 @@ def main(argv: list[str] | None = None) -> int:
             models[name] = run_model(name, ckpts[name], args, datasets, work)
     rows = [r for m in models.values() for r in m["rows"]]
     ratios = compute_ratios(rows)
-    try:  # the cost model's floor next to each measured ratio (never fails the run)
+    try:  # the cost model next to each measured ratio (never fails the run)
         from visor_vllm.model.config import VisorConfig
 
         probe_tokens = models.get("visor", {}).get("probes", {})
         n_text = next((p["prompt_tokens"] for p in probe_tokens.values()
                        if isinstance(p.get("prompt_tokens"), int)), 24)
-        floors = decode_floors(VisorConfig.from_pretrained(ckpts["visor"]), args.image, n_text,
-                               args.max_tokens, list(args.budgets), list(args.concurrency))
+        cost = decode_cost_models(VisorConfig.from_pretrained(ckpts["visor"]), args.image,
+                                  n_text, args.max_tokens, list(args.budgets),
+                                  list(args.concurrency))
         for r in ratios:
-            r["decode_floor"] = floors.get((r["budget"], r["concurrency"]))
+            r["decode_cost_model"] = cost.get((r["budget"], r["concurrency"]))
     except Exception as e:  # noqa: BLE001
-        print(f"no decode floor ({type(e).__name__}: {e})")
+        print(f"no decode cost model ({type(e).__name__}: {e})")
     import vllm
 
     result = {

@@ -28,6 +28,7 @@ def test_defaults(bench):
     assert a.budgets == ["min", "auto", "max"] and a.concurrency == [1, 4, 16]
     assert a.image == (384, 384) and a.max_tokens == 64 and a.num_prompts is None
     assert a.conversations == 3
+    assert a.omp_bind == "auto"  # vLLM's default binding: one core left to the engine core
     assert a.out == Path("bench-results/bench_vs_llava.json") and a.serve_args == []
 
 
@@ -204,10 +205,10 @@ def test_format_table_missing_metrics(bench):
 def test_format_ratios(bench):
     out = bench.format_ratios(bench.compute_ratios(ROWS)).splitlines()
     assert out[2].split() == ["visor/min", "1", "0.50x", "0.80x", "0.80x", "2.00x", "2.00x",
-                              "1.50x", "-", "-"]  # no floor computed: dashes
+                              "1.50x", "-", "-"]  # no cost model computed: dashes
 
 
-# --- the cost model's decode floor ------------------------------------------------------------
+# --- the decode cost model -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cfg05():
@@ -216,23 +217,23 @@ def cfg05():
     return get_preset("visor-0.5b")
 
 
-def test_decode_floor_without_image_is_the_cross_weights(bench, cfg05):
+def test_decode_cost_model_without_image_is_the_cross_weights(bench, cfg05):
     """No image: same FLOPs as dense; VISOR reads its CA q/o projections on top."""
-    f = bench.decode_floor(cfg05, 0, 0, 30, cfg05.sa_configs[0], 1)
+    f = bench.decode_cost_model(cfg05, 0, 0, 30, cfg05.sa_configs[0], 1)
     assert f["flops"] == pytest.approx(1.0)
     assert 1.0 < f["bytes"] < 1.05
 
 
-def test_decode_floor_tends_to_the_kv_ratio_under_load(bench, cfg05):
-    """Many rows: weights vanish and the floor is the K/V each row reads, in closed form."""
+def test_decode_cost_model_tends_to_the_kv_ratio_under_load(bench, cfg05):
+    """Many rows: weights vanish and the ratio is the K/V each row reads, in closed form."""
     sa, nv, ctx, L = cfg05.sa_configs[-1], 729, 50, cfg05.num_layers
     kv_ratio = (L * ctx + (len(cfg05.cross_layers) + len(sa)) * nv) / (L * (nv + ctx))
-    f = bench.decode_floor(cfg05, nv, nv, ctx, sa, 10 ** 9)
+    f = bench.decode_cost_model(cfg05, nv, nv, ctx, sa, 10 ** 9)
     assert f["bytes"] == pytest.approx(kv_ratio, rel=1e-6)
 
 
-def test_decode_floors_per_budget(bench, cfg05):
-    fl = bench.decode_floors(cfg05, (384, 384), 21, 64, ["min", "auto", "max"], [1, 16])
+def test_decode_cost_models_per_budget(bench, cfg05):
+    fl = bench.decode_cost_models(cfg05, (384, 384), 21, 64, ["min", "auto", "max"], [1, 16])
     for c in (1, 16):
         assert fl["min", c]["bytes"]["lo"] == fl["min", c]["bytes"]["hi"]   # one configuration
         auto = fl["auto", c]["bytes"]
@@ -240,15 +241,15 @@ def test_decode_floors_per_budget(bench, cfg05):
         assert auto["hi"] == pytest.approx(fl["max", c]["bytes"]["hi"])
     assert fl["min", 16]["bytes"]["lo"] < fl["min", 1]["bytes"]["lo"]     # rows add K/V
     # what the 2026-12-04 note reports: a 384x384 image leaves decode ~weight-bound, an anyres
-    # one does not
+    # one leaves room
     assert fl["max", 16]["bytes"]["lo"] > 0.9
-    big = bench.decode_floors(cfg05, (768, 1024), 21, 64, ["min"], [16])
+    big = bench.decode_cost_models(cfg05, (768, 1024), 21, 64, ["min"], [16])
     assert big["min", 16]["bytes"]["lo"] < 0.8
 
 
-def test_format_ratios_with_floor(bench):
+def test_format_ratios_with_cost_model(bench):
     r = dict(bench.compute_ratios(ROWS)[0],
-             decode_floor={"bytes": {"lo": 0.95, "hi": 0.95}, "flops": {"lo": 0.99, "hi": 1.0}})
+             decode_cost_model={"bytes": {"lo": 0.95, "hi": 0.95}, "flops": {"lo": 0.99, "hi": 1.0}})
     assert bench.format_ratios([r]).splitlines()[2].split()[-2:] == ["0.95x", "0.99-1.00x"]
 
 
