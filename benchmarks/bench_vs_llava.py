@@ -102,8 +102,9 @@ Footguns.
   only; LLaVA-OV's include the image tokens. Token throughput here is *output* tokens.
 * Wall time. Real sizes with the defaults: 2 server starts, 4 probes, 4 x 44 timed requests
   (c = 1, 4, 16), 4 x 3 two-turn chats, plus ~15 s of ``vllm bench serve`` start-up per run:
-  about 20 minutes (1,194 s) measured on the 2-core box (2026-12-02, the README's table); each
-  run records its own in ``meta.wall_s``.
+  about 20 minutes (1,194 s) measured on the 2-core box (2026-12-02, eager, ``--omp-bind
+  0-1``); with ``--compiled`` and the ``auto`` binding (the README's table) 52 minutes (3,134
+  s, 2026-12-04). Each run records its own in ``meta.wall_s``.
   ``--preset tiny`` runs the whole pipeline (servers really start) in ~4-8 minutes, most of
   it server start-up; ``--concurrency 1 --num-prompts 2 --budgets max`` is the quick
   real-size check (~5 minutes).
