@@ -607,14 +607,12 @@ def decode_cost_model(cfg, n_image: int, n_image_dense: int, context: int, sa_la
     """
     from visor_vllm.model import flops
 
-    tc = cfg.text_config
-    d, h, hkv, f, L = (tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads,
-                       tc.intermediate_size, cfg.num_layers)
-    dh = getattr(tc, "head_dim", None) or d // h
-    lm_head = 2 * d * tc.vocab_size
+    # the flops module's own per-layer terms: a matmul of one token costs 2 FLOPs per weight
+    d, h, hkv, dh, _ = flops._dims(cfg)
+    L, lm_head = cfg.num_layers, 2 * d * cfg.text_config.vocab_size
     visor = flops.decode_step_flops(cfg, n_image, context, sa_layers) + lm_head
     dense = flops.dense_decode_step_flops(cfg, n_image_dense, context) + lm_head
-    weights = L * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 3 * d * f) + d * tc.vocab_size
+    weights = (L * flops._linear(cfg, 1) + lm_head) // 2               # parameters read
     cross = len(cfg.cross_layers) * 2 * d * h * dh                     # CA q_proj + o_proj
     kv = 2 * hkv * dh                                                   # K and V, one token
     kv_visor = kv * (L * context + (len(cfg.cross_layers) + len(set(sa_layers))) * n_image)

@@ -13,7 +13,6 @@ op's kernel); a test of the detector checks that it then sees into them.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
