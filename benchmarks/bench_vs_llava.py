@@ -603,8 +603,9 @@ def decode_cost_model(cfg, n_image: int, n_image_dense: int, context: int, sa_la
     What it is for: reading a measured ITL ratio. Attention is the only term VISOR shrinks, so
     where weights dominate (small images, few rows) both models are ~1.0x. It is not a hard
     floor: a served ITL also holds what the model leaves out (the sampler, per-call
-    overheads, other requests' prefills), which can push the measured ratio above or below it
-    (below at c=16 here, although the model forward alone was not: README, pure decode steps).
+    overheads, other requests' prefills), which can push the measured ratio above or below it.
+    At c=16 here the model forward lands a little below it: vLLM's CPU attention kernel streams
+    K/V more slowly per byte than the GEMMs stream weights (README, the decode forward op by op).
     """
     from visor_vllm.model import flops
 

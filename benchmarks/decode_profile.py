@@ -3,6 +3,7 @@
     python benchmarks/decode_profile.py visor DIR [--budget min|auto|max] [-c 16] [--tokens 24]
     python benchmarks/decode_profile.py llava DIR [-c 16]
     python benchmarks/decode_profile.py visor DIR --compiled     # torch.compile: whole steps only
+    python benchmarks/decode_profile.py visor DIR --compiled --torch-profile 8   # + per-op table
 
 DIR: a checkpoint directory without weights is fine (``--load-format dummy`` is always used):
 ``checkpoints/visor-0.5b`` (``visor-vllm serve visor-0.5b`` builds it) or the LLaVA-OV one that
@@ -16,7 +17,14 @@ milliseconds per step per piece.
 
 A diagnostic, not a comparison of record (that is ``bench_vs_llava.py``): it runs the engine in
 this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to reach the model's functions, and
-monkeypatches them. CPU timings on 2 cores: compare runs of one session only.
+monkeypatches them. CPU timings on 2 cores: compare runs of one session only, and with
+``--torch-profile`` compare ``forward_over_gemm`` (`profile_summary`), not milliseconds.
+
+``--torch-profile K`` runs torch's profiler over K full-batch decode steps (from the fourth on)
+and adds its ops' self time per step (``ops_self_ms_per_step``), so the two models' compiled
+graphs can be compared kernel by kernel: inductor's fused kernels are named
+(``cpp.enable_kernel_profile``, compile cache off so they are regenerated). The profiler's own
+overhead lands in every op: compare profiled runs with profiled runs only.
 """
 import argparse
 import functools
@@ -34,6 +42,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
 import numpy as np
+import torch
 
 T = defaultdict(float)
 N = defaultdict(int)
@@ -54,6 +63,33 @@ def timed(name, fn):
     return wrap
 
 
+FORWARD_EVENT = "decode_profile: model forward"
+GEMM_OP, ATTENTION_OP = "_C::onednn_mm", "_C::cpu_attention_with_kv_cache"  # vLLM's CPU kernels
+
+
+def profile_summary(events, k: int, top: int = 60) -> dict:
+    """torch profiler ``key_averages()`` of ``k`` profiled decode steps -> per-step numbers.
+
+    ``profiled_forward_ms_per_step`` is the model's top-level forward (the `FORWARD_EVENT`
+    range); the ops' self times also hold what runs between the forwards (sampling, input and
+    metadata preparation). Whole steps drift by up to ~35% between runs on this shared CPU,
+    GEMMs and all, so two models are compared by ``forward_over_gemm``: the forward over the
+    same run's oneDNN GEMM time (the weights both read).
+    """
+    ops = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    by = {e.key: e.self_cpu_time_total / 1000 / k for e in ops}
+    fwd = next((e for e in ops if e.key == FORWARD_EVENT), None)
+    fwd_ms = fwd.cpu_time_total / 1000 / fwd.count if fwd is not None and fwd.count else None
+    gemm, attn = by.get(GEMM_OP, 0.0), by.get(ATTENTION_OP, 0.0)
+    return {"profiled_steps": k,
+            "profiled_forward_ms_per_step": round(fwd_ms, 2) if fwd_ms else None,
+            "gemm_ms_per_step": round(gemm, 2), "attention_ms_per_step": round(attn, 2),
+            "forward_over_gemm": round(fwd_ms / gemm, 3) if fwd_ms and gemm else None,
+            "ops_self_ms_per_step": {e.key[:90]: [round(e.self_cpu_time_total / 1000 / k, 3),
+                                                  round(e.count / k, 1)] for e in ops[:top]},
+            "ops_self_ms_per_step_total": round(sum(by.values()), 2)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("kind")
@@ -65,8 +101,19 @@ def main():
     ap.add_argument("--compiled", action="store_true",
                     help="vLLM's default path (torch.compile) instead of --enforce-eager; "
                          "whole steps only")
+    ap.add_argument("--torch-profile", type=int, default=0, metavar="K",
+                    help="profile K full-batch decode steps with torch.profiler; per-op table")
     args = ap.parse_args()
     from PIL import Image
+
+    prof, PROF = None, {}
+    if args.torch_profile:
+        import torch._inductor.config as inductor_config
+
+        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"  # regenerate kernels with their names
+        inductor_config.cpp.enable_kernel_profile = True
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        PROF = {"full": 0, "on": False}
 
     def step_timer(cls):
         """Time whole decode steps at the model's top-level forward (never compiled)."""
@@ -76,10 +123,21 @@ def main():
         def wrap(self, input_ids, positions, *a, **k):
             n = (input_ids if input_ids is not None else k["inputs_embeds"]).shape[0]
             STEP["decode"] = n <= args.c and not k.get("encoder_outputs")
+            full = STEP["decode"] and n == args.c
+            if prof is not None and full:  # profile full-batch steps 4 .. 3 + K
+                PROF["full"] += 1
+                if PROF["full"] == 4:
+                    prof.start(); PROF["on"] = True
             t = time.perf_counter()
-            out = fwd(self, input_ids, positions, *a, **k)
+            if PROF.get("on"):
+                with torch.profiler.record_function(FORWARD_EVENT):
+                    out = fwd(self, input_ids, positions, *a, **k)
+            else:
+                out = fwd(self, input_ids, positions, *a, **k)
             if STEP["decode"]:
                 STEPS.append((n, time.perf_counter() - t))
+            if prof is not None and PROF["on"] and PROF["full"] == 3 + args.torch_profile:
+                prof.stop(); PROF["on"] = False
             STEP["decode"] = False
             return out
         cls.forward = wrap
@@ -142,6 +200,11 @@ def main():
            "per_step_ms": {k: round(1000 * v / max(len(STEPS), 1), 3) for k, v in
                            sorted(T.items(), key=lambda kv: -kv[1])},
            "calls_per_step": {k: round(N[k] / max(len(STEPS), 1), 1) for k in N}}
+    if prof is not None:
+        if PROF["on"]:
+            prof.stop()
+        out.update(profile_summary(prof.key_averages(),
+                                   max(min(PROF["full"] - 3, args.torch_profile), 1)))
     print(json.dumps(out, indent=1))
 
 
