@@ -27,6 +27,7 @@ graphs can be compared kernel by kernel: inductor's fused kernels are named
 overhead lands in every op: compare profiled runs with profiled runs only.
 """
 import argparse
+import contextlib
 import functools
 import base64
 import io
@@ -85,8 +86,8 @@ def profile_summary(events, k: int, top: int = 60) -> dict:
             "profiled_forward_ms_per_step": round(fwd_ms, 2) if fwd_ms else None,
             "gemm_ms_per_step": round(gemm, 2), "attention_ms_per_step": round(attn, 2),
             "forward_over_gemm": round(fwd_ms / gemm, 3) if fwd_ms and gemm else None,
-            "ops_self_ms_per_step": {e.key[:90]: [round(e.self_cpu_time_total / 1000 / k, 3),
-                                                  round(e.count / k, 1)] for e in ops[:top]},
+            "ops_self_ms_per_step": {e.key[:90]: [round(by[e.key], 3), round(e.count / k, 1)]
+                                     for e in ops[:top]},
             "ops_self_ms_per_step_total": round(sum(by.values()), 2)}
 
 
@@ -129,10 +130,8 @@ def main():
                 if PROF["full"] == 4:
                     prof.start(); PROF["on"] = True
             t = time.perf_counter()
-            if PROF.get("on"):
-                with torch.profiler.record_function(FORWARD_EVENT):
-                    out = fwd(self, input_ids, positions, *a, **k)
-            else:
+            with (torch.profiler.record_function(FORWARD_EVENT) if PROF.get("on")
+                  else contextlib.nullcontext()):
                 out = fwd(self, input_ids, positions, *a, **k)
             if STEP["decode"]:
                 STEPS.append((n, time.perf_counter() - t))

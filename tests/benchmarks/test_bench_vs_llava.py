@@ -1,23 +1,17 @@
 """benchmarks/bench_vs_llava.py: its pure parts (arguments, commands, parsing, tables)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_vs_llava.py"
+from tests.benchmarks.script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_llava", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with load_script("bench_vs_llava") as mod:
+        yield mod
 
 
 # --- arguments --------------------------------------------------------------------------------

@@ -1,31 +1,21 @@
 """benchmarks/decode_profile.py: the profile summary (pure) and one tiny in-process run."""
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace as NS
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_profile.py"
+from tests.benchmarks.script_loader import BENCHMARKS, load_script
+
+_PATH = BENCHMARKS / "decode_profile.py"
 
 
 @pytest.fixture(scope="module")
 def dp():
-    env = dict(os.environ)  # the script sets VLLM_* variables at import: keep them out of the suite
-    spec = importlib.util.spec_from_file_location("decode_profile", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
+    with load_script("decode_profile") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
-        os.environ.clear()
-        os.environ.update(env)
 
 
 def _ev(key, self_us, total_us=None, count=1):
