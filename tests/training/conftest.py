@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +44,20 @@ def tiny_recipe(init, data, out, stages, **kw):
                                                      max_length=512, num_workers=0),
                        output_dir=str(out), stages=[StageSpec(**s) for s in stages],
                        save_every=kw.pop("save_every", 2), log_every=1, **kw)
+
+
+def launch(args: list[str], cwd=ROOT, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """Run a training command in its own process group of processes, CPU only, one thread each."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            "VISOR_CHECK_HOST_SYNC": "1", **env}
+    return subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_launch(config: str, processes: int, recipe, *extra: str, **env):
+    """``accelerate launch --config_file deploy/accelerate/<config>.yaml`` on ``processes``
+    gloo processes (from the repository root: the DeepSpeed configs name their JSON by path)."""
+    bin_dir = Path(sys.executable).parent
+    return launch([str(bin_dir / "accelerate"), "launch", "--config_file",
+                   str(ROOT / "deploy" / "accelerate" / f"{config}.yaml"),
+                   "--num_processes", str(processes), "--main_process_port", "0",
+                   "-m", "visor_vllm.training", str(recipe), "--no-progress", *extra], **env)

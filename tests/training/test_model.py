@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from visor_vllm.model.batch_layout import AnswerIndex
 from visor_vllm.model.reference import VisorForConditionalGeneration
 from visor_vllm.testing import random_tiny_model
 from visor_vllm.training.data import IGNORE, Encoded, collate
@@ -50,7 +51,8 @@ def samples(model):
 def test_batched_logits_equal_reference_per_sample(model, samples, config):
     batch = collate(samples, pad_id=0)
     with torch.no_grad():
-        hidden, labels = visor_hidden(model, batch, config)
+        hidden, lay = visor_hidden(model, batch, config)
+        labels = lay.text_labels
         logits = model.language_model.lm_head(hidden)
     for b, s in enumerate(samples):
         ref = model(s.input_ids, s.pixel_values, s.image_sizes, sa_layers=config).logits
@@ -90,7 +92,7 @@ def test_answer_stats_is_greedy_exact_match():
     hidden[1, 1, 1] = hidden[1, 2, 3] = 5
     ok, loss, n, prefix = answer_stats(hidden, labels, lm_head)
     assert ok.tolist() == [True, False] and n.tolist() == [2, 2] and prefix.tolist() == [2, 1]
-    total, count = answer_loss(hidden, labels, lm_head)
+    total, count = answer_loss(hidden, AnswerIndex.from_labels(labels), torch.eye(4))
     torch.testing.assert_close(total, loss.sum())
     assert count == 4
 
@@ -98,12 +100,13 @@ def test_answer_stats_is_greedy_exact_match():
 def test_stage1_changes_only_new_modules_and_the_routing_row(samples):
     model = random_tiny_model(seed=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    names = set_trainable(model, "stage1")
+    step = VisorTrainStep(model, "stage1")
+    names = step.trainable
     assert names and all(".cross_attn." in n or "embed_tokens" in n for n in names)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
                             weight_decay=0.0)
     batch = collate(samples, pad_id=0)
-    loss, n = VisorTrainStep(model)(batch, [0, 3, 5])
+    loss, n = step(batch, [0, 3, 5])
     (loss / n).backward()
     opt.step()
     after = model.state_dict()
@@ -123,3 +126,45 @@ def test_stage2_freezes_vision_tower_and_router():
     assert not any(n.startswith(("vision_tower.", "router.")) for n in names)
     assert any(".cross_attn." in n for n in names) and any(".mlp." in n for n in names)
     assert isinstance(model, VisorForConditionalGeneration)
+
+
+def _two_image_sample(model, g, n_q):
+    """Two images in one prompt: base crop + newline each (LLaVA-OV's multi-image rule)."""
+    sizes = torch.tensor([[50, 70], [32, 32]])
+    pix = torch.zeros(2, 10, 3, 32, 32)
+    pix[:, 0] = torch.randn(2, 3, 32, 32, generator=g)
+    n = [x.shape[0] for x in model.embed_images(pix, sizes)]
+    question = torch.randint(5, 900, (n_q,), generator=g).tolist()
+    ids = [IM_START, 5] + [IMAGE] * n[0] + [7] + [IMAGE] * n[1] + question + [ROUTE, IM_END,
+                                                                            IM_START, 10, 11, IM_END]
+    labels = [IGNORE] * (len(ids) - 3) + ids[-3:]
+    return Encoded(torch.tensor(ids), torch.tensor(labels), pix, sizes)
+
+
+@pytest.mark.parametrize("kind", ["same image size", "two images in a prompt"])
+def test_batched_layouts_without_a_key_mask_and_with_several_images(model, kind):
+    """Equal vision lengths: CA runs without a mask (the fused kernels' case); several images in
+    one prompt: one conv segment each. Both equal the reference per sample."""
+    g = torch.Generator().manual_seed(5)
+    if kind == "same image size":
+        samples = [_sample(model, g, (50, 70), n) for n in (3, 9, 1)]
+    else:
+        samples = [_two_image_sample(model, g, 4), _sample(model, g, (90, 40), 6)]
+    batch = collate(samples, pad_id=0)
+    with torch.no_grad():
+        hidden, lay = visor_hidden(model, batch, [0, 3])
+        logits = model.language_model.lm_head(hidden)
+    assert (lay.v_key_mask is None) == (kind == "same image size")
+    for b, s in enumerate(samples):
+        ref = model(s.input_ids, s.pixel_values, s.image_sizes, sa_layers=[0, 3]).logits
+        torch.testing.assert_close(logits[b, :ref.shape[0]], ref, atol=2e-5, rtol=1e-4)
+
+
+def test_placeholders_that_do_not_match_the_images_are_a_named_error(model, samples):
+    from visor_vllm.model.plan import ImageTokenMismatchError
+
+    s = samples[0]
+    short = Encoded(s.input_ids[1:], s.labels[1:], s.pixel_values, s.image_sizes)
+    short.input_ids[2] = 5  # one image placeholder fewer
+    with pytest.raises(ImageTokenMismatchError, match="image tokens per sample"):
+        visor_hidden(model, collate([short], pad_id=0), [0])

@@ -45,3 +45,13 @@ def test_shipped_synthetic_recipe_parses_and_quick_overrides_it():
             StageSpec(**cfg[k])
     assert quick["dense"]["steps"] < full["dense"]["steps"]
     assert full["stage1"]["configs"] == "max" and full["stage2"]["configs"] == "viable"
+
+
+def test_unquoted_mixed_precision_no_means_no(tmp_path):
+    """YAML reads `mixed_precision: no` (as Accelerate's own configs write it) as false."""
+    (tmp_path / "r.yaml").write_text("init: i\ndata: {train: t.jsonl}\noutput_dir: o\n"
+                                     "mixed_precision: no\n"
+                                     "stages: [{kind: stage1, steps: 3, lr: 1.0e-3}]\n")
+    assert TrainRecipe.load(tmp_path / "r.yaml").mixed_precision == "no"
+    with pytest.raises(RecipeError, match="mixed_precision is 'no' or 'bf16', got 'fp8'"):
+        TrainRecipe.from_dict({**BASE, "mixed_precision": "fp8"})

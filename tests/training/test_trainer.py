@@ -1,8 +1,6 @@
 """The training loop: learning, configuration sampling, kill-and-resume, 2 processes == 1."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from visor_vllm.training.data import EncodedDataset, SampleEncoder, collate, load_records
-from visor_vllm.training.model import VisorTrainStep, set_trainable
+from visor_vllm.training.model import VisorTrainStep
 from visor_vllm.training.trainer import ConfigSampler, Stopped, StepSampler, load_model, run
 
-from .conftest import tiny_recipe
+from .conftest import launch, tiny_recipe
 
 
 def _weights(model_dir):
@@ -28,7 +26,6 @@ def _curve(stage_dir):
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(visor_ckpt_synth, synth_data):
     model = load_model("stage2", visor_ckpt_synth)
-    set_trainable(model, "stage2")
     enc = SampleEncoder(visor_ckpt_synth)
     ds = EncodedDataset(load_records(synth_data / "train.jsonl"), enc, synth_data)
     batch = collate([ds[i] for i in range(8)], enc.tokenizer.pad_token_id)
@@ -121,33 +118,33 @@ def test_wrong_checkpoint_kind_is_a_named_error(tmp_path, dense_ckpt, synth_data
             progress=False)
 
 
-def _launch(args, cwd, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.e2e
 def test_two_processes_give_the_parameters_of_one(tmp_path, visor_ckpt_synth, synth_data):
-    """`accelerate launch --multi_gpu --num_processes 2` (gloo, CPU) vs one process, same batch.
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo, CPU) vs one process, same batch;
+    stage 1 then stage 2, every step checked for host synchronisation.
 
     (`--cpu` would silently run one process; see the trainer's footguns.)
     """
-    stages = [{"kind": "stage2", "steps": 3, "lr": 1e-3, "batch_size": 8, "configs": "viable",
+    stages = [{"kind": "stage1", "steps": 2, "lr": 1e-3, "batch_size": 8},
+              {"kind": "stage2", "steps": 3, "lr": 1e-3, "batch_size": 8, "configs": "viable",
                "sampling": "sandwich"}]
     for name in ("one", "two"):
         tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / name, stages,
                     save_every=100).dump(tmp_path / f"{name}.yaml")
     bin_dir = Path(sys.executable).parent
-    one = _launch([sys.executable, "-m", "visor_vllm.training", str(tmp_path / "one.yaml"),
-                   "--no-progress"], tmp_path)
+    one = launch([sys.executable, "-m", "visor_vllm.training", str(tmp_path / "one.yaml"),
+                  "--no-progress"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "0", "-m", "visor_vllm.training",
-                   str(tmp_path / "two.yaml"), "--no-progress"], tmp_path)
+    two = launch([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                  "--main_process_port", "0", "-m", "visor_vllm.training",
+                  str(tmp_path / "two.yaml"), "--no-progress"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "stage2" / "model" / "trainer_state.json").read_text())
     assert state["processes"] == 2 and state["micro_batch_size"] == 4
+    assert (state["engine"], state["wrapper"]) == ("ddp", "DistributedDataParallel")
+    assert {r["engine"] for r in map(json.loads, (tmp_path / "two" / "stage2" / "metrics.jsonl")
+                                     .read_text().splitlines())} == {"ddp"}
     a = _weights(tmp_path / "one" / "stage2" / "model")
     b = _weights(tmp_path / "two" / "stage2" / "model")
     changed = 0
@@ -155,6 +152,11 @@ def test_two_processes_give_the_parameters_of_one(tmp_path, visor_ckpt_synth, sy
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
         changed += not torch.equal(a[k], _weights(visor_ckpt_synth)[k])
     assert changed > 10
+    # stage 1 under DDP: the routing token's row is the only embedding row that moved
+    key = "language_model.model.embed_tokens.weight"
+    e0, e1 = _weights(visor_ckpt_synth)[key], _weights(tmp_path / "two" / "stage1" / "model")[key]
+    rid = json.loads((Path(visor_ckpt_synth) / "config.json").read_text())["routing_token_id"]
+    assert (e0 != e1).any(1).nonzero().flatten().tolist() == [rid]
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, visor_ckpt_synth, synth_data):
@@ -163,8 +165,8 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, visor_ckpt_synth
                 [{"kind": "stage2", "steps": 2, "lr": 1e-3, "batch_size": 4,
                   "micro_batch_size": 2, "gradient_checkpointing": True}],
                 save_every=100, mixed_precision="bf16").dump(tmp_path / "r.yaml")
-    done = _launch([sys.executable, "-m", "visor_vllm.training", str(tmp_path / "r.yaml"),
-                    "--no-progress"], tmp_path)
+    done = launch([sys.executable, "-m", "visor_vllm.training", str(tmp_path / "r.yaml"),
+                   "--no-progress"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     curve = _curve(tmp_path / "bf16" / "stage2")
     assert len(curve) == 2 and all(0 < loss < 100 for _, loss, _ in curve)

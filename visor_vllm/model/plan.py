@@ -44,6 +44,10 @@ class RoutingTokenMissingError(ValueError):
     """The router must choose a configuration but the prompt holds no routing token."""
 
 
+class ImageTokenMismatchError(ValueError):
+    """The prompt's image placeholders do not match the number of visual features."""
+
+
 def layers_from_numbers(numbers: Iterable[int]) -> list[int]:
     """Paper / CLI layer numbers (1-based) -> 0-based indices."""
     return [int(n) - 1 for n in numbers]
@@ -95,24 +99,37 @@ def vision_first_positions(n_vision: int, n_text: int, past_text: int = 0,
     return v_pos, t_pos
 
 
+def segment_gaps(lengths: Sequence[int], pad: int,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, int]:
+    """Rows of segments laid out with ``pad`` zero rows between them: ``(dst [N], total)``.
+
+    Row ``r`` of segment ``s`` goes to ``r + pad * s``; ``total`` is the gapped length. Pure
+    function of the host-side lengths, so a batch can build it before its step
+    (`visor_vllm.model.batch_layout`).
+    """
+    lens = torch.tensor(list(lengths), dtype=torch.long)
+    n = int(lens.sum())
+    seg = torch.repeat_interleave(torch.arange(len(lens)), lens)  # [N] segment of each row
+    dst = torch.arange(n) + pad * seg
+    return dst.to(device), n + pad * max(len(lens) - 1, 0)
+
+
 def segment_depthwise_conv1d(x: torch.Tensor, lengths: Sequence[int], weight: torch.Tensor,
-                             bias: torch.Tensor | None) -> torch.Tensor:
+                             bias: torch.Tensor | None,
+                             gaps: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Depthwise 1D conv over each segment of ``x`` independently, zero-padded at its borders.
 
     x: [N, d] (segments concatenated, sum(lengths) == N); weight: [d, 1, k] (k odd); bias: [d].
     Segments are laid out with ``k//2`` zero rows between them, so one batched conv equals a
     per-segment conv with padding ``k//2`` (no Python loop over segments in the hot path).
+    ``gaps``: `segment_gaps(lengths, k // 2)` on ``x``'s device, when the caller built it already.
     """
     n, d = x.shape
     k = weight.shape[-1]
     pad = k // 2
     if sum(lengths) != n:
         raise ValueError(f"segment lengths {list(lengths)} do not sum to {n}")
-    lens = torch.tensor(list(lengths), device=x.device)
-    # destination row of each input row in the gapped layout: row + pad * (segment index)
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lens)  # [N]
-    dst = torch.arange(n, device=x.device) + pad * seg
-    total = n + pad * max(len(lengths) - 1, 0)
+    dst, total = gaps if gaps is not None else segment_gaps(lengths, pad, x.device)
     gapped = x.new_zeros(total, d).index_copy_(0, dst, x)  # [total, d]
     y = torch.nn.functional.conv1d(gapped.t().unsqueeze(0), weight, bias, padding=pad, groups=d)
     return y[0].t().index_select(0, dst)  # [N, d]

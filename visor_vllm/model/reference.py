@@ -37,18 +37,15 @@ from transformers.activations import ACT2FN
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
     LlavaOnevisionMultiModalProjector,
-    image_size_to_num_patches,
 )
 
-from visor_vllm.model import plan
+from visor_vllm.model import batch_layout, layers, plan
 from visor_vllm.model.budget import Budget, allowed_configs
 from visor_vllm.model.config import VisorConfig
+from visor_vllm.model.layers import apply_rope, rope_cos_sin
 from visor_vllm.model.packing import (anyres_grid_view, crop_side, pack_features,
                                       projector_config, visual_token_count)
-
-
-class ImageTokenMismatchError(ValueError):
-    """The prompt's image placeholders do not match the number of visual features."""
+from visor_vllm.model.plan import ImageTokenMismatchError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,19 +62,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
-    """cos/sin ``[N, dh]`` for positions ``[N]`` (fp32 math, as HF's Qwen2 rotary embedding)."""
-    freqs = pos.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, N, dh]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def attend(q, k, v, causal_offset: int | None) -> torch.Tensor:
@@ -171,6 +155,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(d, tc.intermediate_size, tc.hidden_act)
         if kind == "cross":
             self.cross_attn = CrossAttention(d, h, hkv, dh, cfg.cross_attn_conv_kernel, tc.rms_norm_eps)
+
+    def forward(self, t: torch.Tensor, vis: torch.Tensor, lay, sa: bool, rope: dict):
+        """The layer on a padded batch (`visor_vllm.model.layers.visor_layer`): the trainer's
+        call, so an FSDP2 unit around this module gathers its parameters. The per-request path
+        with caches is `VisorForConditionalGeneration._layer`."""
+        return layers.visor_layer(self, t, vis, lay, sa, rope)
 
 
 class Router(nn.Module):
@@ -305,12 +295,7 @@ class VisorForConditionalGeneration(nn.Module):
 
     def crops_per_image(self, image_sizes: torch.Tensor) -> list[int]:
         """Crops the tower sees per image of one prompt: anyres tiles for one image, else 1."""
-        cfg = self.config
-        if len(image_sizes) != 1:
-            return [1] * len(image_sizes)
-        return [image_size_to_num_patches(image_size=s, grid_pinpoints=cfg.image_grid_pinpoints,
-                                          patch_size=cfg.vision_config.image_size)
-                for s in image_sizes]
+        return batch_layout.crops_per_image(self.config, image_sizes.tolist(), len(image_sizes))
 
     def encode_crops(self, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Crops ``[n, 3, S, S]`` -> projected features ``[n, side*side, d]`` and the grid side.

@@ -33,6 +33,7 @@ Footguns.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -43,10 +44,11 @@ from pathlib import Path
 
 import torch
 
+from visor_vllm.model.batch_layout import IGNORE, AnswerIndex, BatchLayout
+
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
-IGNORE = -100
 
 
 class DataError(ValueError):
@@ -326,15 +328,27 @@ class Batch:
     images_per_sample: list[int]
     meta: list[dict]
     skipped: list[str] = field(default_factory=list)  # reasons of the samples collate dropped
+    answers: AnswerIndex | None = None  # where `labels`' answer tokens are predicted (host-built)
+    layout: BatchLayout | None = None   # VISOR's layout (`with_layout`); it owns the crops then
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """On ``device``; ``image_sizes`` stays on the host (only read as Python sizes)."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     move(self.pixel_values), move(self.image_sizes), self.images_per_sample,
-                     self.meta, self.skipped)
+                     move(self.pixel_values), self.image_sizes, self.images_per_sample,
+                     self.meta, self.skipped,
+                     None if self.answers is None else self.answers.to(device, non_blocking),
+                     None if self.layout is None else self.layout.to(device, non_blocking))
+
+    @property
+    def answer_tokens(self) -> int:
+        """Answer tokens in the batch, a host-side count (no device read)."""
+        if self.answers is not None:
+            return self.answers.count
+        return int((self.labels[:, 1:] != IGNORE).sum())
 
 
 def collate(samples: Sequence[Encoded | Skipped | None], pad_id: int) -> Batch | None:
@@ -359,7 +373,19 @@ def collate(samples: Sequence[Encoded | Skipped | None], pad_id: int) -> Batch |
         image_sizes = torch.cat([s.image_sizes for s in samples if s.image_sizes is not None])
     per = [0 if s.pixel_values is None else s.pixel_values.shape[0] for s in samples]
     return Batch(ids, mask, labels, pixel_values, image_sizes, per, [s.meta for s in samples],
-                 skipped)
+                 skipped, AnswerIndex.from_labels(labels))
+
+
+def with_layout(batch: Batch | None, model_config) -> Batch | None:
+    """``batch`` with VISOR's `BatchLayout` built (host, off the step); the layout then owns the
+    selected crops, so the padded ``pixel_values`` are dropped rather than copied twice."""
+    if batch is None:
+        return None
+    from visor_vllm.model.batch_layout import build_layout
+
+    lay = build_layout(model_config, batch.input_ids, batch.attention_mask, batch.labels,
+                       batch.images_per_sample, batch.image_sizes, batch.pixel_values)
+    return dataclasses.replace(batch, pixel_values=None, layout=lay)
 
 
 def iter_batches(ds: EncodedDataset, pad_id: int, batch_size: int):

@@ -38,13 +38,16 @@ def score(model, kind: str, ds: EncodedDataset, pad: int, sa_layers=None,
           batch_size: int = 64) -> list[dict]:
     """Per sample: ``{"index", "family", "correct", "loss", "tokens", "prefix"}`` (bad ones skipped)."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for keep, batch in iter_batches(ds, pad, batch_size):
+        batch = batch.to(device)
         if kind == "dense":
             hidden, labels = dense_hidden(model, batch)
             head = model.lm_head
         else:
-            hidden, labels = visor_hidden(model, batch, sa_layers)
+            hidden, lay = visor_hidden(model, batch, sa_layers)
+            labels = lay.text_labels
             head = model.language_model.lm_head
         ok, loss, n, prefix = answer_stats(hidden, labels, head)
         for j, i in enumerate(keep):

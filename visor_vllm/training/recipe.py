@@ -118,7 +118,7 @@ class TrainRecipe:
     save_every: int = 200
     log_every: int = 10
     recipe_version: int = RECIPE_VERSION
-    mixed_precision: str = "no"            # no | bf16
+    mixed_precision: str = "no"            # no | bf16 (YAML's unquoted `no` is false: "no")
     extra: dict = field(default_factory=dict)  # free-form notes, copied into the outputs
 
     def __post_init__(self):
@@ -127,8 +127,10 @@ class TrainRecipe:
                               f"{RECIPE_VERSION}")
         if not self.stages:
             raise RecipeError("a recipe needs at least one stage")
+        if self.mixed_precision is False:  # `mixed_precision: no` unquoted, as Accelerate writes it
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "bf16"):
-            raise RecipeError("mixed_precision is 'no' or 'bf16'")
+            raise RecipeError(f"mixed_precision is 'no' or 'bf16', got {self.mixed_precision!r}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise RecipeError(f"stage names must be unique, got {names}")

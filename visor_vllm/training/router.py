@@ -38,8 +38,9 @@ def routing_features(model, ds: EncodedDataset, pad: int, batch_size: int = 64):
     model.eval()
     feats, owner = [], []
     for keep, batch in iter_batches(ds, pad, batch_size):
-        hidden, ids = visor_hidden(model, batch, cfg.always_on_sa_layers,
+        hidden, lay = visor_hidden(model, batch, cfg.always_on_sa_layers,
                                    upto_layer=cfg.router_layer)
+        ids = lay.text_ids
         where = ids == cfg.routing_token_id                       # [B, Nt]
         mask_rows = where.nonzero()[:, 0]
         feats.append(hidden[where])

@@ -1,19 +1,22 @@
-"""The training loop: one recipe (`visor_vllm.training.recipe`) on Hugging Face Accelerate.
+"""The training loop: one recipe (`visor_vllm.training.recipe`) on one engine (`engines`).
 
 What. `run(recipe)` trains the recipe's stages in order. Each stage: load the model (VISOR from
-its checkpoint dir, or transformers' LLaVA-OneVision for ``dense``), `set_trainable`, AdamW
-(no weight decay by default) with linear warm-up and cosine decay, ``accelerator.prepare`` (DDP
-under ``accelerate launch``/torchrun; FSDP or DeepSpeed when the accelerate config says so),
-then ``steps`` optimizer steps of ``batch_size`` samples. Outputs, per stage, in
-``output_dir/<stage name>/``:
+its checkpoint dir, or transformers' LLaVA-OneVision for ``dense``), the stage's step module
+(which freezes what the stage does not train), the engine's ``prepare`` (nothing, DDP, FSDP2
+applied here, or DeepSpeed: `visor_vllm.training.engines`, chosen by the launch), AdamW (no
+weight decay by default) with linear warm-up and cosine decay, then ``steps`` optimizer steps
+of ``batch_size`` samples. Outputs, per stage, in ``output_dir/<stage name>/``:
 
 * ``model/`` -- an HF-format checkpoint directory (config, safetensors, tokenizer, processor,
-  chat template) that ``vllm serve`` / ``visor-vllm serve`` load as it is;
-* ``state/step-N/`` -- resumable state (model, optimizer, scheduler, RNG, the step; Accelerate's
-  ``save_state``); a rerun of the same recipe resumes from the newest one and finishes stages
-  that are done (``model/`` with ``trainer_state.json``) without touching them;
-* ``metrics.jsonl`` (one line per logged step: loss, lr, configuration, samples/s, skipped
-  samples), ``tb/`` (TensorBoard), ``skipped.json`` (bad samples by reason).
+  chat template) that ``vllm serve`` / ``visor-vllm serve`` load as it is; one full checkpoint
+  whatever the engine (FSDP2 and ZeRO-3 gather it on the main process);
+* ``state/step-N/`` -- resumable state: the engine's (model and optimizer; sharded under FSDP2,
+  ``torch.distributed.checkpoint``) and ``trainer.pt`` (step, LR schedule); a rerun of the same
+  recipe resumes from the newest complete one and skips stages that are done (``model/`` with
+  ``trainer_state.json``);
+* ``metrics.jsonl`` (one line per logged step: loss, lr, configuration, gradient norm,
+  samples/s, skipped samples, the engine and the process count), ``tb/`` (TensorBoard),
+  ``skipped.json`` (bad samples by reason).
 
 Determinism (what makes kill-and-resume reproduce the uninterrupted run): the samples of step
 ``s`` are a pure function of ``(seed, s)`` (`StepSampler`), so is its SA configuration
@@ -21,18 +24,24 @@ Determinism (what makes kill-and-resume reproduce the uninterrupted run): the sa
 processes and micro-steps, and the loss is ``sum of answer-token losses / answer tokens of the
 global batch``, so N processes with the same global batch compute the same gradient as one.
 
+A step without host round trips: the batch's layout is built in the DataLoader's collate, the
+step (`_StepFn`) keeps loss, token count and gradient norm on the device, and the log reads a
+step's values only after the next step was queued. ``VISOR_CHECK_HOST_SYNC=1`` runs every step
+under `visor_vllm.host_sync.no_host_sync` and fails on a read-back.
+
 Footguns.
 * `accelerate launch --cpu --num_processes 2` runs ONE process (measured, see
   ``shared/research/distributed-and-eval-on-cpu.md``); on CPU use ``--multi_gpu`` or torchrun.
-  Accelerate's FSDP plugin is ignored on CPU (the model comes back as DDP).
-* DeepSpeed is a GPU path: the shipped ``deploy/accelerate/deepspeed-zero*.yaml`` set the
-  micro batch and accumulation to ``auto``; this loop accumulates by itself, so it runs
-  DeepSpeed only with one micro-step per optimizer step (it says so otherwise).
+* DeepSpeed: the shipped ``deploy/accelerate/deepspeed-zero*.yaml`` leave the micro batch,
+  accumulation and clipping to ``auto``; the engine fills them from the recipe. This loop
+  accumulates by itself, so it runs DeepSpeed only with one micro-step per optimizer step (it
+  says so otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -42,10 +51,12 @@ from pathlib import Path
 
 import torch
 
+from visor_vllm import envs
+from visor_vllm.host_sync import no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
-                                      default_image_folder, load_records)
-from visor_vllm.training.model import (DenseTrainStep, TrainingError, VisorTrainStep,
-                                       set_trainable)
+                                      default_image_folder, load_records, with_layout)
+from visor_vllm.training.engines import make_engine
+from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
 from visor_vllm.training.recipe import StageSpec, TrainRecipe
 
 
@@ -146,16 +157,20 @@ class _MicroBatches:
 
 
 class TrainerState:
-    """The step counter, saved and restored with Accelerate's state."""
+    """The step counter and the LR schedule, saved beside the engine's state (``trainer.pt``)."""
 
-    def __init__(self):
-        self.step = 0
+    FILE = "trainer.pt"
 
-    def state_dict(self):
-        return {"step": self.step}
+    def __init__(self, sched):
+        self.step, self.sched = 0, sched
 
-    def load_state_dict(self, d):
+    def save(self, folder: Path) -> None:
+        torch.save({"step": self.step, "scheduler": self.sched.state_dict()}, folder / self.FILE)
+
+    def load(self, folder: Path) -> None:
+        d = torch.load(folder / self.FILE, weights_only=True)
         self.step = int(d["step"])
+        self.sched.load_state_dict(d["scheduler"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,17 +201,40 @@ def load_model(kind: str, path: str | Path):
     return model.train()
 
 
-def save_model(kind: str, model, like: str | Path, out: str | Path) -> Path:
-    """Write ``model`` as an HF checkpoint dir with ``like``'s tokenizer and processor files."""
+def save_state(kind: str, config, state: dict, like: str | Path, out: str | Path) -> Path:
+    """Write a full ``state`` dict as an HF checkpoint dir with ``like``'s tokenizer/processor."""
     from visor_vllm.checkpoints.convert import HUB_LM_HEAD, to_hub_names
     from visor_vllm.checkpoints.files import write_checkpoint
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if kind == "dense":
         state = to_hub_names(state)
-    if model.config.tie_word_embeddings:
+    if config.tie_word_embeddings:
         state.pop(HUB_LM_HEAD, None)
-    return write_checkpoint(out, model.config, state, like)
+    return write_checkpoint(out, config, state, like)
+
+
+def save_model(kind: str, model, like: str | Path, out: str | Path) -> Path:
+    """Write ``model`` as an HF checkpoint dir with ``like``'s tokenizer and processor files."""
+    return save_state(kind, model.config, model.state_dict(), like, out)
+
+
+def step_module_for(model, spec: StageSpec):
+    """The stage's `VisorTrainStep` / `DenseTrainStep` (it freezes what the stage won't train)."""
+    if spec.kind == "dense":
+        return DenseTrainStep(model, spec.train_vision_tower, spec.gradient_checkpointing)
+    return VisorTrainStep(model, spec.kind, spec.train_vision_tower, spec.gradient_checkpointing)
+
+
+def param_groups(step_module, spec: StageSpec) -> list[dict]:
+    """AdamW groups by name: the recipe's weight decay, none on the stage-1 embedding (a decayed
+    row would move without a gradient; stage 1 trains only the routing token's row)."""
+    decay, keep = [], []
+    for name, p in step_module.named_parameters():
+        if p.requires_grad:
+            (keep if spec.kind == "stage1" and "embed_tokens" in name else decay).append((name, p))
+    return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
+            for g, wd in ((decay, spec.weight_decay), (keep, 0.0)) if g]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,75 +254,74 @@ def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = Tru
     out = Path(recipe.output_dir)
     init = Path(recipe.init)
     budget = [stop_after]
-    for i, spec in enumerate(recipe.stages):
-        # One Accelerator per stage: Accelerate saves every model, optimizer and registered
-        # object it has prepared, so a shared one would save stage 1's model into stage 2's
-        # state and load it back into stage 2's model on resume.
-        acc = _accelerator(recipe)
-        if i == 0 and acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            recipe.dump(out / "recipe.yaml")
-        try:
-            init = _train_stage(acc, recipe, spec, init, out / spec.name, budget, progress)
-        finally:
-            acc.wait_for_everyone()
-            acc.free_memory()
-    acc.end_training()  # gloo jobs abort at exit without it (shared/research)
+    engine = None
+    try:
+        for i, spec in enumerate(recipe.stages):
+            # One engine per stage: Accelerate saves every model, optimizer and registered
+            # object it has prepared, so a shared one would save stage 1's model into stage 2's
+            # state and load it back into stage 2's model on resume.
+            engine = make_engine(recipe.mixed_precision)
+            if i == 0 and engine.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                recipe.dump(out / "recipe.yaml")
+            try:
+                init = _train_stage(engine, recipe, spec, init, out / spec.name, budget, progress)
+            finally:
+                engine.barrier()
+                engine.free()
+    finally:
+        if engine is not None:
+            engine.close()
     return init
 
 
-def _accelerator(recipe: TrainRecipe):
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=recipe.mixed_precision, cpu=not torch.cuda.is_available())
-
-
-def _train_stage(acc, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_dir: Path,
+def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_dir: Path,
                  budget: list, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     final = stage_dir / "model"
     if (final / "trainer_state.json").exists():
-        acc.print(f"[{spec.name}] done already: {final}")
+        if engine.is_main:
+            print(f"[{spec.name}] done already: {final}")
         return final
     model = load_model(spec.kind, init)
-    set_trainable(model, spec.kind, spec.train_vision_tower)
-    step_module = (DenseTrainStep if spec.kind == "dense" else VisorTrainStep)(
-        model, spec.gradient_checkpointing)
-    params = [p for p in step_module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
-    micro, accum = spec.accumulation(acc.num_processes)
-    if acc.distributed_type.name == "DEEPSPEED" and accum > 1:
-        raise TrainingError("this loop accumulates gradients itself; under DeepSpeed set "
-                            "micro_batch_size = batch_size / processes")
-    step_module, opt = acc.prepare(step_module, opt)
-    state = TrainerState()
-    acc.register_for_checkpointing(sched, state)
+    model_config = model.config
+    step_module = step_module_for(model, spec)
+    micro, accum = spec.accumulation(engine.world)
+    module = engine.prepare(step_module, param_groups(step_module, spec), spec.lr, micro, accum,
+                            spec.max_grad_norm)
+    params = engine.params
+    sched = torch.optim.lr_scheduler.LambdaLR(engine.raw_opt, lr_lambda(spec))
+    state = TrainerState(sched)
     states = stage_dir / "state"
     latest = _latest_state(states)
     if latest is not None:
-        acc.load_state(str(latest))
-        acc.print(f"[{spec.name}] resumed from {latest} at step {state.step}")
+        engine.load(latest)
+        state.load(latest)
+        if engine.is_main:
+            print(f"[{spec.name}] resumed from {latest} at step {state.step}")
 
     records = load_records(recipe.data.train)
     folder = Path(recipe.data.image_folder or default_image_folder(recipe.data.train))
     encoder = SampleEncoder(init, max_length=recipe.data.max_length)
     ds = EncodedDataset(records, encoder, folder)
     pad = encoder.tokenizer.pad_token_id
+    layout_config = None if spec.kind == "dense" else model_config
     sampler = StepSampler(len(ds), spec.batch_size, recipe.seed)
-    configs = ConfigSampler(resolve_configs(model.config, spec), spec.sampling, recipe.seed)
-    rank, world = acc.process_index, acc.num_processes
-    main = acc.is_main_process
-    log = _Log(stage_dir, state.step, main)
-    bar = tqdm(total=spec.steps, initial=state.step, desc=spec.name, disable=not (progress and main))
-    skipped_total = {}
-    t0, seen = time.time(), 0
+    configs = ConfigSampler(resolve_configs(model_config, spec), spec.sampling, recipe.seed)
+    rank, world, main = engine.rank, engine.world, engine.is_main
+    summary = engine.summary()
+    log = _Log(stage_dir, state.step, main, engine.name, world)
+    bar = tqdm(total=spec.steps, initial=state.step, desc=spec.name,
+               disable=not (progress and main))
+    skipped_total: dict[str, int] = {}
+    check_sync = envs.VISOR_CHECK_HOST_SYNC
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=_MicroBatches(sampler, state.step, spec.steps, rank, world, micro, accum),
-        collate_fn=lambda items: (collate(items, pad),
-                                  [x.reason for x in items if isinstance(x, Skipped)]),
-        num_workers=recipe.data.num_workers, prefetch_factor=2 * accum if recipe.data.num_workers else None))
+        collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config),
+        num_workers=recipe.data.num_workers,
+        prefetch_factor=2 * accum if recipe.data.num_workers else None))
+    step_fn = _StepFn(engine, module, params, spec, accum)
     while state.step < spec.steps:
         step = state.step
         batches = []
@@ -293,42 +330,26 @@ def _train_stage(acc, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_di
             batches.append(b)
             for reason in reasons:
                 skipped_total[reason] = skipped_total.get(reason, 0) + 1
-        n_local = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches if b is not None)
-        n_global = acc.reduce(torch.tensor(float(n_local), device=acc.device), "sum")
         cfg = configs.at(step)
-        loss_total = torch.zeros((), device=acc.device)
-        for j, b in enumerate(batches):
-            ctx = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(step_module)
-            with ctx:
-                if b is None:  # every sample bad: a zero loss keeps DDP's collectives aligned
-                    loss = sum(p.sum() * 0.0 for p in params)
-                else:
-                    with acc.autocast():
-                        loss_sum, _ = step_module(b.to(acc.device), cfg)
-                    loss_total += loss_sum.detach().float()
-                    loss = loss_sum * world / n_global.clamp(min=1)
-                acc.backward(loss)
-        grad_norm = (acc.clip_grad_norm_(params, spec.max_grad_norm)
-                     if spec.max_grad_norm else None)
-        opt.step()
+        with no_host_sync(f"training step {step + 1}") if check_sync else contextlib.nullcontext():
+            loss_total, n_global, grad_norm = step_fn(batches, cfg)
         sched.step()
-        opt.zero_grad(set_to_none=True)
         state.step += 1
-        seen += spec.batch_size
-        loss_value = float(acc.reduce(loss_total, "sum") / n_global.clamp(min=1))
+        log.flush()  # the previous step's values: read while this step's kernels run
         if state.step % recipe.log_every == 0 or state.step == spec.steps or state.step == 1:
-            skipped = acc.reduce(torch.tensor(float(sum(skipped_total.values())),
-                                              device=acc.device), "sum")
-            log.write({"stage": spec.name, "step": state.step, "loss": loss_value,
-                       "lr": sched.get_last_lr()[0], "sa_layers": cfg,
-                       "grad_norm": None if grad_norm is None else float(grad_norm),
-                       "answer_tokens": int(n_global), "skipped": int(skipped),
-                       "processes": world,
-                       "samples_per_s": seen / max(time.time() - t0, 1e-9)})
+            skipped = engine.all_sum(torch.tensor(float(sum(skipped_total.values())),
+                                                  device=engine.device))
+            log.defer({"stage": spec.name, "step": state.step,
+                       "loss": engine.all_sum(loss_total) / n_global.clamp(min=1),
+                       "lr": sched.get_last_lr()[0], "sa_layers": cfg, "grad_norm": grad_norm,
+                       "answer_tokens": n_global, "skipped": skipped},
+                      samples=spec.batch_size * (state.step - log.resumed_step))
         bar.update()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if log.last_loss is not None:
+            bar.set_postfix(loss=f"{log.last_loss:.3f}")
         if state.step % recipe.save_every == 0 or state.step == spec.steps:
-            _save_state(acc, states, state.step)
+            log.flush()
+            _save_state(engine, state, states, state.step)
         if budget[0] is not None:
             budget[0] -= 1
             if budget[0] <= 0:
@@ -337,16 +358,71 @@ def _train_stage(acc, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_di
                 raise Stopped(f"stopped at step {state.step} of {spec.name}")
     bar.close()
     log.close()
+    full = engine.full_state_dict()  # a collective under FSDP2 / ZeRO-3: every rank calls it
     if main:
-        save_model(spec.kind, acc.unwrap_model(step_module).model, init, final)
+        full = {k.removeprefix("model."): v for k, v in full.items()}
+        save_state(spec.kind, model_config, full, init, final)
         (stage_dir / "skipped.json").write_text(json.dumps(
             {"by_reason": skipped_total, "examples": ds.skipped.examples}, indent=2) + "\n")
         (final / "trainer_state.json").write_text(json.dumps(
             {"stage": spec.name, "kind": spec.kind, "steps": spec.steps, "init": str(init),
-             "processes": world, "micro_batch_size": micro, "accumulation": accum,
-             "seconds": time.time() - t0}, indent=2) + "\n")
-    acc.wait_for_everyone()
+             **summary, "micro_batch_size": micro, "accumulation": accum,
+             "mixed_precision": recipe.mixed_precision, "seconds": log.elapsed()},
+            indent=2) + "\n")
+    engine.barrier()
     return final
+
+
+def _collate(items, pad: int, layout_config):
+    """DataLoader collate: the padded batch, VISOR's layout built here (off the step), and the
+    reasons of the samples dropped."""
+    batch = collate(items, pad)
+    if layout_config is not None:
+        batch = with_layout(batch, layout_config)
+    return batch, [x.reason for x in items if isinstance(x, Skipped)]
+
+
+class _StepFn:
+    """One optimizer step: forward/backward over the micro-batches, clip, AdamW.
+
+    Reads nothing back from the device (sizes are the collate's Python ints; the loss, the
+    token count and the gradient norm stay device tensors until the log reads them a step
+    later), so a GPU never waits on the host inside it.
+    """
+
+    def __init__(self, engine, module, params, spec: StageSpec, accum: int):
+        self.engine, self.module, self.params = engine, module, params
+        self.spec, self.accum = spec, accum
+        self.spare = None  # a good batch, run with weight 0 when a rank's micro-batch is empty
+
+    def __call__(self, batches, cfg):
+        engine, world = self.engine, self.engine.world
+        n_local = sum(b.answer_tokens for b in batches if b is not None)
+        n_global = engine.all_sum(torch.tensor(float(n_local), device=engine.device))
+        loss_total = torch.zeros((), device=engine.device)
+        for j, b in enumerate(batches):
+            ctx = contextlib.nullcontext() if j == self.accum - 1 else engine.no_sync()
+            with ctx:
+                if b is not None:
+                    self.spare = b
+                    with engine.autocast():
+                        loss_sum, _ = self.module(b.to(engine.device, non_blocking=True), cfg)
+                    loss_total += loss_sum.detach().float()
+                    loss = loss_sum * world / n_global.clamp(min=1)
+                elif self.spare is not None:  # every sample bad: the same collectives, no signal
+                    with engine.autocast():
+                        loss_sum, _ = self.module(self.spare.to(engine.device), cfg)
+                    loss = loss_sum * 0.0
+                elif engine.name == "fsdp2":
+                    raise TrainingError("every sample of this process's first micro-batch was "
+                                        "skipped (see skipped.json's reasons)")
+                else:  # a zero loss over every parameter keeps DDP's collectives aligned
+                    loss = sum(p.sum() * 0.0 for p in self.params)
+                engine.backward(loss)
+        max_norm = self.spec.max_grad_norm
+        grad_norm = engine.clip_grad_norm(self.params, max_norm) if max_norm else None
+        engine.optimizer_step()
+        return loss_total, n_global, grad_norm
 
 
 def _latest_state(states: Path) -> Path | None:
@@ -357,23 +433,35 @@ def _latest_state(states: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_state(acc, states: Path, step: int, keep: int = 2) -> None:
+def _save_state(engine, state: TrainerState, states: Path, step: int, keep: int = 2) -> None:
     path = states / f"step-{step}"
-    acc.save_state(str(path))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    if engine.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    engine.barrier()
+    engine.save(path)
+    engine.barrier()
+    if engine.is_main:
+        state.save(path)
         (path / "DONE").write_text(str(step))  # a state is complete only with this marker
         old = sorted((p for p in states.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
         for p in old[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
-    acc.wait_for_everyone()
+    engine.barrier()
 
 
 class _Log:
-    """metrics.jsonl (truncated to the resumed step) and TensorBoard, main process only."""
+    """metrics.jsonl (truncated to the resumed step) and TensorBoard, main process only.
 
-    def __init__(self, stage_dir: Path, resumed_step: int, main: bool):
-        self.main, self.tb = main, None
+    `defer` takes a record whose values may be device tensors; `flush` reads them (one host
+    sync per logged step, after the next step was queued) and writes the line. Every line says
+    which engine and how many processes ran it.
+    """
+
+    def __init__(self, stage_dir: Path, resumed_step: int, main: bool, engine: str,
+                 processes: int):
+        self.main, self.tb, self.pending, self.last_loss = main, None, None, None
+        self.resumed_step, self.engine, self.processes = resumed_step, engine, processes
+        self.t0 = time.time()
         if not main:
             return
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +475,24 @@ class _Log:
 
         self.tb = SummaryWriter(str(stage_dir / "tb"), purge_step=resumed_step + 1)
 
-    def write(self, rec: dict) -> None:
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def defer(self, rec: dict, samples: int) -> None:
+        self.flush()
+        self.pending = (rec, samples)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        rec, samples = self.pending
+        self.pending = None
+        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
+        for k in ("answer_tokens", "skipped"):
+            rec[k] = int(rec[k])
+        rec.update(engine=self.engine, processes=self.processes,
+                   samples_per_s=samples / max(self.elapsed(), 1e-9))
+        self.last_loss = rec["loss"]
         if not self.main:
             return
         with open(self.path, "a") as f:
@@ -397,6 +502,7 @@ class _Log:
                 self.tb.add_scalar(f"{rec['stage']}/{k}", rec[k], rec["step"])
 
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
