@@ -44,6 +44,9 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VISOR_CHECK_HOST_SYNC": (_flag("VISOR_CHECK_HOST_SYNC"),
                               "1: every training step runs under visor_vllm.host_sync and fails "
                               "on a host synchronisation (debugging; slow)"),
+    "VISOR_MALLOC_TUNING": (_flag("VISOR_MALLOC_TUNING", True),
+                            "0: leave glibc malloc's thresholds alone in training processes "
+                            "(visor_vllm.training.engines.tune_host_allocator)"),
     # --- set by `accelerate launch` from its config file (read, never set, here) ---
     "ACCELERATE_USE_FSDP": (_flag("ACCELERATE_USE_FSDP"),
                             "true when the accelerate config says distributed_type: FSDP"),

@@ -55,7 +55,7 @@ from visor_vllm import envs
 from visor_vllm.host_sync import no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
                                       default_image_folder, load_records, with_layout)
-from visor_vllm.training.engines import make_engine
+from visor_vllm.training.engines import make_engine, tune_host_allocator
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
 from visor_vllm.training.recipe import StageSpec, TrainRecipe
 
@@ -255,6 +255,7 @@ def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = Tru
     init = Path(recipe.init)
     budget = [stop_after]
     engine = None
+    tune_host_allocator()
     try:
         for i, spec in enumerate(recipe.stages):
             # One engine per stage: Accelerate saves every model, optimizer and registered
