@@ -31,6 +31,15 @@ def _int(name: str, default: int) -> Callable[[], int]:
     return read
 
 
+def _choice(name: str, values: dict[str, str]) -> Callable[[], str]:
+    def read() -> str:
+        raw = os.environ.get(name, "").strip().lower()
+        if raw not in values:
+            raise ValueError(f"{name}={raw!r}: one of {sorted(k for k in values if k)}")
+        return values[raw]
+    return read
+
+
 def _str(name: str, default: str = "") -> Callable[[], str]:
     return lambda: os.environ.get(name, default).strip()
 
@@ -41,9 +50,12 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VISOR_TRAIN_ENGINE": (lambda: _str("VISOR_TRAIN_ENGINE")().lower(),
                            "'fsdp2' applies FSDP2 under any launcher (torchrun); 'accelerate' lets "
                            "Accelerate decide; unset: the launch decides"),
-    "VISOR_CHECK_HOST_SYNC": (_flag("VISOR_CHECK_HOST_SYNC"),
+    "VISOR_CHECK_HOST_SYNC": (_choice("VISOR_CHECK_HOST_SYNC", {"": "off", "0": "off",
+                                                                "1": "raise", "raise": "raise",
+                                                                "count": "count"}),
                               "1: every training step runs under visor_vllm.host_sync and fails "
-                              "on a host synchronisation (debugging; slow)"),
+                              "on a host synchronisation; 'count': the steps count them instead "
+                              "(metrics.jsonl 'host_syncs'); debugging, slow"),
     "VISOR_MALLOC_TUNING": (_flag("VISOR_MALLOC_TUNING", True),
                             "0: leave glibc malloc's thresholds alone in training processes "
                             "(visor_vllm.training.engines.tune_host_allocator)"),

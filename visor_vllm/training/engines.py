@@ -160,8 +160,8 @@ class AccelerateEngine:
         elif kind == "FSDP":  # only reachable with VISOR_TRAIN_ENGINE=accelerate
             raise EngineError("Accelerate's FSDP plugin is not used by this trainer: unset "
                               "VISOR_TRAIN_ENGINE so the trainer applies FSDP2 itself")
-        else:
-            self.name = "single" if self.acc.num_processes == 1 else "ddp"
+        else:  # MULTI_GPU / MULTI_CPU wrap the model in DDP, one process included
+            self.name = "single" if kind == "NO" else "ddp"
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.device, self.is_main = self.acc.device, self.acc.is_main_process
         self.module = self.opt = None

@@ -27,7 +27,8 @@ global batch``, so N processes with the same global batch compute the same gradi
 A step without host round trips: the batch's layout is built in the DataLoader's collate, the
 step (`_StepFn`) keeps loss, token count and gradient norm on the device, and the log reads a
 step's values only after the next step was queued. ``VISOR_CHECK_HOST_SYNC=1`` runs every step
-under `visor_vllm.host_sync.no_host_sync` and fails on a read-back.
+under `visor_vllm.host_sync.no_host_sync` and fails on a read-back; ``=count`` counts them into
+``metrics.jsonl`` (``host_syncs``) instead.
 
 Footguns.
 * `accelerate launch --cpu --num_processes 2` runs ONE process (measured, see
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 from visor_vllm import envs
-from visor_vllm.host_sync import no_host_sync
+from visor_vllm.host_sync import HostSyncDetector, no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
                                       default_image_folder, load_records, with_layout)
 from visor_vllm.training.engines import make_engine, tune_host_allocator
@@ -316,7 +317,8 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     bar = tqdm(total=spec.steps, initial=state.step, desc=spec.name,
                disable=not (progress and main))
     skipped_total: dict[str, int] = {}
-    check_sync = envs.VISOR_CHECK_HOST_SYNC
+    check_sync = envs.VISOR_CHECK_HOST_SYNC  # off | raise | count
+    host_syncs = 0
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=_MicroBatches(sampler, state.step, spec.steps, rank, world, micro, accum),
         collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config),
@@ -332,8 +334,11 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
             for reason in reasons:
                 skipped_total[reason] = skipped_total.get(reason, 0) + 1
         cfg = configs.at(step)
-        with no_host_sync(f"training step {step + 1}") if check_sync else contextlib.nullcontext():
+        watch = (no_host_sync(f"training step {step + 1}") if check_sync == "raise" else
+                 HostSyncDetector() if check_sync == "count" else contextlib.nullcontext())
+        with watch as det:
             loss_total, n_global, grad_norm = step_fn(batches, cfg)
+        host_syncs += len(det.found) if check_sync == "count" else 0
         sched.step()
         state.step += 1
         log.flush()  # the previous step's values: read while this step's kernels run
@@ -343,7 +348,8 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
             log.defer({"stage": spec.name, "step": state.step,
                        "loss": engine.all_sum(loss_total) / n_global.clamp(min=1),
                        "lr": sched.get_last_lr()[0], "sa_layers": cfg, "grad_norm": grad_norm,
-                       "answer_tokens": n_global, "skipped": skipped},
+                       "answer_tokens": n_global, "skipped": skipped,
+                       **({"host_syncs": host_syncs} if check_sync == "count" else {})},
                       samples=spec.batch_size * (state.step - log.resumed_step))
         bar.update()
         if log.last_loss is not None:
