@@ -41,13 +41,18 @@ ANSWER = {"from": "gpt", "value": "A square of coloured noise on a plain backgro
 
 
 def build(preset: str, tmp: Path):
-    """(dense model, VISOR model, dense dir, VISOR dir): random weights, the same LLaVA-OV ones."""
+    """(dense model, VISOR model, dense dir, VISOR dir): random weights, the same LLaVA-OV ones.
+
+    Real sizes are converted in memory (a 0.9B checkpoint on disk would take a minute); small
+    presets through ``visor-vllm convert`` (their compact vocabularies need the converter's
+    tokenizer).
+    """
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from visor_vllm import register
     from visor_vllm.checkpoints.build import (build_tiny, build_tiny_llava_onevision,
                                               llava_onevision_config)
-    from visor_vllm.checkpoints.convert import copy_weights
+    from visor_vllm.checkpoints.convert import convert, copy_weights
     from visor_vllm.model.config import get_preset
     from visor_vllm.model.reference import VisorForConditionalGeneration
     from visor_vllm.patches import apply_transformers_patches
@@ -55,16 +60,22 @@ def build(preset: str, tmp: Path):
     register()
     apply_transformers_patches()
     torch.manual_seed(0)
+    if not preset.startswith("visor-"):
+        from visor_vllm.training.synthetic import corpus
+
+        files_d = build_tiny_llava_onevision(tmp / "dense", preset=preset, extra_corpus=corpus())
+        files_v = convert(files_d, tmp / "visor", preset=preset, init="random", progress=False)
+        dense = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            str(files_d), local_files_only=True, dtype=torch.float32)
+        return dense, VisorForConditionalGeneration.from_pretrained(str(files_v)), files_d, files_v
     cfg = get_preset(preset)
     dense = LlavaOnevisionForConditionalGeneration(llava_onevision_config(cfg)).float()
     visor = VisorForConditionalGeneration(cfg)
     missing, unexpected = visor.load_state_dict(copy_weights(cfg, dense.state_dict(),
                                                              init="random"), strict=False)
     assert not unexpected and set(missing) <= {"language_model.lm_head.weight"}, missing
-    real = preset.startswith("visor-")
     files_v = build_tiny(tmp / "visor", preset=preset, weights=False)
-    files_d = build_tiny_llava_onevision(tmp / "dense", real_sizes=real,
-                                        preset=None if real else preset)
+    files_d = build_tiny_llava_onevision(tmp / "dense", real_sizes=True)
     return dense, visor, files_d, files_v
 
 
