@@ -84,3 +84,33 @@ def test_visual_token_count_rejects_empty_images():
 
     with pytest.raises(ValueError, match="positive"):
         visual_token_count(preset_tiny(), 0, 10)
+
+
+# -- LLaVA-OV's packing of several same-size images at once (the trainer's batches) ----------
+
+@pytest.mark.parametrize("size", [(50, 70), (200, 30), (300, 300), (190, 190), None])
+def test_pack_same_size_equals_transformers_image_by_image(size):
+    """Equal to transformers' pack_image_features per image, bit for bit: anyres tiles with
+    unpadding, the anyres_max_9 resize (300x300, 190x190), several-image prompts (None)."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    from visor_vllm.model.batch_layout import crops_per_image
+    from visor_vllm.model.config import preset_tiny
+    from visor_vllm.model.packing import anyres_grid_view, crop_side, pack_same_size
+
+    cfg = preset_tiny()
+    side, d, G = crop_side(cfg), 8, 3
+    crops = 1 if size is None else crops_per_image(cfg, [size], 1)[0]
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(G, crops, side * side, d, generator=g)
+    newline = torch.randn(d, generator=g)
+    got = pack_same_size(cfg, feats, size, newline)
+    view = SimpleNamespace(config=anyres_grid_view(cfg, side))
+    for i in range(G):
+        sizes = [list(size or (32, 32))] * (1 if size else 2)
+        per = [feats[i]] if size else [feats[i], feats[i]]
+        ref, _ = LlavaOnevisionModel.pack_image_features(
+            view, per, sizes, image_newline=newline, vision_aspect_ratio=cfg.vision_aspect_ratio)
+        assert torch.equal(got[i], ref[0])

@@ -141,13 +141,17 @@ def _two_image_sample(model, g, n_q):
     return Encoded(torch.tensor(ids), torch.tensor(labels), pix, sizes)
 
 
-@pytest.mark.parametrize("kind", ["same image size", "two images in a prompt"])
+@pytest.mark.parametrize("kind", ["same image size", "two images in a prompt", "interleaved"])
 def test_batched_layouts_without_a_key_mask_and_with_several_images(model, kind):
     """Equal vision lengths: CA runs without a mask (the fused kernels' case); several images in
-    one prompt: one conv segment each. Both equal the reference per sample."""
+    one prompt: one conv segment each; sizes interleaved: packed by group, put back in order.
+    All equal the reference per sample."""
     g = torch.Generator().manual_seed(5)
     if kind == "same image size":
         samples = [_sample(model, g, (50, 70), n) for n in (3, 9, 1)]
+    elif kind == "interleaved":
+        samples = [_sample(model, g, s, 4) for s in ((50, 70), (90, 40), (50, 70), (90, 40))]
+        samples.insert(1, _two_image_sample(model, g, 3))
     else:
         samples = [_two_image_sample(model, g, 4), _sample(model, g, (90, 40), 6)]
     batch = collate(samples, pad_id=0)
@@ -155,6 +159,9 @@ def test_batched_layouts_without_a_key_mask_and_with_several_images(model, kind)
         hidden, lay = visor_hidden(model, batch, [0, 3])
         logits = model.language_model.lm_head(hidden)
     assert (lay.v_key_mask is None) == (kind == "same image size")
+    assert (lay.vis_order is not None) == (kind == "interleaved")
+    assert len(lay.pack_groups) == {"same image size": 1, "two images in a prompt": 2,
+                                    "interleaved": 3}[kind]
     for b, s in enumerate(samples):
         ref = model(s.input_ids, s.pixel_values, s.image_sizes, sa_layers=[0, 3]).logits
         torch.testing.assert_close(logits[b, :ref.shape[0]], ref, atol=2e-5, rtol=1e-4)

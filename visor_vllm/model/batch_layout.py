@@ -55,6 +55,8 @@ def _move(obj, device, non_blocking: bool):
             changes[f.name] = _move(v, device, non_blocking)
         elif isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor):
             changes[f.name] = (v[0].to(device, non_blocking=non_blocking), *v[1:])
+        elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
+            changes[f.name] = tuple(_move(x, device, non_blocking) for x in v)
     return dataclasses.replace(obj, **changes)
 
 
@@ -86,6 +88,16 @@ class AnswerIndex:
 
 
 @dataclass(frozen=True)
+class PackGroup:
+    """Images of the batch that LLaVA-OV packs alike (`packing.pack_same_size`), packed at once."""
+
+    size: tuple | None        # (h, w) of one-image prompts; None: images of several-image prompts
+    crops: int                # crops per image
+    crop_index: torch.Tensor  # [G * crops] rows of the tower's output, image-major
+    images: int               # G
+
+
+@dataclass(frozen=True)
 class BatchLayout:
     """Index bookkeeping of one padded batch (see the module docstring). Python ints are sizes."""
 
@@ -113,6 +125,8 @@ class BatchLayout:
     conv_gaps: tuple          # (dst [Sv] long, total int): `plan.segment_gaps(image_lens, k//2)`
     answers: AnswerIndex      # over the text rows [B, Tm]
     crops: torch.Tensor | None  # [n_crops, 3, S, S] the vision tower's input, None without images
+    pack_groups: tuple = ()   # PackGroup per kind of image, in first-appearance order
+    vis_order: torch.Tensor | None = None  # [Sv] image-order row <- group-order row (None: same)
 
     def to(self, device, non_blocking: bool = False) -> BatchLayout:
         return _move(self, device, non_blocking)
@@ -187,9 +201,10 @@ def build_layout(cfg, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if placeholders != nv:
         raise plan.ImageTokenMismatchError(f"image tokens per sample {placeholders} but the "
                                            f"images give {nv} features")
-    crop_pixels = None
+    crop_pixels, groups, vis_order = None, (), None
     if sizes:
         crop_pixels = torch.cat([pixel_values[i, :c] for i, c in enumerate(crops)])
+        groups, vis_order = _pack_groups(sizes, images_per_sample, crops, image_lens)
 
     # text rows, right-padded: token l of sample b goes to column rank[b, l]
     tm = max(int(nt.max()), 1)
@@ -235,4 +250,31 @@ def build_layout(cfg, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         text_ids=text_ids, text_labels=text_labels, t_pos=t_pos, j_pos=j_pos, j_src=j_src,
         v_back=v_back, t_back=t_back, v_pad_src=v_pad_src, v_key_mask=v_key_mask,
         has_vision=has_vision, conv_gaps=plan.segment_gaps(image_lens, k // 2),
-        answers=AnswerIndex.from_labels(text_labels), crops=crop_pixels)
+        answers=AnswerIndex.from_labels(text_labels), crops=crop_pixels, pack_groups=groups,
+        vis_order=vis_order)
+
+
+def _pack_groups(sizes, images_per_sample, crops, image_lens):
+    """Images grouped by how they pack (size and crops; several-image prompts together), and the
+    permutation that puts the groups' rows back in image order."""
+    keys, first = [], 0
+    for n in images_per_sample:
+        keys += [(None if n > 1 else sizes[k], crops[k]) for k in range(first, first + n)]
+        first += n
+    crop_start = [0]
+    for c in crops:
+        crop_start.append(crop_start[-1] + c)
+    members: dict = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    groups, row_of_image, row = [], {}, 0
+    for (size, c), imgs in members.items():
+        index = [crop_start[i] + j for i in imgs for j in range(c)]
+        groups.append(PackGroup(size, c, torch.tensor(index, dtype=torch.long), len(imgs)))
+        for i in imgs:
+            row_of_image[i] = row
+            row += image_lens[i]
+    order = torch.cat([torch.arange(row_of_image[i], row_of_image[i] + image_lens[i])
+                       for i in range(len(keys))])
+    in_order = bool((order == torch.arange(order.numel())).all())
+    return tuple(groups), None if in_order else order

@@ -133,3 +133,44 @@ def projector_config(cfg: VisorConfig):
     vc.hidden_size = cfg.vision_config.hidden_size * cfg.token_packing_s2d ** 2
     proj.vision_config = vc
     return proj
+
+
+def anyres_tile_grid(cfg: VisorConfig, height: int, width: int) -> tuple[int, int]:
+    """Anyres tiles ``(rows, cols)`` of one image: transformers' ``get_anyres_image_grid_shape``."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution([height, width], cfg.image_grid_pinpoints)
+    crop = cfg.vision_config.image_size
+    return best_h // crop, best_w // crop
+
+
+def pack_same_size(cfg: VisorConfig, feats: torch.Tensor, size: tuple[int, int] | None,
+                   newline: torch.Tensor) -> torch.Tensor:
+    """LLaVA-OV's packing of G images that pack alike, at once: ``[G, crops, s*s, d] -> [G, n, d]``.
+
+    ``size`` ``(h, w)``: one-image prompts of that size (base crop, then the unpadded anyres tiles
+    with a newline per row, resized down past ``anyres_max_N``); ``None``: images of
+    several-image prompts (base crop and one newline). The same ops as transformers'
+    ``LlavaOnevisionModel.pack_image_features`` with a batch dimension, so equal to it image by
+    image (`tests/model/test_packing.py`); one set of kernels for the group instead of one per
+    image (the trainer's batches).
+    """
+    from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+
+    G, crops, n, d = feats.shape
+    side = math.isqrt(n)
+    nl = newline.to(feats.device, feats.dtype)
+    if size is None or crops == 1:
+        return torch.cat([feats[:, 0], nl[None, None].expand(G, 1, d)], dim=1)
+    rows, cols = anyres_tile_grid(cfg, *size)
+    x = feats[:, 1:].reshape(G, rows, cols, side, side, d).permute(0, 5, 1, 3, 2, 4)
+    x = x.reshape(G * d, rows * side, cols * side)                 # [G*d, H, W]
+    x = unpad_image(x, list(size))
+    h, w = x.shape[1:]
+    x = x.reshape(G, d, h, w)
+    max_patches = int(cfg.vision_aspect_ratio.strip("anyres_max_"))
+    ratio = math.sqrt(h * w / (max_patches * side ** 2))
+    if ratio > 1.1:
+        x = F.interpolate(x, [int(h // ratio), int(w // ratio)], mode="bilinear")
+    x = torch.cat([x, nl[None, :, None, None].expand(G, d, x.shape[2], 1)], dim=-1)
+    return torch.cat([feats[:, 0], x.flatten(2, 3).transpose(1, 2)], dim=1)

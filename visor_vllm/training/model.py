@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from visor_vllm.model import layers
 from visor_vllm.model.batch_layout import IGNORE, AnswerIndex, BatchLayout, build_layout
+from visor_vllm.model.packing import pack_same_size
 from visor_vllm.model.plan import ImageTokenMismatchError
 from visor_vllm.model.reference import VisorForConditionalGeneration
 from visor_vllm.training.data import Batch
@@ -67,22 +68,24 @@ def layout_of(model: VisorForConditionalGeneration, batch: Batch) -> BatchLayout
 
 
 def encode_images(model: VisorForConditionalGeneration, lay: BatchLayout) -> torch.Tensor | None:
-    """Every image of the batch -> flat packed features ``[Sv, d]`` (None without images)."""
+    """Every image of the batch -> flat packed features ``[Sv, d]`` (None without images).
+
+    One tower call for every crop, then LLaVA-OV's packing once per group of images that pack
+    alike (`visor_vllm.model.packing.pack_same_size`), not once per image.
+    """
     if lay.crops is None:
         return None
     enc, side = model.encode_crops(lay.crops)                    # [n_crops, side*side, d]
-    per_image = torch.split(enc, list(lay.crops_per_image))
-    feats, k = [], 0
-    for n in lay.images_per_sample:
-        if n:
-            feats += model.pack_images(list(per_image[k:k + n]),
-                                       [list(s) for s in lay.image_sizes[k:k + n]], side)
-        k += n
-    vis = torch.cat(feats)
+    packed = []
+    for g in lay.pack_groups:
+        feats = enc.index_select(0, g.crop_index).view(g.images, g.crops, *enc.shape[1:])
+        packed.append(pack_same_size(model.config, feats, g.size, model.image_newline)
+                      .flatten(0, 1))
+    vis = torch.cat(packed) if len(packed) > 1 else packed[0]
     if vis.shape[0] != lay.sv:
         raise ImageTokenMismatchError(f"the images give {vis.shape[0]} features, the layout "
                                       f"expects {lay.sv}")
-    return vis
+    return vis if lay.vis_order is None else vis.index_select(0, lay.vis_order)
 
 
 def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
