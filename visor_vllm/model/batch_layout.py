@@ -29,6 +29,9 @@ Footguns.
 * A sample without images has no CA keys: it gets one dummy key and its CA output is zeroed
   (`has_vision`), because a fully masked SDPA row is NaN in forward *and* backward.
 * Padded text positions compute finite garbage; consumers read only `answers` positions.
+* It runs in DataLoader workers, forked from a process that already used OpenMP: no torch op
+  that enters OpenMP on its own (``repeat_interleave`` does, and hangs there: measured); the
+  rest stays below ATen's parallel grain or runs on the worker's one thread.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from visor_vllm.model import plan
@@ -236,7 +240,8 @@ def build_layout(cfg, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     j_src = torch.where(p < nvc, v_off[:, None] + p,
                         torch.where(p < nvc + ntc, sv + rows * tm + (p - nvc), zero)).flatten()
     j_pos = torch.where(p < nvc + ntc, p, 0)
-    sample_of_v = torch.repeat_interleave(torch.arange(B), nv_t)        # [Sv]
+    # np.repeat, not torch.repeat_interleave: see `plan.segment_gaps` (OpenMP in forked workers)
+    sample_of_v = torch.from_numpy(np.repeat(np.arange(B), nv))         # [Sv]
     v_back = sample_of_v * jm + torch.arange(sv) - v_off[sample_of_v]
     j = torch.arange(tm)[None, :]
     t_back = torch.where(j < ntc, rows * jm + nvc + j, B * jm).flatten()

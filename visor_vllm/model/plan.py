@@ -107,10 +107,14 @@ def segment_gaps(lengths: Sequence[int], pad: int,
     function of the host-side lengths, so a batch can build it before its step
     (`visor_vllm.model.batch_layout`).
     """
-    lens = torch.tensor(list(lengths), dtype=torch.long)
+    import numpy as np
+
+    lens = np.asarray(list(lengths), dtype=np.int64)
     n = int(lens.sum())
-    seg = torch.repeat_interleave(torch.arange(len(lens)), lens)  # [N] segment of each row
-    dst = torch.arange(n) + pad * seg
+    # numpy, not torch: this runs in DataLoader workers, where torch's repeat_interleave enters
+    # OpenMP directly and hangs in a process forked from one that already used OpenMP
+    seg = np.repeat(np.arange(len(lens)), lens)                  # [N] segment of each row
+    dst = torch.from_numpy(np.arange(n) + pad * seg)
     return dst.to(device), n + pad * max(len(lens) - 1, 0)
 
 
