@@ -17,7 +17,8 @@ SUBCOMMAND_MODULES = ("visor_vllm.model.flops", "visor_vllm.checkpoints.build",
                       "visor_vllm.training.labels",
                       "visor_vllm.training.router", "visor_vllm.training.search",
                       "visor_vllm.evaluation.served",
-                      "visor_vllm.evaluation.recipe", "visor_vllm.evaluation.plot")
+                      "visor_vllm.evaluation.recipe", "visor_vllm.evaluation.seeds",
+                      "visor_vllm.evaluation.plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

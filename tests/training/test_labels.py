@@ -20,18 +20,18 @@ def test_group_rule_cheapest_within_99_percent_then_loss():
         _res([1, 1, 1, 1, 1, 1, 1, 0], [1] * 8, fam),     # [0,4]: hard .75, lower loss
         _res([1, 1, 1, 1, 1, 1, 1, 0], [3] * 8, fam),     # full: hard .75
     ]
-    got = group_labels(CONFIGS, results)
+    got = group_labels(CONFIGS, results, test="point")
     assert got["easy"]["config"] == 0                        # ties on accuracy -> fewest layers
     assert got["hard"]["config"] == 2                        # same size -> lowest loss
     assert got["hard"]["kept"] == [1, 2, 3]
-    assert per_sample(CONFIGS, results) == [0] * 4 + [2] * 4
+    assert per_sample(CONFIGS, results, test="point") == [0] * 4 + [2] * 4
 
 
 def test_group_rule_99_percent_threshold_is_relative_to_the_full_configuration():
     fam = ["f"] * 100
     results = [_res([1] * 98 + [0] * 2, [1] * 100, fam), _res([1] * 99 + [0], [1] * 100, fam),
                _res([1] * 97 + [0] * 3, [1] * 100, fam), _res([1] * 100, [1] * 100, fam)]
-    got = group_labels(CONFIGS, results)
+    got = group_labels(CONFIGS, results, test="point")
     assert got["f"]["kept"] == [1, 3] and got["f"]["config"] == 1   # .98 < .99 <= .99
 
 
@@ -55,3 +55,34 @@ def test_bad_inputs_are_errors():
         group_labels(CONFIGS[:2], [_res([1], [1], ["a"]), _res([1, 1], [1, 1], ["a", "a"])])
     with pytest.raises(ValueError, match="rule"):
         per_sample(CONFIGS, [_res([1], [1], ["a"])] * 4, rule="x")
+
+
+def _pair(n, both, only_full, only_cheap):
+    """Per-question 0/1 results of a cheap and the full configuration on ``n`` questions."""
+    cheap = [1] * both + [0] * only_full + [1] * only_cheap
+    full = [1] * both + [1] * only_full + [0] * only_cheap
+    pad = n - len(cheap)
+    return cheap + [0] * pad, full + [0] * pad
+
+
+def test_paired_rule_keeps_a_configuration_that_is_below_only_on_noise():
+    """300 questions, the cheap configuration 1.3 points behind with 9 vs 5 discordant answers
+    (what flipped colour_at, shape_at and exists): the point rule drops it, the paired keeps it."""
+    cheap, full = _pair(300, 200, 9, 5)
+    fam = ["f"] * 300
+    results = [_res(cheap, [1] * 300, fam), _res(cheap, [1] * 300, fam),
+               _res(cheap, [1] * 300, fam), _res(full, [1] * 300, fam)]
+    assert group_labels(CONFIGS, results, test="point")["f"]["config"] == 3
+    got = group_labels(CONFIGS, results)
+    assert got["f"]["test"] == "paired" and got["f"]["config"] == 0 and 0 in got["f"]["kept"]
+
+
+def test_paired_rule_drops_a_configuration_that_is_really_below():
+    """10 points behind on 300 questions (40 vs 10 discordant): dropped by both rules."""
+    cheap, full = _pair(300, 150, 40, 10)
+    fam = ["f"] * 300
+    results = [_res(cheap, [1] * 300, fam), _res(full, [2] * 300, fam),
+               _res(cheap, [1] * 300, fam), _res(full, [3] * 300, fam)]
+    for test in ("paired", "point"):
+        got = group_labels(CONFIGS, results, test=test)["f"]
+        assert got["kept"] == [1, 3] and got["config"] == 1, test

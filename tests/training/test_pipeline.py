@@ -21,7 +21,11 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     on_disk = json.loads((tmp_path / "r" / "report.json").read_text())
     assert on_disk["loss_curve"] == report["loss_curve"]
     assert [len(report["loss_curve"][s]) for s in ("dense", "stage1", "stage2")] == [3, 2, 4]
-    assert set(report["dense"]) >= {"easy", "hard", "families"}
+    assert set(report["dense"]) >= {"easy", "hard", "families", "easy_ci", "hard_ci"}
+    lo, hi = report["dense"]["hard_ci"]
+    assert lo <= report["dense"]["hard"] <= hi  # every accuracy carries its 95 % interval
+    assert all(c["accuracy_ci"] and c["easy_ci"] for c in report["configs"])
+    assert report["search"]["test"] == "paired" and report["labels"]["test"] == "paired"
     assert len(report["configs"]) == 8  # every configuration stage 2 trained
     flops = [c["prefill_flops_vs_dense"] for c in report["configs"]]
     assert flops[0] == min(flops) and flops[-1] == max(flops) < 1
@@ -93,3 +97,23 @@ def test_whole_recipe_serves_and_evaluates(tmp_path):
     assert "served_eval" in report["wall_seconds"]
     assert (tmp_path / "r" / "serve" / "visor.log").exists()
     assert (tmp_path / "r" / "serve" / "dense.log").exists()
+
+
+def test_seeds_run_one_after_another_resume_and_report(tmp_path):
+    """`recipe synthetic --seeds 0,1 --no-serve`: two runs, a rerun skips them, one table."""
+    from visor_vllm.evaluation.plot import render
+    from visor_vllm.evaluation.recipe import run_seeds
+
+    result = run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
+                       overrides=TINY)
+    assert [r["seed"] for r in result["rows"]] == [0, 1]
+    assert result["aggregate"]["seeds"] == 2 and "all_three_held" in result["aggregate"]
+    row = result["rows"][0]
+    assert row["source"] == "offline" and row["dense_hard_ci"] and "router_flops_vs_max" in row
+    assert "| seed |" in result["markdown"] and "Findings held:" in result["markdown"]
+    stamp = (tmp_path / "s" / "seed-0" / "report.json").stat().st_mtime
+    again = run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
+                      overrides=TINY)
+    assert (tmp_path / "s" / "seed-0" / "report.json").stat().st_mtime == stamp
+    assert again["rows"] == result["rows"]
+    assert render("seeds", tmp_path / "seeds.png", again).stat().st_size > 1000

@@ -27,6 +27,27 @@ def test_viable_keeps_frontier_and_what_some_family_needs():
     assert viable(rows) == [[0], [0, 4], [0, 2, 4], [0, 2, 4, 6]]
 
 
+def _q(n, right):
+    return [1.0] * right + [0.0] * (n - right)
+
+
+def test_paired_viable_drops_configurations_that_win_only_on_noise():
+    """100 questions a family: +3 points on family b over a cheaper configuration (the 2-point
+    rule keeps it as measured), from 4 vs 1 discordant answers: not significant, dropped; a
+    +15-point win is kept."""
+    cheap = {"": _q(200, 160), "a": _q(100, 90), "b": _q(100, 70)}
+    noise = {"": _q(200, 163), "a": _q(100, 90), "b": _q(100, 74)}
+    noise["b"][0] = 0.0  # 4 questions gained, 1 lost: +3 points
+    real = {"": _q(200, 175), "a": _q(100, 90), "b": _q(100, 85)}
+    full = {"": _q(200, 176), "a": _q(100, 90), "b": _q(100, 86)}
+    rows = [dict(_row([0], 0.4, 0.800, {"a": 0.90, "b": 0.70}), _correct=cheap),
+            dict(_row([0, 2], 0.5, 0.815, {"a": 0.90, "b": 0.73}), _correct=noise),
+            dict(_row([0, 4], 0.55, 0.875, {"a": 0.90, "b": 0.85}), _correct=real),
+            dict(_row([0, 2, 4], 0.7, 0.88, {"a": 0.90, "b": 0.86}), _correct=full)]
+    assert viable(rows, test="point") == [[0], [0, 2], [0, 4], [0, 2, 4]]
+    assert viable(rows) == [[0], [0, 4], [0, 2, 4]]
+
+
 def test_search_and_write_configs(tmp_path, visor_ckpt_synth, synth_data):
     res = search(visor_ckpt_synth, synth_data / "val.jsonl", batch_size=8)
     assert len(res["configs"]) == 8 and res["image_tokens"] == 36

@@ -10,6 +10,7 @@ matplotlib ``Figure``, and a CLI that reads the file and saves the PNG:
 | ``routing`` | ``visor-vllm eval`` JSON (or a recipe ``report.json``) | SA layers the router picked, per family (Fig. 7) |
 | ``accuracy`` | ``eval`` JSON, ``search`` JSON or ``report.json`` | accuracy vs LLM FLOPs per configuration, router and dense (Fig. 8) |
 | ``bench`` | ``benchmarks/bench_vs_llava.py`` JSON | VISOR / LLaVA-OV ratios per budget and concurrency |
+| ``seeds`` | ``visor-vllm report --out`` JSON (or a run's ``seeds.json``) | accuracy vs LLM FLOPs of every seed: configurations, router, dense |
 
 Why here. The pictures read evaluation and search output, so they live with evaluation; they
 import matplotlib lazily (the ``plot`` extra) and use the Agg backend, so they work headless.
@@ -26,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-KINDS = ("flops", "heatmap", "routing", "accuracy", "bench")
+KINDS = ("flops", "heatmap", "routing", "accuracy", "bench", "seeds")
 
 
 class PlotInputError(ValueError):
@@ -159,6 +160,32 @@ def accuracy_figure(data: dict):
     return fig
 
 
+def seeds_figure(data: dict):
+    """Accuracy vs LLM FLOPs / dense for every seed: each seed's configurations (dots, sized by
+    SA layers), its router (star) and its dense model (square at 1.0), one colour a seed."""
+    runs = data.get("points")
+    if not runs:
+        raise PlotInputError("no 'points' in this file: expected `visor-vllm report --out` JSON")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, run in enumerate(runs):
+        color = f"C{k % 10}"
+        cfg = sorted((c for c in run["configs"] if c["flops_vs_dense"] is not None),
+                     key=lambda c: c["flops_vs_dense"])
+        ax.plot([c["flops_vs_dense"] for c in cfg], [c["accuracy"] for c in cfg], "o-",
+                color=color, ms=4, lw=0.8, alpha=0.8, label=f"seed {run['seed']}")
+        if run.get("router") and run["router"]["flops_vs_dense"] is not None:
+            ax.scatter([run["router"]["flops_vs_dense"]], [run["router"]["accuracy"]], marker="*",
+                       s=140, color=color, edgecolor="k", zorder=4)
+        ax.scatter([1.0], [run["dense"]], marker="s", color=color, edgecolor="k", zorder=3)
+    ax.set(xlabel="LLM FLOPs / dense", ylabel="accuracy",
+           title="Every seed: configurations (dots), router (star), dense (square)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def bench_figure(bench: dict):
     """VISOR / LLaVA-OV ratios per (budget, concurrency) from the benchmark's JSON."""
     ratios = bench.get("ratios")
@@ -208,7 +235,8 @@ def render(kind: str, out: Path, data: dict | None = None, cfg=None, **kw) -> Pa
            "heatmap": lambda: heatmap_figure(data),
            "routing": lambda: routing_figure(data, kw.get("budget", "auto")),
            "accuracy": lambda: accuracy_figure(data),
-           "bench": lambda: bench_figure(data)}[kind]()
+           "bench": lambda: bench_figure(data),
+           "seeds": lambda: seeds_figure(data)}[kind]()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
+from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.pipeline import findings, run_synthetic
 
 
@@ -86,8 +87,7 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
         layers = _served_layers(p)
         table.append({"budget": p["budget"], "sa_layers_1based": list(layers[0]) if len(layers) == 1
                       else None, "n_sa": len(layers[0]) if layers else None,
-                      "easy": p["groups"].get("easy"), "hard": p["groups"].get("hard"),
-                      "accuracy": p["accuracy"], "families": p["families"],
+                      **with_ci(p), "families": p["families"],
                       "flops_vs_dense": p["flops_vs_dense"]})
     # the same configuration under two names (min = sa:1) is one configuration
     uniq = {}
@@ -95,17 +95,14 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
         uniq.setdefault(tuple(r["sa_layers_1based"] or [r["budget"]]), r)
     table = [r for r in uniq.values() if r["n_sa"] is not None]
     served = {"data": visor["data"], "requests": dense_pass["requests"],
-              "dense": {"easy": dense_pass["groups"].get("easy"),
-                        "hard": dense_pass["groups"].get("hard"),
-                        "accuracy": dense_pass["accuracy"], "families": dense_pass["families"]},
+              "dense": {**with_ci(dense_pass), "families": dense_pass["families"]},
               "configs": table,
               "passes": [_strip(p) for p in visor["passes"]],
               "agreement_with_offline": _agreement(report, visor, dense)}
     report = {**report, "served": served}
     if "auto" in by:
         a = by["auto"]
-        router = {"accuracy": a["accuracy"], "easy": a["groups"].get("easy"),
-                  "hard": a["groups"].get("hard"), "families": a["families"],
+        router = {**with_ci(a), "families": a["families"],
                   "mean_sa_layers": a["mean_sa_layers"] or {},
                   "flops_vs_dense": a["flops_vs_dense"],
                   "flop_savings_vs_dense": None if a["flops_vs_dense"] is None
@@ -149,9 +146,31 @@ def add_cli(subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="smoke run in minutes (a plumbing check, not evidence)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, one after another into OUT/seed-N (a rerun "
+                        "skips finished seeds and resumes the rest), then OUT/seeds.json and "
+                        "the table of `visor-vllm report`")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after training and offline evaluation (no vllm serve)")
     p.set_defaults(func=_cli_recipe)
+
+
+def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: bool = True,
+              progress: bool = True, overrides: dict | None = None) -> dict:
+    """One run per seed into ``out/seed-N``, then `visor_vllm.evaluation.seeds.report` of all."""
+    from visor_vllm.evaluation.seeds import report as seeds_report
+
+    out = Path(out)
+    for seed in seeds:
+        run_dir = out / f"seed-{seed}"
+        done = run_dir / "report.json"
+        if done.exists() and (not serve or "served" in json.loads(done.read_text())):
+            continue
+        run_recipe(run_dir, quick=quick, seed=seed, serve=serve, progress=progress,
+                   overrides=overrides)
+    result = seeds_report([out / f"seed-{s}" for s in seeds])
+    (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def _cli_recipe(args) -> int:
@@ -160,6 +179,14 @@ def _cli_recipe(args) -> int:
     from visor_vllm.training.recipe import RecipeError
 
     try:
+        if args.seeds:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            if args.seed is not None or not seeds:
+                raise ValueError("give --seeds (a list) or --seed (one), not both")
+            result = run_seeds(args.out, seeds, quick=args.quick, serve=not args.no_serve)
+            print(result["markdown"])
+            print(f"wrote {Path(args.out) / 'seeds.json'} and {Path(args.out)}/seed-*/")
+            return 0
         report = run_recipe(args.out, quick=args.quick, seed=args.seed, serve=not args.no_serve)
     except (RecipeError, ServerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

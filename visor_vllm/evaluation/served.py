@@ -129,9 +129,9 @@ def evaluate_served(base_url: str, data: str | Path, model: str | None = None,
         summary = summarise(samples, groups)  # the offline evaluation's per-family/group rule
         result["passes"].append({
             "budget": name, "xargs": xargs,
-            "accuracy": summary["accuracy"],
-            "families": summary["families"],
-            "groups": summary["groups"],
+            "accuracy": summary["accuracy"], "accuracy_ci": summary["accuracy_ci"],
+            "families": summary["families"], "families_ci": summary["families_ci"],
+            "groups": summary["groups"], "groups_ci": summary["groups_ci"],
             "visor_flops": flops if have_receipts else None,
             "dense_flops": dense if have_receipts else None,
             "flops_vs_dense": flops / dense if have_receipts and dense else None,

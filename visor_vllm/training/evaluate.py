@@ -58,17 +58,37 @@ def score(model, kind: str, ds: EncodedDataset, pad: int, sa_layers=None,
 
 
 def summarise(records: list[dict], groups: dict[str, str]) -> dict:
+    """Accuracy overall, per family and per group (the mean of its families), each with its 95 %
+    Wilson interval (``*_ci``; a group's on its pooled questions)."""
+    from visor_vllm.training.stats import wilson
+
     fam = defaultdict(list)
     for r in records:
         fam[r["family"]].append(r["correct"])
     families = {f: sum(v) / len(v) for f, v in sorted(fam.items())}
-    by_group = defaultdict(list)
+    by_group, pooled = defaultdict(list), defaultdict(lambda: [0, 0])
     for f, acc in families.items():
-        by_group[groups.get(f, "all")].append(acc)
-    return {"accuracy": sum(r["correct"] for r in records) / max(len(records), 1),
+        g = groups.get(f, "all")
+        by_group[g].append(acc)
+        pooled[g][0] += sum(fam[f])
+        pooled[g][1] += len(fam[f])
+    k = sum(r["correct"] for r in records)
+    return {"accuracy": k / max(len(records), 1),
+            "accuracy_ci": wilson(k, len(records)),
             "families": families,
+            "families_ci": {f: wilson(sum(v), len(v)) for f, v in sorted(fam.items())},
             "groups": {g: sum(v) / len(v) for g, v in sorted(by_group.items())},
+            "groups_ci": {g: wilson(*pooled[g]) for g in sorted(by_group)},
             "samples": len(records)}
+
+
+def with_ci(entry: dict) -> dict:
+    """Accuracy, easy and hard of a `summarise` result (or a served pass), each with its 95 %
+    interval (``*_ci``): the rows of a recipe's report."""
+    g, ci = entry["groups"], entry.get("groups_ci", {})
+    return {"accuracy": entry["accuracy"], "accuracy_ci": entry.get("accuracy_ci"),
+            "easy": g.get("easy"), "easy_ci": ci.get("easy"),
+            "hard": g.get("hard"), "hard_ci": ci.get("hard")}
 
 
 def evaluate(checkpoint: str | Path, data: str | Path, configs: list[list[int]] | None = None,

@@ -9,6 +9,10 @@ and ``family``). Two rules, both kept; the router trains on the one a recipe nam
   within a group, keep the configurations whose accuracy is at least ``ratio`` (0.99) of the
   *full* configuration's (the costliest one), then take the one with the fewest SA layers,
   then the lowest summed answer loss, then the lower index. Every sample of the group gets it.
+  ``test="paired"`` (the default) drops a configuration only when it is *significantly* below
+  ``ratio`` of the full one on the group's questions (`visor_vllm.training.stats`, a paired
+  bootstrap), so a 1-point difference on 300 questions does not flip a label;
+  ``test="point"`` is the plain comparison of the two accuracies.
 * `oracle_labels` (Appendix D): per sample, the configuration whose greedy answer matches the
   ground truth for the most tokens (counted up to the first mismatch); ties go to the fewest
   SA layers, then the lowest loss, then the lower index.
@@ -37,15 +41,22 @@ def full_index(configs: Sequence[Sequence[int]]) -> int:
     return max(range(len(configs)), key=lambda i: _cost_key(configs, i))
 
 
+TESTS = ("paired", "point")
+
+
 def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[dict]],
-                 ratio: float = 0.99) -> dict[str, dict]:
+                 ratio: float = 0.99, test: str = "paired") -> dict[str, dict]:
     """Per group: ``{"config": index, "accuracy": [...], "kept": [...]}``.
 
     ``results[c]`` lists the samples' records under configuration ``c`` (same samples, same
     order in every configuration).
     """
+    from visor_vllm.training.stats import significantly_below
+
     if not configs or len(results) != len(configs):
         raise ValueError("one list of results per configuration is needed")
+    if test not in TESTS:
+        raise ValueError(f"test is one of {TESTS}, got {test!r}")
     n = len(results[0])
     if any(len(r) != n for r in results):
         raise ValueError("every configuration must score the same samples")
@@ -57,10 +68,15 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
     for g, idx in sorted(groups.items()):
         acc = [sum(results[c][j]["correct"] for j in idx) / len(idx) for c in range(len(configs))]
         loss = [sum(results[c][j]["loss"] for j in idx) for c in range(len(configs))]
-        kept = [c for c in range(len(configs)) if acc[c] >= ratio * acc[full] - 1e-12]
+        if test == "point":
+            kept = [c for c in range(len(configs)) if acc[c] >= ratio * acc[full] - 1e-12]
+        else:
+            right = [[float(results[c][j]["correct"]) for j in idx] for c in range(len(configs))]
+            kept = [c for c in range(len(configs))
+                    if not significantly_below(right[c], right[full], ratio)]
         best = min(kept, key=lambda c: (len(configs[c]), loss[c], c))
         out[g] = {"config": best, "accuracy": acc, "loss": loss, "kept": kept,
-                  "samples": len(idx)}
+                  "samples": len(idx), "test": test}
     return out
 
 
@@ -78,18 +94,19 @@ def oracle_labels(configs: Sequence[Sequence[int]],
     return labels
 
 
-def per_sample(configs, results, rule: str = "family", ratio: float = 0.99) -> list[int]:
+def per_sample(configs, results, rule: str = "family", ratio: float = 0.99,
+               test: str = "paired") -> list[int]:
     """One label per sample under ``rule`` (``family`` or ``oracle``)."""
     if rule == "oracle":
         return oracle_labels(configs, results)
     if rule != "family":
         raise ValueError(f"rule is 'family' or 'oracle', got {rule!r}")
-    by_group = group_labels(configs, results, ratio)
+    by_group = group_labels(configs, results, ratio, test)
     return [by_group[r.get("family", "all")]["config"] for r in results[0]]
 
 
 def label_checkpoint(checkpoint, data, ratio: float = 0.99, batch_size: int = 64,
-                     max_samples: int | None = None) -> dict:
+                     max_samples: int | None = None, test: str = "paired") -> dict:
     """Run every viable configuration on ``data``; both label rules and the raw records."""
     from visor_vllm.training.evaluate import evaluate
 
@@ -97,10 +114,10 @@ def label_checkpoint(checkpoint, data, ratio: float = 0.99, batch_size: int = 64
     configs = [c["sa_layers"] for c in ev["configs"]]
     results = [c["records"] for c in ev["configs"]]
     index = [r["index"] for r in results[0]]
-    return {"checkpoint": str(checkpoint), "data": str(data), "ratio": ratio,
+    return {"checkpoint": str(checkpoint), "data": str(data), "ratio": ratio, "test": test,
             "configs": configs, "samples": index,
-            "family": group_labels(configs, results, ratio),
-            "per_sample": {"family": per_sample(configs, results, "family", ratio),
+            "family": group_labels(configs, results, ratio, test),
+            "per_sample": {"family": per_sample(configs, results, "family", ratio, test),
                            "oracle": oracle_labels(configs, results)},
             "accuracy": [c["accuracy"] for c in ev["configs"]],
             "records": results, "skipped": ev["skipped"]}
@@ -112,6 +129,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("data", help="LLaVA JSON/JSONL (one question per sample), datasets dir, parquet")
     p.add_argument("--out", required=True, help="labels JSON")
     p.add_argument("--ratio", type=float, default=0.99)
+    p.add_argument("--test", choices=TESTS, default="paired",
+                   help="paired: below the ratio only when significantly so; point: as measured")
     p.add_argument("--max-samples", type=int, default=None)
     p.set_defaults(func=_cli_label)
 
@@ -122,7 +141,7 @@ def _cli_label(args) -> int:
 
     try:
         out = label_checkpoint(args.checkpoint, args.data, args.ratio,
-                               max_samples=args.max_samples)
+                               max_samples=args.max_samples, test=args.test)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

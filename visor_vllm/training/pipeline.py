@@ -45,6 +45,7 @@ import torch
 
 from visor_vllm.training import synthetic
 from visor_vllm.training.data import prompt_lengths
+from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe
 
 
@@ -257,8 +258,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
                       "n_sa": len(c["sa_layers"]),
                       "prefill_flops_vs_dense": round(prefill_flops(vcfg, nv, nt, c["sa_layers"])
                                                       / dense_f, 4),
-                      "easy": c["groups"].get("easy"), "hard": c["groups"].get("hard"),
-                      "accuracy": c["accuracy"], "families": c["families"]})
+                      **with_ci(c), "families": c["families"]})
 
     adaptive = None
     if cfg.get("router", {}).get("enabled", True) and len(vcfg.sa_configs) > 1:
@@ -279,8 +279,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
                        "stage1": _curve(out / "visor-run" / cfg["stage1"].get("name", "stage1")),
                        "stage2": _curve(out / "visor-run" / cfg["stage2"].get("name", "stage2"))},
         "encoder": encoder_acc,
-        "dense": {"easy": ev["dense"]["groups"].get("easy"), "hard": ev["dense"]["groups"].get("hard"),
-                  "accuracy": ev["dense"]["accuracy"], "families": ev["dense"]["families"]},
+        "dense": {**with_ci(ev["dense"]), "families": ev["dense"]["families"]},
         "converted": _brief(ev["converted"]), "stage1": _brief(ev["stage1"]),
         "configs": table,
         **({"search": adaptive["search"], "labels": adaptive["labels"],
@@ -294,8 +293,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
 
 
 def _brief(entries: list[dict]) -> list[dict]:
-    return [{"sa_layers": e["sa_layers"], "easy": e["groups"].get("easy"),
-             "hard": e["groups"].get("hard"), "families": e["families"]} for e in entries]
+    return [{"sa_layers": e["sa_layers"], **with_ci(e), "families": e["families"]}
+            for e in entries]
 
 
 def _groups(entry: dict) -> dict:
@@ -377,13 +376,14 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     from visor_vllm.training.evaluate import dataset_groups, summarise
     from visor_vllm.training.labels import label_checkpoint
     from visor_vllm.training.router import route_data, train_router_on_data
-    from visor_vllm.training.search import search, viable, write_configs
+    from visor_vllm.training.search import public, search, viable, write_configs
 
     sc, lc, rc = cfg.get("search", {}), cfg.get("labels", {}), cfg.get("router", {})
     found = phase("search", lambda: search(final, data / f"{sc.get('split', 'val')}.jsonl",
                                            sc.get("candidates"), bs, sc.get("max_samples")))
-    keep = viable(found["configs"], sc.get("tolerance", 0.02))
+    keep = viable(found["configs"], sc.get("tolerance", 0.02), sc.get("test", "paired"))
     found["viable"], found["tolerance"] = keep, sc.get("tolerance", 0.02)
+    found["test"], found["configs"] = sc.get("test", "paired"), public(found["configs"])
     (out / "search.json").write_text(json.dumps(found, indent=2) + "\n")
     viable_dir = out / "visor-viable"
     shutil.rmtree(viable_dir, ignore_errors=True)
@@ -391,7 +391,8 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
 
     label_data = data / f"{lc.get('split', 'label')}.jsonl"
     lab = phase("labels", lambda: label_checkpoint(viable_dir, label_data, lc.get("ratio", 0.99),
-                                                   bs, lc.get("max_samples")))
+                                                   bs, lc.get("max_samples"),
+                                                   lc.get("test", "paired")))
     (out / "labels.json").write_text(json.dumps(lab) + "\n")
     rule = lc.get("rule", "family")
     per = dict(zip(lab["samples"], lab["per_sample"][rule]))
@@ -419,16 +420,18 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     summary = summarise(routed_records, groups)  # the per-configuration table's rule
     router = {"rule": rule, "label_accuracy": fit["sample_accuracy"],
               "token_accuracy": fit["token_accuracy"], "confusion": fit["confusion"],
-              "accuracy": summary["accuracy"], **summary["groups"],
+              **with_ci(summary),
               "mean_sa_layers": {g: sum(v) / len(v) for g, v in sorted(sa.items())},
               "flops_vs_dense": sum(fl) / max(len(fl), 1)}
-    label_brief = {"rule": rule, "ratio": lab["ratio"], "data": str(label_data),
+    label_brief = {"rule": rule, "ratio": lab["ratio"], "test": lab["test"],
+                   "data": str(label_data),
                    "configs": lab["configs"],
                    "family": {f: {"config": v["config"], "sa_layers": lab["configs"][v["config"]],
                                   "accuracy": v["accuracy"], "kept": v["kept"]}
                               for f, v in lab["family"].items()},
                    "oracle_histogram": _histogram(lab["per_sample"]["oracle"], len(lab["configs"]))}
-    search_brief = {"data": found["data"], "tolerance": found["tolerance"], "viable": keep,
+    search_brief = {"data": found["data"], "tolerance": found["tolerance"], "test": found["test"],
+                    "viable": keep,
                     "viable_1based": [[i + 1 for i in c] for c in keep],
                     "heatmap": found["heatmap"],
                     "flops_vs_dense": [round(r["flops_vs_dense"], 4) for r in found["configs"]]}

@@ -14,7 +14,12 @@ accuracy at least in certain cases"): keep a configuration if
 * on some family it beats every strictly cheaper configuration by more than ``tolerance``
   (default 0.02) -- it is worth its extra cost for some kind of question;
 
-and always keep the cheapest and the costliest (the budgets ``min`` and ``max``).
+and always keep the cheapest and the costliest (the budgets ``min`` and ``max``). With
+``test="paired"`` (the default when the rows carry per-question results, as `search` returns
+them) "more accurate" and "beats" must also be significant on the same questions
+(`visor_vllm.training.stats.significantly_better`, a paired bootstrap): 100 questions a family
+against a 2-point rule otherwise keep configurations on noise. ``test="point"`` compares the
+accuracies as measured.
 
 Footguns. Only SA-capable layers can be searched: a layer the checkpoint's schedule marks
 ``text`` has no trained SA path. Router rows of configurations that are new to the
@@ -49,12 +54,14 @@ def search(checkpoint: str | Path, data: str | Path, candidates=None, batch_size
 
     cfg = VisorConfig.from_pretrained(str(checkpoint))
     configs = [sorted(c) for c in candidates] if candidates else subsets(cfg)
-    ev = evaluate(checkpoint, data, configs, batch_size, max_samples)
+    ev = evaluate(checkpoint, data, configs, batch_size, max_samples, keep_records=True)
     nv, nt = prompt_lengths(checkpoint, data)
     dense = dense_prefill_flops(cfg, nv, nt)
     rows = [{"sa_layers": c["sa_layers"], "sa_layers_1based": [i + 1 for i in c["sa_layers"]],
              "flops_vs_dense": prefill_flops(cfg, nv, nt, c["sa_layers"]) / dense,
-             "accuracy": c["accuracy"], "families": c["families"], "groups": c["groups"]}
+             "accuracy": c["accuracy"], "accuracy_ci": c["accuracy_ci"],
+             "families": c["families"], "families_ci": c["families_ci"], "groups": c["groups"],
+             "_correct": _per_question(c["records"])}
             for c in ev["configs"]]
     families = sorted(rows[0]["families"]) if rows else []
     return {"checkpoint": str(checkpoint), "data": str(data), "image_tokens": nv,
@@ -63,19 +70,48 @@ def search(checkpoint: str | Path, data: str | Path, candidates=None, batch_size
                         "accuracy": [[r["families"][f] for f in families] for r in rows]}}
 
 
-def viable(rows: list[dict], tolerance: float = 0.02) -> list[list[int]]:
+def _per_question(records: list[dict]) -> dict[str, list[float]]:
+    """0/1 per question, overall (``""``) and per family, in the data's order."""
+    out: dict[str, list[float]] = {"": []}
+    for r in records:
+        out[""].append(float(r["correct"]))
+        out.setdefault(r["family"], []).append(float(r["correct"]))
+    return out
+
+
+def public(rows: list[dict]) -> list[dict]:
+    """The rows without their per-question results (for JSON files)."""
+    return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def viable(rows: list[dict], tolerance: float = 0.02, test: str | None = None) -> list[list[int]]:
     """The configurations to keep (see the module docstring), cheapest first."""
+    from visor_vllm.training.stats import significantly_better
+
+    test = test or ("paired" if all("_correct" in r for r in rows) else "point")
+    if test not in ("paired", "point"):
+        raise ValueError(f"test is 'paired' or 'point', got {test!r}")
+
+    def better(i, j, family, margin):
+        """Row i beats row j on ``family`` ("" = overall) by more than ``margin``."""
+        if test == "point":
+            acc = (lambda r: r["accuracy"]) if family == "" else (lambda r: r["families"][family])
+            return acc(rows[i]) > acc(rows[j]) + margin + (1e-12 if margin == 0 else 0)
+        return significantly_better(rows[i]["_correct"][family], rows[j]["_correct"][family],
+                                    margin)
+
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["flops_vs_dense"], i))
     keep = {order[0], order[-1]}
-    best = -1.0
-    for i in order:  # frontier: strictly better than everything cheaper
-        if rows[i]["accuracy"] > best + 1e-12:
+    best = order[0]
+    for i in order[1:]:  # frontier: better than the most accurate cheaper configuration
+        if rows[i]["accuracy"] > rows[best]["accuracy"] and better(i, best, "", 0.0):
             keep.add(i)
-            best = rows[i]["accuracy"]
+        if rows[i]["accuracy"] > rows[best]["accuracy"]:
+            best = i
     for i in order:
         cheaper = [j for j in order if rows[j]["flops_vs_dense"] < rows[i]["flops_vs_dense"]]
-        if cheaper and any(acc > max(rows[j]["families"][f] for j in cheaper) + tolerance
-                           for f, acc in rows[i]["families"].items()):
+        if cheaper and any(all(better(i, j, f, tolerance) for j in cheaper)
+                           for f in rows[i]["families"]):
             keep.add(i)
     return [rows[i]["sa_layers"] for i in sorted(keep, key=lambda i: (
         len(rows[i]["sa_layers"]), rows[i]["flops_vs_dense"], rows[i]["sa_layers"]))]
@@ -116,6 +152,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="search results JSON (heatmap data included)")
     p.add_argument("--write", help="also write a checkpoint with the viable set as sa_configs")
     p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--test", choices=["paired", "point"], default="paired",
+                   help="paired: 'better' must be significant on the same questions")
     p.add_argument("--max-samples", type=int, default=None)
     p.set_defaults(func=_cli_search)
 
@@ -125,8 +163,9 @@ def _cli_search(args) -> int:
 
     try:
         res = search(args.checkpoint, args.data, max_samples=args.max_samples)
-        res["viable"] = viable(res["configs"], args.tolerance)
-        res["tolerance"] = args.tolerance
+        res["viable"] = viable(res["configs"], args.tolerance, args.test)
+        res["tolerance"], res["test"] = args.tolerance, args.test
+        res["configs"] = public(res["configs"])
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
         if args.write:
             write_configs(args.checkpoint, res["viable"], args.write)

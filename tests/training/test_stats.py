@@ -1,0 +1,37 @@
+"""Intervals and paired tests (visor_vllm.training.stats) on cases with known answers."""
+
+import pytest
+
+from visor_vllm.training.stats import mcnemar, significantly_below, significantly_better, wilson
+
+
+def test_wilson_interval_known_values():
+    assert wilson(0, 0) is None
+    lo, hi = wilson(210, 300)                         # 0.70 on 300: about +-5.2 points
+    assert lo == pytest.approx(0.6458, abs=1e-3) and hi == pytest.approx(0.7496, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def _q(n, right):
+    return [1] * right + [0] * (n - right)
+
+
+def test_mcnemar_exact_tail():
+    a, b = _q(200, 163), _q(200, 160)                 # 3 vs 0 discordant
+    assert mcnemar(a, b) == pytest.approx(0.125)
+    assert mcnemar(b, a) == 1.0 and mcnemar(a, a) == 1.0
+    with pytest.raises(ValueError, match="same length"):
+        mcnemar([1], [1, 0])
+
+
+def test_below_and_better_need_significance():
+    same = _q(300, 200)
+    noisy = _q(300, 195) + [0] * 0                    # 5 vs 0 discordant: p = 1/32
+    assert significantly_below(noisy, same, 0.99)
+    few = _q(300, 197)                                # 3 vs 0: p = 1/8
+    assert not significantly_below(few, same, 0.99)
+    assert not significantly_below(same, same, 0.99)
+    far = _q(300, 150)
+    assert significantly_better(same, far, margin=0.02)
+    assert not significantly_better(same, few, margin=0.0)
+    assert not significantly_better(same, far, margin=0.5)  # significant, not by 50 points

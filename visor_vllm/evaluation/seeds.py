@@ -1,0 +1,181 @@
+"""``visor-vllm report RUN_DIR...``: the paper's three findings over many seeds, in one table.
+
+What. `seed_row` reads one recipe run's ``report.json`` (`visor_vllm.evaluation.recipe`) and
+states, per seed: which of the three findings held (judged on the served numbers when the run
+served, on the offline ones otherwise: the report's own ``findings``), dense easy/hard with
+their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
+its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
+and hard, and the run's wall time. `aggregate` counts the seeds each finding held on and the
+range of the router's ratios; `markdown` prints both as the README's table; `points` keeps
+every seed's accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
+
+The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
+seed that misses one is reported as missing it.
+
+Footguns. A directory holding ``seed-*/report.json`` stands for all its seeds; runs without a
+router (one configuration) have no finding 3.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
+TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
+
+
+class ReportInputError(ValueError):
+    """A path that holds no recipe report.json."""
+
+
+def find_reports(paths: list[str | Path]) -> list[Path]:
+    """Every ``report.json`` named: run dirs, report files, or parents of ``seed-*`` runs."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_file():
+            out.append(p)
+        elif (p / "report.json").exists():
+            out.append(p / "report.json")
+        elif sorted(p.glob("seed-*/report.json")):
+            out += sorted(p.glob("seed-*/report.json"),
+                          key=lambda f: int(f.parent.name.split("-")[1]))
+        else:
+            raise ReportInputError(f"{p}: no report.json (nor seed-*/report.json) there")
+    return out
+
+
+def _flops(row: dict) -> float | None:
+    return row.get("flops_vs_dense", row.get("prefill_flops_vs_dense"))
+
+
+def seed_row(report: dict) -> dict:
+    """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
+    f = report.get("findings", {})
+    served = f.get("source") == "served"
+    table = report["served"]["configs"] if served else report.get("configs", [])
+    dense = report["served"]["dense"] if served else report["dense"]
+    router = (report.get("router") or {}).get("served" if served else "offline")
+    full = max(table, key=lambda r: (r["n_sa"], _flops(r) or 0)) if table else None
+    row = {"seed": report.get("seed"), "source": f.get("source"),
+           "finding1": f.get("finding1_cheapest_matches_dense_on_easy"),
+           "finding2": f.get("finding2_hard_rises_with_sa_layers"),
+           "finding3": f.get("finding3_router_spends_on_hard_and_keeps_accuracy"),
+           "dense_easy": dense.get("easy"), "dense_easy_ci": dense.get("easy_ci"),
+           "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
+           "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
+           "wall_seconds": (report.get("wall_seconds") or {}).get("total")}
+    if router and full:
+        fr = _flops(full)
+        row.update({
+            "router_accuracy": router["accuracy"], "router_accuracy_ci": router.get("accuracy_ci"),
+            "max_accuracy": full["accuracy"], "max_accuracy_ci": full.get("accuracy_ci"),
+            "router_accuracy_vs_max": round(router["accuracy"] / full["accuracy"], 4)
+            if full["accuracy"] else None,
+            "router_flops_vs_max": round(router["flops_vs_dense"] / fr, 4)
+            if router.get("flops_vs_dense") is not None and fr else None,
+            "router_flops_vs_dense": router.get("flops_vs_dense"),
+            "router_sa_layers_easy_hard": [(router.get("mean_sa_layers") or {}).get(g)
+                                           for g in ("easy", "hard")]})
+        row["router_target"] = bool(
+            row["router_accuracy_vs_max"] is not None and row["router_flops_vs_max"] is not None
+            and row["router_accuracy_vs_max"] >= TARGET_ACCURACY_RATIO
+            and row["router_flops_vs_max"] <= TARGET_FLOPS_VS_MAX)
+    row["all_three"] = bool(row["finding1"] and row["finding2"] and row["finding3"])
+    return row
+
+
+def points(report: dict) -> dict:
+    """A seed's accuracy-vs-FLOPs points: every configuration, the router, dense (served
+    numbers when the run served)."""
+    served = report.get("findings", {}).get("source") == "served"
+    table = report["served"]["configs"] if served else report.get("configs", [])
+    dense = report["served"]["dense"] if served else report["dense"]
+    router = (report.get("router") or {}).get("served" if served else "offline")
+    return {"seed": report.get("seed"),
+            "configs": [{"n_sa": r["n_sa"], "flops_vs_dense": _flops(r),
+                         "accuracy": r["accuracy"]} for r in table],
+            "router": None if not router else {"flops_vs_dense": router.get("flops_vs_dense"),
+                                               "accuracy": router["accuracy"]},
+            "dense": dense["accuracy"]}
+
+
+def aggregate(rows: list[dict]) -> dict:
+    def spread(key):
+        v = [r[key] for r in rows if r.get(key) is not None]
+        return {"min": min(v), "mean": round(statistics.fmean(v), 4), "max": max(v)} if v else None
+
+    return {"seeds": len(rows),
+            **{f"{k}_held": sum(bool(r[k]) for r in rows)
+               for k in ("finding1", "finding2", "finding3", "all_three")},
+            "router_target_held": sum(bool(r.get("router_target")) for r in rows),
+            "router_accuracy_vs_max": spread("router_accuracy_vs_max"),
+            "router_flops_vs_max": spread("router_flops_vs_max"),
+            "router_flops_vs_dense": spread("router_flops_vs_dense"),
+            "wall_seconds": spread("wall_seconds")}
+
+
+def _ci(v, ci) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def _yes(v) -> str:
+    return "-" if v is None else ("yes" if v else "**no**")
+
+
+def markdown(rows: list[dict], agg: dict) -> str:
+    """The per-seed table and the aggregate line (the README's format)."""
+    head = ("| seed | 1: min = dense on easy | 2: hard rises with SA | 3: router | "
+            "dense easy | dense hard | router acc / max | router FLOPs / max | "
+            "SA layers easy / hard | minutes |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        sa = r.get("router_sa_layers_easy_hard") or [None, None]
+        sa_txt = " / ".join("-" if x is None else f"{x:.2f}" for x in sa)
+        lines.append(
+            f"| {r['seed']} | {_yes(r['finding1'])} | {_yes(r['finding2'])} | "
+            f"{_yes(r['finding3'])} | {_ci(r['dense_easy'], r['dense_easy_ci'])} | "
+            f"{_ci(r['dense_hard'], r['dense_hard_ci'])} | "
+            f"{r.get('router_accuracy_vs_max', '-')} | {r.get('router_flops_vs_max', '-')} | "
+            f"{sa_txt} | {'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
+    n = agg["seeds"]
+    lines.append("")
+    lines.append(f"Findings held: 1 on {agg['finding1_held']}/{n}, 2 on {agg['finding2_held']}/{n}, "
+                 f"3 on {agg['finding3_held']}/{n}; all three on {agg['all_three_held']}/{n}. "
+                 f"Router >= {TARGET_ACCURACY_RATIO:.0%} of max's accuracy at <= "
+                 f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}.")
+    return "\n".join(lines)
+
+
+def report(paths: list[str | Path]) -> dict:
+    """Rows, aggregate, points and the markdown table of every report under ``paths``."""
+    files = find_reports(paths)
+    reports = [json.loads(f.read_text()) for f in files]
+    rows = [seed_row(r) for r in reports]
+    agg = aggregate(rows)
+    return {"runs": [str(f.parent) for f in files], "rows": rows, "aggregate": agg,
+            "points": [points(r) for r in reports], "markdown": markdown(rows, agg)}
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("report", help="the three findings over several recipe runs "
+                                             "(seeds): a table and its aggregate")
+    p.add_argument("runs", nargs="+", help="run dirs (or their report.json, or a dir of seed-*)")
+    p.add_argument("--out", help="write the JSON (rows, aggregate, points) here too")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    try:
+        out = report(args.runs)
+    except (ReportInputError, OSError, KeyError, ValueError) as e:
+        print(f"visor-vllm report: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(out["markdown"])
+    return 0
