@@ -103,7 +103,7 @@ Footguns.
 * Wall time. Real sizes with the defaults: 2 server starts, 4 probes, 4 x 44 timed requests
   (c = 1, 4, 16), 4 x 3 two-turn chats, plus ~15 s of ``vllm bench serve`` start-up per run:
   about 20 minutes (1,194 s) measured on the 2-core box (2026-12-02, eager, ``--omp-bind
-  0-1``); with ``--compiled`` and the ``auto`` binding (the README's table) 52 minutes (3,134
+  0-1``); with ``--compiled`` and the ``auto`` binding (docs/benchmarks.md's table) 52 minutes (3,134
   s, 2026-12-04). Each run records its own in ``meta.wall_s``.
   ``--preset tiny`` runs the whole pipeline (servers really start) in ~4-8 minutes, most of
   it server start-up; ``--concurrency 1 --num-prompts 2 --budgets max`` is the quick
@@ -605,7 +605,7 @@ def decode_cost_model(cfg, n_image: int, n_image_dense: int, context: int, sa_la
     floor: a served ITL also holds what the model leaves out (the sampler, per-call
     overheads, other requests' prefills), which can push the measured ratio above or below it.
     At c=16 here the model forward lands a little below it: vLLM's CPU attention kernel streams
-    K/V more slowly per byte than the GEMMs stream weights (README, the decode forward op by op).
+    K/V more slowly per byte than the GEMMs stream weights (docs/benchmarks.md, the decode forward op by op).
     """
     from visor_vllm.model import flops
 

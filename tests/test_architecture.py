@@ -1,4 +1,4 @@
-"""The package's import direction (README "Architecture"), checked statically on every module.
+"""The package's import direction (docs/design.md "Architecture"), checked statically on every module.
 
 Every ``import`` and ``from ... import`` anywhere in a module counts, including the lazy ones
 inside functions: a lazy import still makes the subpackage depend on what it imports.
@@ -57,7 +57,7 @@ def _modules(sub: str) -> list[Path]:
 
 def test_every_subpackage_has_a_rule():
     subs = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert subs == set(ALLOWED), "a new subpackage needs a row in ALLOWED and in the README"
+    assert subs == set(ALLOWED), "a new subpackage needs a row in ALLOWED and in docs/design.md"
 
 
 @pytest.mark.parametrize("sub", sorted(ALLOWED))

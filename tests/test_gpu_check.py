@@ -1,6 +1,6 @@
 """`scripts/gpu_check.sh --cpu --preset tiny`: the GPU check's plumbing, on this CPU.
 
-The same script runs at real size on a GPU (README "Training"); here every check must pass:
+The same script runs at real size on a GPU (docs/training.md); here every check must pass:
 DDP and FSDP2 training (FSDP2 killed, resumed from its sharded state, then found done), the
 export against the reference, and the speed table's rows.
 """

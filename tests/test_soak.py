@@ -1,6 +1,6 @@
 """The soak script (loadtests/soak.py) end to end, as a short smoke run: mixed good and bad
 requests at saturation leave 0 failed good requests and counters that add up. The measured
-10-minute run is a command (README "Security and hardening"), not a test."""
+10-minute run is a command (SECURITY.md), not a test."""
 
 import importlib.util
 from pathlib import Path

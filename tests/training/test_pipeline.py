@@ -1,6 +1,6 @@
 """`visor-vllm recipe synthetic`, shrunk to seconds: every phase runs and the report is complete.
 
-This is plumbing only: accuracies at this size are chance (the README has the full run).
+This is plumbing only: accuracies at this size are chance (docs/training.md has the full runs).
 """
 
 import json

@@ -6,7 +6,7 @@ served, on the offline ones otherwise: the report's own ``findings``), dense eas
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
 and hard, and the run's wall time. `aggregate` counts the seeds each finding held on and the
-range of the router's ratios; `markdown` prints both as the README's table; `points` keeps
+range of the router's ratios; `markdown` prints both as docs/training.md's table; `points` keeps
 every seed's accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
 
 The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
@@ -128,7 +128,7 @@ def _yes(v) -> str:
 
 
 def markdown(rows: list[dict], agg: dict) -> str:
-    """The per-seed table and the aggregate line (the README's format)."""
+    """The per-seed table and the aggregate line (docs/training.md's format)."""
     head = ("| seed | 1: min = dense on easy | 2: hard rises with SA | 3: router | "
             "dense easy | dense hard | router acc / max | router FLOPs / max | "
             "SA layers easy / hard | minutes |")

@@ -11,7 +11,7 @@ same request), so savings are what the server reports, request by request.
 
 Why through the server. What is measured is what users get: the chat template, the routing
 token, vLLM's kernels, budgets and router as served. The request format is the one lmms-eval's
-``openai`` backend sends (README shows a local lmms-eval task against the server).
+``openai`` backend sends (docs/training.md shows a local lmms-eval task against the server).
 
 Footguns. Concurrency (``--concurrency``) and retries (``--retries``, on connection errors and
 5xx only; a 4xx is a bad request and is reported, never retried). A server without the

@@ -87,7 +87,7 @@ def _cli(args: argparse.Namespace) -> int:
     if kind != "visor":
         print(f"visor-vllm serve: {model} is a {kind or 'unknown'} checkpoint, not VISOR. "
               f"Convert LLaVA-OneVision with `visor-vllm convert {model} OUT --preset "
-              f"visor-0.5b` (then train it: README 'Training'), or serve it as dense LLaVA-OV "
+              f"visor-0.5b` (then train it: docs/training.md), or serve it as dense LLaVA-OV "
               f"with plain `vllm serve {model} --limit-mm-per-prompt "
               "'{\"image\": 2, \"video\": 0}'`", file=sys.stderr)
         return 2
