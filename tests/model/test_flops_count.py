@@ -10,7 +10,11 @@ from .conftest import prompt
 
 
 def counted(fn) -> int:
-    with FlopCounterMode(display=False) as fc:
+    """FLOPs of ``fn``. SDPA runs on its math backend: the counter sees attention's matmuls only
+    when SDPA decomposes into them (CPU's fused kernels report none); the math is the same."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops()
 

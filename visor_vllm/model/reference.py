@@ -64,24 +64,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def attend(q, k, v, causal_offset: int | None) -> torch.Tensor:
-    """q [H, Nq, dh], k/v [Hkv, Nk, dh] -> [Nq, H*dh].
-
-    ``causal_offset=None``: every query sees every key (cross-attention). Otherwise query ``i``
-    sees keys ``0..causal_offset+i`` (the keys before the queries are a cached prefix).
-    """
-    h, nq, dh = q.shape
-    rep = h // k.shape[0]
-    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # GQA -> [H, Nk, dh]
-    mask = None
-    if causal_offset is not None:
-        nk = k.shape[1]
-        qi = torch.arange(nq, device=q.device)[:, None] + causal_offset
-        mask = torch.arange(nk, device=q.device)[None, :] <= qi  # [Nq, Nk]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(0, 1).reshape(nq, h * dh)
-
-
 class SelfAttention(nn.Module):
     def __init__(self, d: int, heads: int, kv_heads: int, head_dim: int):
         super().__init__()
@@ -90,14 +72,6 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(d, kv_heads * head_dim, bias=True)
         self.v_proj = nn.Linear(d, kv_heads * head_dim, bias=True)
         self.o_proj = nn.Linear(heads * head_dim, d, bias=False)
-
-    def qkv(self, x: torch.Tensor, cos, sin):
-        """x [N, d] -> q [H, N, dh], k/v [Hkv, N, dh] (RoPE on q and k)."""
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLP(nn.Module):
@@ -128,18 +102,12 @@ class CrossAttention(nn.Module):
 
     def vision_kv(self, vis: torch.Tensor, image_lens: list[int]):
         """vis [Nv, d] -> k, v [Hkv, Nv, dh]; computed once per request and layer."""
-        x = self.vision_norm(vis)
-        x = x + plan.segment_depthwise_conv1d(x, image_lens, self.pos_conv.weight, self.pos_conv.bias)
-        n = x.shape[0]
-        k = self.k_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(n, self.kv_heads, self.head_dim).transpose(0, 1)
-        return k, v
+        k, v = layers.cross_kv(self, vis, image_lens)
+        return k.transpose(0, 1), v.transpose(0, 1)
 
     def forward(self, t: torch.Tensor, kv) -> torch.Tensor:
         """t [Nt, d] -> the residual update [Nt, d]."""
-        n = t.shape[0]
-        q = self.q_proj(self.text_norm(t)).view(n, self.heads, self.head_dim).transpose(0, 1)
-        return self.o_proj(attend(q, kv[0], kv[1], causal_offset=None))
+        return layers.cross_attend(self, t[None], kv[0][None], kv[1][None])[0]
 
 
 class DecoderLayer(nn.Module):
@@ -385,37 +353,41 @@ class VisorForConditionalGeneration(nn.Module):
         return VisorOutput(logits, cache.sa_layers, router_logits, index, cache if use_cache else None)
 
     def _layer(self, i, layer, t, t_pos, vis, v_pos, image_lens, cache: VisorCache):
-        """One decoder layer on new text tokens ``t`` [n, d] (and on ``vis`` [Nv, d] at prefill)."""
+        """One decoder layer on new text tokens ``t`` [n, d] (and on ``vis`` [Nv, d] at prefill).
+
+        The math is `visor_vllm.model.layers` (the trainer's), one request at a time (batch 1);
+        what is particular here is the caches: the text K/V of every layer, the visual K/V of
+        CA layers and of the SA layers that ran.
+        """
         past = cache.text_kv[i] if i < len(cache.text_kv) else None
-        n_past = 0 if past is None else past[0].shape[1]
         if layer.kind == "cross" and cache.n_vision:
             if i not in cache.vision_kv:
                 cache.vision_kv[i] = layer.cross_attn.vision_kv(vis, image_lens)
             t = t + layer.cross_attn(t, cache.vision_kv[i])
         joint = layer.kind == "self" and i in cache.sa_layers and cache.n_vision > 0
-        attn = layer.self_attn
+        seen = {}
         if joint and i not in cache.vision_kv:  # prefill of an SA layer: run on [V;T], update V
-            x = torch.cat([vis, t])
-            cos, sin = rope_cos_sin(self.inv_freq, torch.cat([v_pos, t_pos]), x.dtype)
-            q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
-            out = attend(q, k, v, causal_offset=0)
             nv = vis.shape[0]
-            cache.vision_kv[i] = (k[:, :nv], v[:, :nv])
-            k_new, v_new = k[:, nv:], v[:, nv:]
-            x = x + attn.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+
+            def attend(q, k, v):  # causal over [V;T]; V's K/V cached for the text that follows
+                seen["k"], seen["v"] = k[0, :, nv:], v[0, :, nv:]
+                cache.vision_kv[i] = (k[0, :, :nv], v[0, :, :nv])
+                return layers.attend(q, k, v, causal_offset=0)
+            cos, sin = rope_cos_sin(self.inv_freq, torch.cat([v_pos, t_pos]), vis.dtype)
+            x = layers.attention_layer(layer, torch.cat([vis, t])[None], cos[None], sin[None],
+                                       attend)[0]
             vis, t = x[:nv], x[nv:]
         else:  # text tokens only, after any cached prefix (vision K/V of a run SA layer, past text)
+            prefix = ([cache.vision_kv[i]] if joint else []) + ([past] if past is not None else [])
+
+            def attend(q, k, v):
+                seen["k"], seen["v"] = k[0], v[0]
+                k = torch.cat([p[0] for p in prefix] + [k[0]], dim=1)[None]
+                v = torch.cat([p[1] for p in prefix] + [v[0]], dim=1)[None]
+                return layers.attend(q, k, v, causal_offset=k.shape[2] - q.shape[2])
             cos, sin = rope_cos_sin(self.inv_freq, t_pos, t.dtype)
-            q, k_new, v_new = attn.qkv(layer.input_layernorm(t), cos, sin)
-            prefix = [cache.vision_kv[i]] if joint else []
-            if past is not None:
-                prefix.append(past)
-            k = torch.cat([p[0] for p in prefix] + [k_new], dim=1)
-            v = torch.cat([p[1] for p in prefix] + [v_new], dim=1)
-            offset = k.shape[1] - k_new.shape[1]
-            t = t + attn.o_proj(attend(q, k, v, causal_offset=offset))
-            t = t + layer.mlp(layer.post_attention_layernorm(t))
+            t = layers.attention_layer(layer, t[None], cos[None], sin[None], attend)[0]
+        k_new, v_new = seen["k"], seen["v"]
         text_kv = (k_new, v_new) if past is None else (torch.cat([past[0], k_new], 1),
                                                         torch.cat([past[1], v_new], 1))
         if i < len(cache.text_kv):
