@@ -49,7 +49,7 @@ def build(preset: str, tmp: Path):
     """
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from visor_vllm import register
+    from visor_vllm import register_transformers
     from visor_vllm.checkpoints.build import (build_tiny, build_tiny_llava_onevision,
                                               llava_onevision_config)
     from visor_vllm.checkpoints.convert import convert, copy_weights
@@ -57,7 +57,7 @@ def build(preset: str, tmp: Path):
     from visor_vllm.model.reference import VisorForConditionalGeneration
     from visor_vllm.patches import apply_transformers_patches
 
-    register()
+    register_transformers()
     apply_transformers_patches()
     torch.manual_seed(0)
     if not preset.startswith("visor-"):

@@ -14,8 +14,11 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "visor_vllm"
 
 # subpackage -> visor_vllm parts it may import (itself always; the top-level shared modules
-# `_compat`, `patches` and the package root's `register` are open to everyone except `model`)
-SHARED = {"visor_vllm", "visor_vllm._compat", "visor_vllm.patches"}
+# `_compat`, `patches`, `envs`, `host_sync` and the package root's registrations are open to
+# everyone; `model` may use `envs` only)
+SHARED = {"visor_vllm", "visor_vllm._compat", "visor_vllm.patches", "visor_vllm.envs",
+          "visor_vllm.host_sync"}
+MODEL_SHARED = {"visor_vllm.envs"}
 ALLOWED = {
     "model": {"model"},
     "checkpoints": {"model", "checkpoints"},
@@ -33,19 +36,29 @@ FORBIDDEN_THIRD_PARTY = {
 }
 
 
-_PACKAGES = {f"visor_vllm.{p.name}" for p in PKG.iterdir() if (p / "__init__.py").exists()}
+def _is_module(dotted: str, pkg: Path = PKG) -> bool:
+    """Whether ``visor_vllm.a.b`` names a module or package under ``pkg``."""
+    parts = dotted.split(".")[1:]
+    base = pkg.joinpath(*parts)
+    return bool(parts) and (base.with_suffix(".py").exists() or (base / "__init__.py").exists())
 
 
-def _imports(path: Path) -> set[str]:
+def _imports(path: Path, pkg: Path = PKG) -> set[str]:
+    """Every module ``path`` imports, lazy imports included. ``from visor_vllm.engine import
+    stats`` counts as ``visor_vllm.engine.stats`` (not the package ``visor_vllm.engine``, whose
+    ``__init__`` runs but imports nothing here); a name that is not a module (``from visor_vllm
+    import register``) counts as its package."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-            if node.module == "visor_vllm" or node.module in _PACKAGES:
-                # from visor_vllm.engine import stats -> visor_vllm.engine.stats
-                names.update(f"{node.module}.{a.name}" for a in node.names)
+            if node.module.split(".")[0] != "visor_vllm":
+                names.add(node.module)
+                continue
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                names.add(sub if _is_module(sub, pkg) else node.module)
         elif isinstance(node, ast.ImportFrom) and node.level:
             raise AssertionError(f"{path}: relative import; use absolute visor_vllm.* imports")
     return names
@@ -68,7 +81,8 @@ def test_import_direction(sub):
             top = name.split(".")[0]
             if top in FORBIDDEN_THIRD_PARTY.get(sub, ()):
                 bad.append(f"{path.relative_to(PKG)} imports {name}")
-            if top != "visor_vllm" or name in SHARED and sub != "model":
+            if top != "visor_vllm" or name in SHARED and sub != "model" \
+                    or sub == "model" and name in MODEL_SHARED:
                 continue
             part = name.split(".")[1] if "." in name else None
             if part in ALLOWED or part is None:
@@ -90,5 +104,89 @@ def test_serving_imports_only_receipts_and_stats_from_the_engine():
 
 def test_the_checker_sees_lazy_and_from_imports(tmp_path):
     mod = tmp_path / "m.py"
-    mod.write_text("def f():\n    from visor_vllm import receipts\n    import vllm.envs\n")
-    assert {"visor_vllm.receipts", "vllm.envs"} <= _imports(mod)
+    mod.write_text("def f():\n    from visor_vllm.engine import receipts\n    import vllm.envs\n"
+                   "    from visor_vllm import register\n")
+    assert {"visor_vllm.engine.receipts", "vllm.envs", "visor_vllm"} <= _imports(mod)
+
+
+# top-level module -> visor_vllm parts (subpackages or top-level modules) it may import
+TOP = {
+    "__init__": {"model", "engine", "patches", "envs"},  # the two registrations
+    "_compat": set(),
+    "envs": set(),            # every layer reads the environment through it
+    "host_sync": set(),
+    "patches": {"envs"},      # the ledger knows third-party internals, not the package
+    "testing": {"model", "checkpoints"},
+    "cli": set(ALLOWED) | {"visor_vllm"},  # wires every sub-command
+}
+
+
+def test_every_top_level_module_has_a_rule():
+    assert {p.stem for p in PKG.glob("*.py")} == set(TOP), "a new top-level module needs a rule"
+
+
+@pytest.mark.parametrize("mod", sorted(TOP))
+def test_top_level_import_direction(mod):
+    bad = []
+    for name in _imports(PKG / f"{mod}.py"):
+        if name.split(".")[0] != "visor_vllm" or name == "visor_vllm" and mod == "cli":
+            continue
+        part = name.split(".")[1] if "." in name else "visor_vllm"
+        if part not in TOP[mod] and part != mod:
+            bad.append(f"{mod}.py imports {name}")
+    assert not bad, "import direction violated:\n" + "\n".join(bad)
+
+
+def _graph(root: Path, package: str) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (lazy imports included)."""
+    mods = {}
+    for p in root.rglob("*.py"):
+        name = ".".join((package, *p.relative_to(root).with_suffix("").parts))
+        mods[name.removesuffix(".__init__")] = p
+    return {m: {n for n in _imports(p, root) if n in mods} - {m} for m, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    assert _cycles(_graph(PKG, "visor_vllm")) == []
+
+
+def test_the_cycle_check_sees_a_lazy_cycle(tmp_path):
+    pkg = tmp_path / "visor_vllm"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a" / "__init__.py").write_text("")
+    (pkg / "a" / "x.py").write_text("def f():\n    from visor_vllm import y\n")
+    (pkg / "y.py").write_text("from visor_vllm.a import x\n")
+    assert _cycles(_graph(pkg, "visor_vllm")) == [["visor_vllm.a.x", "visor_vllm.y"]]

@@ -15,13 +15,6 @@ import importlib.util
 
 VLLM_VERSION = "0.32.0"
 
-# vLLM environment defaults for media fetching, set by `visor-vllm serve` and the launcher
-# (setdefault: the user's own values win). vLLM's defaults retry a URL that never answers for
-# about two minutes and follow redirects, which would let a public URL bounce the fetch to this
-# host or cloud metadata.
-MEDIA_FETCH_ENV = {"VLLM_IMAGE_FETCH_TIMEOUT": "5",
-                   "VLLM_MEDIA_FETCH_MAX_RETRIES": "1",   # attempts, not retries
-                   "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0"}
 
 
 def _installed(module: str) -> bool:

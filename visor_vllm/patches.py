@@ -86,7 +86,7 @@ Ledger
    ids and text token counts only; the image size and the budget (``sampling_params.
    extra_args``) are on the request.
    How.  Wrap ``allocate_slots(request, ...)``: first hand the request to every
-   `VisorSAManager` of the coordinator (``note(request)``), then run vLLM's code, in which
+   `VisorSAManager` of the coordinator (``visor_note(request)``), then run vLLM's code, in which
    that manager adds the noted vision prefix to the token counts. Applied by the manager's
    ``__init__``.
    When it can go.  When vLLM passes the request (or its sampling params) to single-type
@@ -315,9 +315,9 @@ def apply_vllm_patches() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _vllm_pixel_limit_on() -> bool:
-    from visor_vllm.engine.inputs import image_pixel_limit
+    from visor_vllm import envs
 
-    return image_pixel_limit() > 0
+    return int(envs.VLLM_MAX_IMAGE_PIXELS) > 0
 
 
 def _pil_check_off() -> bool:
@@ -360,16 +360,20 @@ def _vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _config_hook_applied() -> bool:
-    from visor_vllm.engine import config_hook
+ARCH = "VisorForConditionalGeneration"
+_HOOK: list = []  # the hook class `apply_config_patches` was given
 
-    return config_hook.installed()
+
+def _config_hook_applied() -> bool:
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    return bool(_HOOK) and MODELS_CONFIG_MAP.get(ARCH) is _HOOK[0]
 
 
 def _apply_config_hook() -> None:
-    from visor_vllm.engine import config_hook
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    config_hook.install()
+    MODELS_CONFIG_MAP[ARCH] = _HOOK[0]
 
 
 CONFIG_PATCHES: list[Patch] = [
@@ -389,8 +393,11 @@ CONFIG_PATCHES: list[Patch] = [
 ]
 
 
-def apply_config_patches() -> list[str]:
-    """Install VISOR's vLLM config hook where vLLM is installed (``register()``); idempotent."""
+def apply_config_patches(hook) -> list[str]:
+    """Install ``hook`` (`visor_vllm.engine.config_hook.VisorConfigHook`) as VISOR's vLLM config
+    hook where vLLM is installed (``register()`` passes it: this ledger imports nothing of the
+    package's, so imports run one way); idempotent."""
+    _HOOK[:] = [hook]
     return _apply(CONFIG_PATCHES)
 
 
@@ -407,14 +414,13 @@ def _allocate_slots_applied() -> bool:
 def _apply_allocate_slots() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    from visor_vllm.engine.kv_layout import VisorSAManager
-
     original = KVCacheManager.allocate_slots
 
     def allocate_slots(self, request, *args, **kwargs):
         for manager in self.coordinator.single_type_managers:
-            if isinstance(manager, VisorSAManager):
-                manager.note(request)
+            note = getattr(manager, "visor_note", None)  # VisorSAManager's (engine/kv_layout)
+            if note is not None:
+                note(request)
         return original(self, request, *args, **kwargs)
 
     allocate_slots.__visor_original__ = original
@@ -430,7 +436,7 @@ SCHEDULER_PATCHES: list[Patch] = [
             "vLLM's single-type managers get request ids and text token counts, not the "
             "requests whose images and vllm_xargs decide the prefix.",
         how="wrap allocate_slots: before vLLM's code, hand the request to each "
-            "VisorSAManager (note(request)), which keeps each id's vision prefix.",
+            "VisorSAManager (visor_note(request)), which keeps each id's vision prefix.",
         removal="drop when vLLM passes the Request (or its sampling params) to single-type "
                 "managers, or offers a per-request allocation hook.",
         needed=_vllm_importable, applied=_allocate_slots_applied, apply=_apply_allocate_slots,

@@ -38,6 +38,8 @@ def test_explicit_layers_are_1_based_and_checked():
     ({"visor_budget": 1.5}, ">= 0"), ({"visor_sa_layers": 4}, "list"), ({"visor_sa_layers": ["a"]}, "integer"),
     ({"visor_sa_layers": [1.5]}, "integer"), ({"visor_sa_layers": [True]}, "integer"),
     ({"visor_sa_layers": [1, 1]}, "distinct"), ({"visor_colour": 1}, "allowed"),
+    ({"VISOR_BUDGET": "min"}, r"'VISOR_BUDGET'\]; allowed: \['visor_budget'"),
+    ({"VisorBudget": 1}, "unknown VISOR argument"), ({"visorbudget": 1}, "allowed"),
     ({"visor_budget": "max", "visor_sa_layers": [1]}, "give it alone"), ({"visor_budget": 0}, "smallest has 1"),
 ])
 def test_bad_budgets(extra, match):

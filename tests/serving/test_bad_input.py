@@ -253,9 +253,10 @@ def test_max_tokens_over_context_length_is_400(client):
     ({"visor_sa_layers": [0]}, ["visor_sa_layers", "not SA-capable"]),  # numbers are 1-based
     ({"visor_sa_layers": [[1]]}, ["visor_sa_layers", "integer layer numbers"]),
     ({"visor_colour": "red"}, ["unknown VISOR argument", "visor_colour"]),
+    ({"VISOR_BUDGET": "min"}, ["unknown VISOR argument", "VISOR_BUDGET", "visor_budget"]),
     ({"visor_budget": 10 ** 30}, ["integers must be between"]),    # vLLM's own range check
 ], ids=["budget-list", "budget-negative", "budget-float", "budget-null", "layers-string",
-        "layers-99", "layers-0", "layers-nested", "unknown-key", "budget-huge"])
+        "layers-99", "layers-0", "layers-nested", "unknown-key", "upper-case-key", "budget-huge"])
 def test_bad_budget_field_is_400(client, xargs, fragments):
     rejected(lambda: chat(client, image_messages(data_url(png())), extra_body={"vllm_xargs": xargs}),
              400, *fragments)

@@ -231,11 +231,10 @@ def load_processor(path: str | os.PathLike):
     """`LlavaOnevisionProcessor` for a checkpoint dir; works without torchvision (see patches)."""
     from transformers import LlavaOnevisionProcessor
 
-    from visor_vllm import register
-    from visor_vllm.patches import apply_transformers_patches
+    from visor_vllm import register_transformers
 
-    register()  # AutoConfig must know model_type "visor" (AutoTokenizer reads config.json)
-    apply_transformers_patches()
+    # AutoConfig must know model_type "visor" (AutoTokenizer reads config.json); the patches
+    register_transformers()
     return LlavaOnevisionProcessor.from_pretrained(str(path), local_files_only=True)
 
 

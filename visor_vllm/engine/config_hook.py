@@ -61,16 +61,3 @@ class VisorConfigHook:
             return
         logger.info("VISOR: %s", "Model Runner V2 (VisorModelState)" if v2 else
                     "the V1 model runner (VISOR's logits-processor bridge)")
-
-
-def install() -> None:
-    """Put the hook into vLLM's per-architecture map (idempotent; ledger entry 5)."""
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    MODELS_CONFIG_MAP[ARCH] = VisorConfigHook
-
-
-def installed() -> bool:
-    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    return MODELS_CONFIG_MAP.get(ARCH) is VisorConfigHook

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from visor_vllm import envs
+
 
 def image_pixel_limit() -> int:
     """vLLM's limit on ``width * height`` of a request's image; ``<= 0`` means no limit."""
-    import vllm.envs as envs
-
     return int(envs.VLLM_MAX_IMAGE_PIXELS)
 
 

@@ -130,9 +130,9 @@ class VisorSASpec(FullAttentionSpec):
 
 class VisorSAManager(FullAttentionManager):
     """Full attention over ``prefix + T`` tokens, ``prefix`` = the request's visual tokens when
-    its budget may run one of the group's layers, else 0. ``note(request)`` (ledger entry 6) is
-    called before each allocation, i.e. every step for every running request: it decides once
-    per request, until ``free``."""
+    its budget may run one of the group's layers, else 0. ``visor_note(request)`` (ledger
+    entry 6) is called before each allocation, i.e. every step for every running request: it
+    decides once per request, until ``free``."""
 
     def __init__(self, kv_cache_spec: VisorSASpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -159,7 +159,7 @@ class VisorSAManager(FullAttentionManager):
             return True
         return bool(possible_sa_layers(self._cfg, budget) & self._layers)
 
-    def note(self, request) -> None:
+    def visor_note(self, request) -> None:
         if request.request_id not in self.prefix:
             params = getattr(request, "sampling_params", None)
             nv = sum(request.get_num_encoder_embeds(i) for i in range(len(request.mm_features)))

@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from visor_vllm import envs
+
 KEY = "visor_receipt"
 DIR_ENV = "VISOR_RECEIPT_DIR"
 SECRET_ENV = "VISOR_RECEIPT_KEY"  # per server, inherited by its processes (engine/stats.py)
@@ -59,7 +61,7 @@ def runtime_dir() -> Path:
     user could write (not ours, group/other bits, a symlink) is refused with `RuntimeDirError`:
     a file there changes what clients are told and what ``/metrics`` counts.
     """
-    folder = Path(os.environ.get(DIR_ENV) or Path(tempfile.gettempdir()) / f"visor-{os.getuid()}")
+    folder = Path(envs.VISOR_RECEIPT_DIR or Path(tempfile.gettempdir()) / f"visor-{os.getuid()}")
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = folder.lstat()
@@ -75,9 +77,9 @@ def runtime_dir() -> Path:
 
 def _key() -> bytes:
     """This server's receipt key; a process without one makes one its children inherit."""
-    if not os.environ.get(SECRET_ENV):
-        os.environ[SECRET_ENV] = secrets.token_hex(16)
-    return os.environ[SECRET_ENV].encode()
+    if not envs.VISOR_RECEIPT_KEY:
+        envs.export(SECRET_ENV, secrets.token_hex(16))
+    return envs.VISOR_RECEIPT_KEY.encode()
 
 
 def _mac(nonce: str) -> str:

@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visor_vllm import envs
 from visor_vllm.engine import receipts
 from visor_vllm.engine.receipts import runtime_dir
 
@@ -82,13 +83,13 @@ def claim_server_id() -> None:
     another one's environment never shares its file.
     """
     if multiprocessing.parent_process() is None:
-        os.environ[SERVER_ENV] = f"{os.getpid()}-{time.time_ns() % 10**9}"
-        os.environ[receipts.SECRET_ENV] = secrets.token_hex(16)  # receipt ids' HMAC key
+        envs.export(SERVER_ENV, f"{os.getpid()}-{time.time_ns() % 10**9}")
+        envs.export(receipts.SECRET_ENV, secrets.token_hex(16))  # receipt ids' HMAC key
 
 
 def stats_path(dp_rank: int = 0, server: str | None = None) -> Path:
     """The file of one engine (data-parallel rank ``dp_rank``) of this server."""
-    server = server if server is not None else os.environ.get(SERVER_ENV, "")
+    server = server if server is not None else envs.VISOR_SERVER_ID
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", server) or "default"
     return runtime_dir() / f"stats-{safe}-{int(dp_rank)}.bin"
 

@@ -23,10 +23,11 @@ Footguns.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 
 import torch
+
+from visor_vllm import envs
 
 ENV = "VISOR_VISION_CACHE_MB"
 DEFAULT_MB = 256
@@ -38,7 +39,7 @@ class VisionCacheConfigError(ValueError):
 
 def budget_bytes(env: dict | None = None) -> int:
     """The cache bound in bytes from ``VISOR_VISION_CACHE_MB`` (0 = off)."""
-    raw = (os.environ if env is None else env).get(ENV)
+    raw = envs.get(ENV, env)
     if raw is None or raw.strip() == "":
         return DEFAULT_MB << 20
     try:

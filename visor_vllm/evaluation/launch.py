@@ -72,10 +72,10 @@ def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] =
     port = free_port()
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="visor-serve-")) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    from visor_vllm._compat import MEDIA_FETCH_ENV  # media fetching as `visor-vllm serve` sets it
+    from visor_vllm import envs  # media fetching as `visor-vllm serve` sets it
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **MEDIA_FETCH_ENV, **os.environ, "HF_HUB_OFFLINE": "1",
-           **(env or {})}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1",
+           **envs.child_environment(HF_HUB_OFFLINE="1", **(env or {}))}
     with open(log, "w") as out:
         proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware),
                                 stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -35,10 +35,10 @@ admission.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from visor_vllm import envs
 from visor_vllm.model.config import VisorConfig
 from visor_vllm.model.plan import layers_from_numbers, numbers_from_layers
 
@@ -72,8 +72,10 @@ def parse_budget(extra_args: Mapping | None, cfg: VisorConfig | None = None,
 
     A request without budget keys gets ``default`` (`default_budget()` when None).
     """
+    # every key that starts with "visor" in any letter case is VISOR's to judge: a misspelt or
+    # mis-cased one ("VISOR_BUDGET") is an error, never silently the default budget
     args = {k: v for k, v in (extra_args or {}).items()
-            if str(k).startswith("visor_") and k not in INTERNAL_KEYS}
+            if str(k).lower().startswith("visor") and k not in INTERNAL_KEYS}
     if not args:
         return default_budget(cfg) if default is None else default
     return replace(_parse_args(args, cfg), source="override")
@@ -81,7 +83,7 @@ def parse_budget(extra_args: Mapping | None, cfg: VisorConfig | None = None,
 
 def default_budget(cfg: VisorConfig | None = None) -> Budget:
     """The server-wide default from ``$VISOR_DEFAULT_BUDGET`` (unset: the router, unrestricted)."""
-    raw = os.environ.get(DEFAULT_ENV, "").strip()
+    raw = envs.VISOR_DEFAULT_BUDGET
     if not raw:
         return Budget()
     if raw.startswith("{"):

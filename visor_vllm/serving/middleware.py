@@ -52,6 +52,7 @@ import logging
 import time
 from functools import lru_cache
 
+from visor_vllm import envs
 from visor_vllm.engine import receipts
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,12 @@ class VisorMiddleware:
             problem = problem or await _resolve_problem(hosts)
         if problem:
             return await _json_error(send, 400, problem)
+        if path == "/tokenize" and _served_config(scope) is not None:
+            # vLLM's encoder-decoder path answers {"count": 0, "tokens": []} for every prompt
+            try:
+                return await _send_json(send, 200, decoder_tokens(request, _model_config(scope)))
+            except (ValueError, TypeError, KeyError) as e:
+                return await _json_error(send, 400, f"cannot tokenize this request: {e}")
         if path not in PATHS:  # accounted in visor:*, no receipt (vLLM shapes these responses)
             new_body = json.dumps(request).encode()
             scope = dict(scope, headers=_with_length(scope["headers"], len(new_body)))
@@ -416,6 +423,72 @@ def _as_bool(value) -> bool:
     return value is True
 
 
+# ---------------------------------------------------------------------------------------------
+# /tokenize: the tokens the VISOR model really sees
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _processor(path: str):
+    from visor_vllm.checkpoints.files import load_processor
+
+    return load_processor(path)
+
+
+def _template_messages(messages) -> list[dict]:
+    """OpenAI chat messages -> the chat template's (image parts of any kind become ``image``)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError("every message needs a role")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                kind = p.get("type") if isinstance(p, dict) else None
+                if kind == "text":
+                    parts.append({"type": "text", "text": str(p.get("text", ""))})
+                elif kind in ("image_url", "image", "input_image", "image_pil", "image_embeds"):
+                    parts.append({"type": "image"})
+                else:
+                    raise ValueError(f"content part of type {kind!r} is not supported by VISOR")
+        else:
+            parts = [{"type": "text", "text": ""}]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def decoder_tokens(request: dict, model_config) -> dict:
+    """vLLM's ``/tokenize`` answer for a VISOR server: the *decoder* prompt's tokens.
+
+    VISOR is served as an encoder-decoder model: the image placeholders become the encoder
+    input and the decoder prompt is everything else, the routing token the chat template puts
+    after each question included (`VisorMultiModalProcessor.create_decoder_prompt`). So the
+    tokens are the rendered prompt's with the image placeholders removed; ``count`` is what a
+    receipt reports as ``text_tokens`` for the same request.
+    """
+    proc = _processor(str(model_config.tokenizer))
+    tok = proc.tokenizer
+    if "messages" in request:
+        text = proc.apply_chat_template(
+            _template_messages(request["messages"]), tokenize=False,
+            add_generation_prompt=bool(request.get("add_generation_prompt", True)),
+            continue_final_message=bool(request.get("continue_final_message", False)))
+        special = bool(request.get("add_special_tokens", False))
+    elif isinstance(request.get("prompt"), str):
+        text, special = request["prompt"], bool(request.get("add_special_tokens", True))
+    else:
+        raise ValueError("give 'prompt' (a string) or 'messages'")
+    ids = tok(text.replace(proc.image_token, ""), add_special_tokens=special)["input_ids"]
+    out = {"count": len(ids), "max_model_len": model_config.max_model_len, "tokens": ids,
+           "token_strs": tok.convert_ids_to_tokens(ids) if request.get("return_token_strs")
+           else None}
+    return out
+
+
 def _model_config(scope):
     try:
         return scope["app"].state.vllm_config.model_config
@@ -573,7 +646,7 @@ def _media_problem(urls: list[str], model_config) -> tuple[str | None, set[str]]
 
     local_ok = bool(getattr(model_config, "allowed_local_media_path", ""))
     domains = set(getattr(model_config, "allowed_media_domains", None) or [])
-    loopback_ok = os.environ.get(LOOPBACK_ENV) == "1"
+    loopback_ok = envs.VISOR_ALLOW_LOOPBACK_MEDIA
     hosts: set[str] = set()
     for url in urls:
         try:

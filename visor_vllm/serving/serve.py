@@ -31,6 +31,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from visor_vllm import envs
+
 DEFAULT_DIR = Path("checkpoints/visor-tiny")
 MIDDLEWARE = "visor_vllm.serving.middleware.VisorMiddleware"  # receipts in responses
 
@@ -95,7 +97,7 @@ def _cli(args: argparse.Namespace) -> int:
         from visor_vllm.model.budget import DEFAULT_ENV, BudgetError, default_budget
         from visor_vllm.model.config import VisorConfig
 
-        os.environ[DEFAULT_ENV] = args.default_budget
+        envs.export(DEFAULT_ENV, args.default_budget)
         try:  # fail here, with the allowed forms, not later inside the engine
             default_budget(VisorConfig.from_pretrained(str(model)))
         except BudgetError as e:
@@ -109,14 +111,6 @@ def _cli(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    # LLaVA-OV shrinks every image to <= 2304 px anyway; a lower cap keeps a 0.5 MB PNG that
-    # decodes to 179 M pixels (vLLM's default limit) from costing the server GBs of RAM
-    os.environ.setdefault("VLLM_MAX_IMAGE_PIXELS", str(4096 * 4096))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from visor_vllm._compat import MEDIA_FETCH_ENV
-
-    for key, value in MEDIA_FETCH_ENV.items():  # one 5 s attempt, no redirects
-        os.environ.setdefault(key, value)
+    envs.apply_server_defaults()  # KV space, image pixel cap, offline, one 5 s fetch, no redirects
     os.execv(cmd[0], cmd)
     return 0  # not reached

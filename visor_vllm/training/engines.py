@@ -43,7 +43,6 @@ Footguns.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from pathlib import Path
 
@@ -249,12 +248,13 @@ class FSDP2Engine:
 
         cuda = torch.cuda.is_available()
         if not dist.is_initialized():
-            if "RANK" not in os.environ:  # one process, launched without torchrun
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            if envs.RANK is None:  # one process, launched without torchrun
+                for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
+                    envs.export(k, v)
             dist.init_process_group("nccl" if cuda else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = envs.LOCAL_RANK
         if cuda:
             torch.cuda.set_device(local)
         self.device = torch.device("cuda", local) if cuda else torch.device("cpu")

@@ -190,10 +190,10 @@ def load_model(kind: str, path: str | Path):
         if model.config.model_type != "llava_onevision":
             raise TrainingError(f"{path} is not a LLaVA-OneVision checkpoint (dense stage)")
     else:
-        from visor_vllm import register
+        from visor_vllm import register_transformers
         from visor_vllm.model.reference import VisorForConditionalGeneration
 
-        register()
+        register_transformers()
         cfg = json.loads((Path(path) / "config.json").read_text())
         if cfg.get("model_type") != "visor":
             raise TrainingError(f"{path} is not a VISOR checkpoint (model_type "
