@@ -46,6 +46,10 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     again = run_synthetic(tmp_path / "r", quick=True, progress=False, overrides=TINY)
     assert "dense" in again["wall_seconds"] and again["wall_seconds"]["dense"] < 5
     assert "data_label" not in again["wall_seconds"]
+    # ... and its cumulative seconds still count the first invocation's work
+    cum = again["wall_seconds_cumulative"]
+    assert cum["total"] == round(report["wall_seconds"]["total"] + again["wall_seconds"]["total"], 1)
+    assert cum["visor"] >= report["wall_seconds"]["visor"] and "data" in cum
 
 
 def _row(n, easy, hard, flops):

@@ -30,7 +30,7 @@ from pathlib import Path
 from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
-from visor_vllm.training.pipeline import findings, run_synthetic
+from visor_vllm.training.pipeline import WallLedger, findings, run_synthetic
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
@@ -43,9 +43,13 @@ def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
     cfg = report["recipe_config"]
     t0 = time.time()
     report = serve_and_evaluate(out, report, cfg.get("serve", {}), progress)
-    report["wall_seconds"]["served_eval"] = round(time.time() - t0, 1)
-    report["wall_seconds"]["total"] = round(report["wall_seconds"]["total"]
-                                            + report["wall_seconds"]["served_eval"], 1)
+    served_s = round(time.time() - t0, 1)
+    report["wall_seconds"]["served_eval"] = served_s
+    report["wall_seconds"]["total"] = round(report["wall_seconds"]["total"] + served_s, 1)
+    ledger = WallLedger(out)  # a new entry: this invocation's served pass
+    ledger.add("served_eval", served_s)
+    ledger.add("total", served_s)
+    report["wall_seconds_cumulative"] = ledger.cumulative()
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -66,7 +66,8 @@ def seed_row(report: dict) -> dict:
            "dense_easy": dense.get("easy"), "dense_easy_ci": dense.get("easy_ci"),
            "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
-           "wall_seconds": (report.get("wall_seconds") or {}).get("total")}
+           "wall_seconds": (report.get("wall_seconds_cumulative")
+                            or report.get("wall_seconds") or {}).get("total")}
     if router and full:
         fr = _flops(full)
         row.update({

@@ -184,6 +184,36 @@ def _curve(stage_dir: Path) -> list[list[float]]:
     return [[r["step"], round(r["loss"], 5)] for r in map(json.loads, path.read_text().splitlines())]
 
 
+class WallLedger:
+    """Seconds per phase of every invocation into one output directory (``wall_seconds.json``).
+
+    A report's ``wall_seconds`` is this invocation only: a resumed run would report just the
+    remainder (a rerun of a finished run, seconds). ``cumulative()`` sums every invocation, lost
+    work of earlier attempts included, so a resumed seed still says what it cost. Footgun: a phase
+    interrupted mid-way is not recorded (it never finished), and ``total`` counts only invocations
+    that got to the end of training.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / "wall_seconds.json"
+        try:
+            self.runs = json.loads(self.path.read_text())["invocations"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.runs = []
+        self.runs.append({})
+
+    def add(self, name: str, seconds: float) -> None:
+        self.runs[-1][name] = round(self.runs[-1].get(name, 0.0) + seconds, 1)
+        self.path.write_text(json.dumps({"invocations": self.runs}, indent=1) + "\n")
+
+    def cumulative(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for run in self.runs:
+            for k, v in run.items():
+                total[k] = round(total.get(k, 0.0) + v, 1)
+        return total
+
+
 def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
                   progress: bool = True, overrides: dict | None = None) -> dict:
     """Run the synthetic recipe into ``out``; returns (and writes) ``out/report.json``.
@@ -202,12 +232,14 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
+    ledger = WallLedger(out)
     t_all = time.time()
 
     def phase(name, fn):
         t = time.time()
         r = fn()
         wall[name] = round(time.time() - t, 1)
+        ledger.add(name, wall[name])
         return r
 
     data = out / "data"
@@ -270,11 +302,13 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     shutil.rmtree(visor_dir, ignore_errors=True)
     shutil.copytree(routed, visor_dir)
     wall["total"] = round(time.time() - t_all, 1)
+    ledger.add("total", wall["total"])
     report = {
         "recipe": "synthetic", "quick": quick, "seed": seed,
         "note": ("quick run: a plumbing check; the effects need the full budget" if quick
                  else "full recipe"),
-        "wall_seconds": wall, "image_tokens": nv, "text_tokens": nt,
+        "wall_seconds": wall, "wall_seconds_cumulative": ledger.cumulative(),
+        "image_tokens": nv, "text_tokens": nt,
         "loss_curve": {"dense": _curve(out / "dense-run" / "dense"),
                        "stage1": _curve(out / "visor-run" / cfg["stage1"].get("name", "stage1")),
                        "stage2": _curve(out / "visor-run" / cfg["stage2"].get("name", "stage2"))},
