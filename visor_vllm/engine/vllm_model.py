@@ -73,7 +73,7 @@ from visor_vllm import patches
 from visor_vllm.engine import bridge, kv_layout, sa_attention, stats
 from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
 from visor_vllm.engine.inputs import check_images
-from visor_vllm.model import plan
+from visor_vllm.model import layers, plan
 from visor_vllm.model.config import VisorConfig
 from visor_vllm.model.packing import (anyres_grid_view, crop_side, pack_features,
                                       projector_config, visual_token_count)
@@ -217,9 +217,7 @@ class VisorCrossAttention(nn.Module):
 
     def vision_kv(self, vis: torch.Tensor, item_lens: Sequence[int]):
         """vis [Nv_new, d] (new rows, row order) -> k, v [Nv_new, Hkv_local * D]."""
-        x = self.vision_norm(vis)
-        x = x + plan.segment_depthwise_conv1d(x, item_lens, self.pos_conv.weight, self.pos_conv.bias)
-        kv, _ = self.kv_proj(x)
+        kv, _ = self.kv_proj(layers.cross_vision_input(self, vis, item_lens))
         return kv.split([self.kv_size, self.kv_size], dim=-1)
 
     def forward(self, h: torch.Tensor, vis: torch.Tensor | None, item_lens) -> torch.Tensor:

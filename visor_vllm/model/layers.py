@@ -7,7 +7,7 @@ What.
   ``x [B, N, d]`` with the attention injected: what text-only layers run on ``T`` and SA layers
   on ``[V;T]``, in the trainer (`transformer_layer`: causal over right-padded rows) and in the
   reference (with its caches).
-* `cross_kv` / `cross_attend`: VISOR's cross-attention: visual keys/values after an RMSNorm and
+* `cross_vision_input` / `cross_kv` / `cross_attend`: VISOR's cross-attention: visual keys/values after an RMSNorm and
   the per-image depthwise conv (``x + conv(x)``), text queries, no RoPE; ``V`` is not updated.
   `cross_update` is the batched use of both.
 * `visor_layer(layer, t, vis, lay, sa, rope)`: one VISOR layer (``text | cross | self``), what
@@ -24,8 +24,9 @@ Footguns.
 * The reference model (`visor_vllm.model.reference`) runs the same functions one request at a
   time (batch 1) with its caches; `tests/training/test_model.py` holds the two equal per sample
   in fp32. The vLLM model (`visor_vllm.engine.vllm_model`) runs vLLM's fused layers and
-  kernels instead and shares `visor_vllm.model.plan` (positions, the conv's segments), the
-  checkpoint and the equivalence tests with these.
+  kernels instead (paged attention, merged QKV, fused add + RMSNorm) and shares with these
+  `cross_vision_input`, `visor_vllm.model.plan` (positions, the conv's segments), the
+  checkpoint and the equivalence tests.
 """
 
 from __future__ import annotations
@@ -102,13 +103,20 @@ def attention_layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def cross_kv(ca, vis: torch.Tensor, image_lens, gaps=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CA keys/values of visual tokens ``vis [Nv, d]``: RMSNorm, the per-image depthwise conv
-    (``x + conv(x)``, zero-padded at image borders), projections; ``[Nv, Hkv, dh]`` each.
-    Computed once per request and layer (the visual tokens do not change in CA layers)."""
+def cross_vision_input(ca, vis: torch.Tensor, image_lens, gaps=None) -> torch.Tensor:
+    """What CA's keys and values are projected from, ``[Nv, d]``: the visual tokens ``vis
+    [Nv, d]`` after RMSNorm and the per-image depthwise conv (``x + conv(x)``, zero-padded at
+    image borders; paper Sec. 4.2.1). The vLLM model calls this too, then its fused K/V GEMM."""
     x = ca.vision_norm(vis)
-    x = x + plan.segment_depthwise_conv1d(x, image_lens, ca.pos_conv.weight, ca.pos_conv.bias,
-                                          gaps=gaps)
+    return x + plan.segment_depthwise_conv1d(x, image_lens, ca.pos_conv.weight, ca.pos_conv.bias,
+                                             gaps=gaps)
+
+
+def cross_kv(ca, vis: torch.Tensor, image_lens, gaps=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CA keys/values of visual tokens ``vis [Nv, d]`` (`cross_vision_input`, then the
+    projections); ``[Nv, Hkv, dh]`` each. Computed once per request and layer (the visual tokens
+    do not change in CA layers)."""
+    x = cross_vision_input(ca, vis, image_lens, gaps)
     n = x.shape[0]
     return (ca.k_proj(x).view(n, ca.kv_heads, ca.head_dim),
             ca.v_proj(x).view(n, ca.kv_heads, ca.head_dim))
