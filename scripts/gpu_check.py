@@ -15,7 +15,8 @@ printing one JSON line ``{"check": ..., "ok": ..., "seconds": ...}`` (and `--out
    a third launch must find both stages done.
 4. ``export``: the FSDP2 run's exported checkpoint loads into the reference model, and the
    reference's logits equal the trainer's batched forward on the same prompts (fp32); the DDP
-   and FSDP2 exports agree (bf16 runs: to a tolerance).
+   and FSDP2 exports agree to 1e-3 on a CPU (fp32); on a GPU (bf16: DDP's autocast and FSDP2's
+   policy round differently) their difference is reported, not checked.
 5. ``speed``: `benchmarks/train_throughput.py` (prefill and training step, VISOR min/max vs
    dense) at the preset's shapes, its JSON lines passed through.
 
@@ -184,6 +185,8 @@ def export(out: Path, cpu: bool) -> dict:
     if nan or not changed or diff > tol:
         raise RuntimeError(f"export: nan={nan}, changed tensors={changed}, logits max |diff| "
                            f"{diff:.2e} (tolerance {tol:g})")
+    if device == "cpu" and engines > 1e-3:
+        raise RuntimeError(f"export: DDP and FSDP2 weights differ by {engines:.2e} (fp32, 1e-3)")
     return {"device": device, "changed_tensors": changed, "tensors": len(mine),
             "logits_max_abs_diff": diff, "ddp_vs_fsdp2_weights_max_abs_diff": engines}
 

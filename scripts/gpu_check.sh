@@ -21,4 +21,4 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" "$ROOT/scripts/gpu_check.py" "${ARGS[@]}"
+exec "$PY" "$ROOT/scripts/gpu_check.py" ${ARGS[@]+"${ARGS[@]}"}

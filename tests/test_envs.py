@@ -42,6 +42,8 @@ def test_values_are_typed_and_bad_ones_named(monkeypatch):
     monkeypatch.setenv("VISOR_ALLOW_LOOPBACK_MEDIA", "1")
     assert envs.VISOR_CHECK_HOST_SYNC == "count" and envs.FSDP_VERSION == 2
     assert envs.VISOR_ALLOW_LOOPBACK_MEDIA is True
+    monkeypatch.setenv("VISOR_ALLOW_LOOPBACK_MEDIA", "true")  # a security switch: exactly 1
+    assert envs.VISOR_ALLOW_LOOPBACK_MEDIA is False
     monkeypatch.setenv("VISOR_CHECK_HOST_SYNC", "sometimes")
     with pytest.raises(ValueError, match="VISOR_CHECK_HOST_SYNC='sometimes'"):
         envs.VISOR_CHECK_HOST_SYNC

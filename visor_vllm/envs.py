@@ -25,6 +25,11 @@ def _raw(name: str, env: Mapping[str, str] | None = None) -> str | None:
     return (os.environ if env is None else env).get(name)
 
 
+def _only_one(name: str) -> Callable[[], bool]:
+    """A security switch: on only for exactly ``1`` (no ``true``/``yes`` guessing)."""
+    return lambda: (_raw(name) or "").strip() == "1"
+
+
 def _flag(name: str, default: bool = False) -> Callable[[], bool]:
     def read() -> bool:
         raw = _raw(name)
@@ -73,9 +78,9 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VISOR_VISION_CACHE_MB": (_str("VISOR_VISION_CACHE_MB"),
                               "the worker's vision-feature cache bound in MB, 0 = off (default "
                               "256; visor_vllm.engine.vision_cache)"),
-    "VISOR_ALLOW_LOOPBACK_MEDIA": (_flag("VISOR_ALLOW_LOOPBACK_MEDIA"),
-                                   "1: image URLs may point at this host (tests; off by default, "
-                                   "see SECURITY.md)"),
+    "VISOR_ALLOW_LOOPBACK_MEDIA": (_only_one("VISOR_ALLOW_LOOPBACK_MEDIA"),
+                                   "exactly 1: image URLs may point at this host (tests; off by "
+                                   "default, see SECURITY.md)"),
     "VISOR_RECEIPT_DIR": (_str("VISOR_RECEIPT_DIR"),
                           "the private directory receipts and executed-FLOP stats share "
                           "(default <tmp>/visor-<uid>, mode 0700)"),

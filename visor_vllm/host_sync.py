@@ -17,11 +17,15 @@ Footguns.
 * A dispatch mode sees only ops dispatched on this thread; collectives run by a C++ reducer
   (DDP's buckets) are invisible, as are ops inside custom-op kernels.
 * ``TorchDispatchMode`` sees ops after autograd: ``backward()`` inside the region is covered.
+* Host-to-device copies from pageable memory (``torch.tensor(x, device="cuda")``) wait for the
+  GPU's queue too, but look like any copy to a dispatch mode: on a GPU the detector also turns on
+  ``torch.cuda.set_sync_debug_mode("warn")`` for the region and records its warnings.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -53,10 +57,26 @@ class HostSyncDetector(TorchDispatchMode):
             found.append("Tensor.tolist")
             return tolist(t)
         torch.Tensor.tolist = recorded_tolist
+        self._cuda = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # CUDA's own detector also sees what no dispatch mode can: a copy from pageable
+            # host memory to the device waits for the queue (torch.tensor(x, device="cuda"))
+            self._cuda = (torch.cuda.get_sync_debug_mode(), warnings.catch_warnings(record=True))
+            self._caught = self._cuda[1].__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
         return super().__enter__()
 
     def __exit__(self, *exc):
         torch.Tensor.tolist = self._tolist
+        if self._cuda is not None:
+            torch.cuda.set_sync_debug_mode(self._cuda[0])
+            self._cuda[1].__exit__(None, None, None)
+            for w in self._caught:
+                if "synchroniz" in str(w.message):
+                    self.found.append(f"CUDA: {str(w.message).splitlines()[0]}")
+                else:  # not ours: let it through
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

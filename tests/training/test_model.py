@@ -175,3 +175,50 @@ def test_placeholders_that_do_not_match_the_images_are_a_named_error(model, samp
     short.input_ids[2] = 5  # one image placeholder fewer
     with pytest.raises(ImageTokenMismatchError, match="image tokens per sample"):
         visor_hidden(model, collate([short], pad_id=0), [0])
+
+
+@pytest.mark.parametrize("stage,tower", [("stage1", False), ("stage2", False), ("stage2", True)])
+def test_a_text_only_batch_gives_every_trainable_parameter_a_gradient(stage, tower):
+    """DDP and FSDP2 need the same gradients on every rank: a rank whose micro-batch has no image
+    must still give CA, the projector (and a trained tower) zero gradients, not none."""
+    model = random_tiny_model(seed=2)
+    g = torch.Generator().manual_seed(5)
+    step = VisorTrainStep(model, stage, train_vision_tower=tower)
+    batch = collate([_sample(model, g, None, 6, with_image=False)], pad_id=0)
+    loss, n = step(batch, [0, 3, 5])
+    (loss / n).backward()
+    trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    assert any(".cross_attn." in k for k in trainable)
+    assert (not tower) or any(k.startswith("vision_tower.") for k in trainable)
+    missing = [k for k, p in trainable.items() if p.grad is None]
+    assert not missing, missing
+    assert all(not p.grad.any() for k, p in trainable.items() if ".cross_attn." in k)
+    with torch.no_grad():  # the touch is exactly zero: the output is the plain text forward's
+        h, _ = visor_hidden(model, batch, [0, 3, 5])
+    h2, _ = visor_hidden(model, batch, [0, 3, 5])
+    torch.testing.assert_close(h, h2.detach(), atol=0, rtol=0)
+
+
+def test_rope_frequencies_stay_fp32_through_casts():
+    """DeepSpeed's bf16 casts the module; RoPE's frequencies must not be rounded with it."""
+    model = random_tiny_model(seed=2)
+    fp32 = model.inv_freq.clone()
+    model.bfloat16()
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, fp32)
+    assert model.language_model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_text_only_batch_gives_the_dense_models_parameters_gradients(dense_ckpt):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor_vllm.training.model import DenseTrainStep
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(dense_ckpt)
+    step = DenseTrainStep(model)
+    g = torch.Generator().manual_seed(5)
+    ids = [IM_START, 5, 6] + torch.randint(5, 900, (6,), generator=g).tolist() + [IM_END, 10, 11]
+    batch = collate([Encoded(torch.tensor(ids), torch.tensor(ids), None, None)], pad_id=0)
+    loss, n = step(batch)
+    (loss / n).backward()
+    missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

@@ -168,8 +168,15 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
     for seed in seeds:
         run_dir = out / f"seed-{seed}"
         done = run_dir / "report.json"
-        if done.exists() and (not serve or "served" in json.loads(done.read_text())):
-            continue
+        if done.exists():
+            prev = json.loads(done.read_text())
+            if bool(prev.get("quick")) != quick or prev.get("seed") != seed:
+                kind = "quick" if prev.get("quick") else "full"
+                raise ValueError(f"{run_dir} holds a {kind} run of seed {prev.get('seed')}; "
+                                 f"this is a {'quick' if quick else 'full'} run of seed {seed}: "
+                                 "give another OUT")
+            if not serve or "served" in prev:
+                continue
         run_recipe(run_dir, quick=quick, seed=seed, serve=serve, progress=progress,
                    overrides=overrides)
     result = seeds_report([out / f"seed-{s}" for s in seeds])
@@ -185,7 +192,9 @@ def _cli_recipe(args) -> int:
     try:
         if args.seeds:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            if args.seed is not None or not seeds:
+            if not seeds:
+                raise ValueError(f"--seeds {args.seeds!r} names no seed (e.g. --seeds 0,1,2)")
+            if args.seed is not None:
                 raise ValueError("give --seeds (a list) or --seed (one), not both")
             result = run_seeds(args.out, seeds, quick=args.quick, serve=not args.no_serve)
             print(result["markdown"])

@@ -124,6 +124,10 @@ def _ci(v, ci) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+def _num(x) -> str:
+    return "-" if x is None else str(x)
+
+
 def _yes(v) -> str:
     return "-" if v is None else ("yes" if v else "**no**")
 
@@ -141,7 +145,7 @@ def markdown(rows: list[dict], agg: dict) -> str:
             f"| {r['seed']} | {_yes(r['finding1'])} | {_yes(r['finding2'])} | "
             f"{_yes(r['finding3'])} | {_ci(r['dense_easy'], r['dense_easy_ci'])} | "
             f"{_ci(r['dense_hard'], r['dense_hard_ci'])} | "
-            f"{r.get('router_accuracy_vs_max', '-')} | {r.get('router_flops_vs_max', '-')} | "
+            f"{_num(r.get('router_accuracy_vs_max'))} | {_num(r.get('router_flops_vs_max'))} | "
             f"{sa_txt} | {'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
     n = agg["seeds"]
     lines.append("")

@@ -48,20 +48,29 @@ from visor_vllm.model.packing import visual_token_count
 IGNORE = -100  # label of a position that is not trained (transformers' convention)
 
 
-def _move(obj, device, non_blocking: bool):
-    """A copy of dataclass ``obj`` with every tensor field on ``device``."""
+def map_tensors(obj, fn):
+    """A copy of dataclass ``obj`` with ``fn`` applied to every tensor field (nested too)."""
     changes = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, torch.Tensor):
-            changes[f.name] = v.to(device, non_blocking=non_blocking)
+            changes[f.name] = fn(v)
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
-            changes[f.name] = _move(v, device, non_blocking)
+            changes[f.name] = map_tensors(v, fn)
         elif isinstance(v, tuple) and v and isinstance(v[0], torch.Tensor):
-            changes[f.name] = (v[0].to(device, non_blocking=non_blocking), *v[1:])
+            changes[f.name] = (fn(v[0]), *v[1:])
         elif isinstance(v, tuple) and v and dataclasses.is_dataclass(v[0]):
-            changes[f.name] = tuple(_move(x, device, non_blocking) for x in v)
+            changes[f.name] = tuple(map_tensors(x, fn) for x in v)
     return dataclasses.replace(obj, **changes)
+
+
+def _move(obj, device, non_blocking: bool):
+    """A copy of dataclass ``obj`` with every tensor field on ``device``."""
+    return map_tensors(obj, lambda t: t.to(device, non_blocking=non_blocking))
+
+
+def _pin(t: torch.Tensor) -> torch.Tensor:
+    return t.pin_memory() if t.device.type == "cpu" else t
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,9 @@ class AnswerIndex:
 
     def to(self, device, non_blocking: bool = False) -> AnswerIndex:
         return _move(self, device, non_blocking)
+
+    def pin_memory(self) -> AnswerIndex:
+        return map_tensors(self, _pin)
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,11 @@ class BatchLayout:
 
     def to(self, device, non_blocking: bool = False) -> BatchLayout:
         return _move(self, device, non_blocking)
+
+    def pin_memory(self) -> BatchLayout:
+        """Page-locked host copies (the DataLoader's ``pin_memory=True`` calls this), so that
+        ``to(cuda, non_blocking=True)`` really overlaps the copy with the step."""
+        return map_tensors(self, _pin)
 
     @property
     def device(self) -> torch.device:

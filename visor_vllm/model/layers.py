@@ -147,6 +147,16 @@ def cross_update(ca, t: torch.Tensor, vis: torch.Tensor, lay) -> torch.Tensor:
     return out
 
 
+def zero_touch(module) -> torch.Tensor | float:
+    """``0`` that depends on every trainable parameter of ``module``: added to the output of a
+    batch that skipped ``module`` (no images), so each of them still gets a gradient (zeros).
+    DDP's reducer and FSDP2's reduce-scatter need every rank to produce the same gradients;
+    a rank whose micro-batch was text-only would otherwise hang or fail the next step. Called
+    inside the module's owner's forward, so FSDP2 has gathered these parameters."""
+    ps = [p.sum() for p in module.parameters() if p.requires_grad]
+    return torch.stack(ps).sum() * 0.0 if ps else 0.0
+
+
 def rope_tables(inv_freq: torch.Tensor, lay, dtype: torch.dtype) -> dict:
     """cos/sin of the text rows and (with images) of the joint rows, once per forward."""
     out = {"text": rope_cos_sin(inv_freq, lay.t_pos, dtype)}
@@ -162,6 +172,8 @@ def visor_layer(layer, t: torch.Tensor, vis: torch.Tensor, lay, sa: bool, rope: 
     """
     if layer.kind == "cross" and lay.sv:
         t = t + cross_update(layer.cross_attn, t, vis, lay)
+    elif layer.kind == "cross" and torch.is_grad_enabled():
+        t = t + zero_touch(layer.cross_attn)  # no images: CA still gets its (zero) gradient
     if layer.kind == "self" and sa and lay.sv:
         x = transformer_layer(layer, lay.to_joint(vis, t), *rope["joint"])
         vis, t = lay.from_joint(x)

@@ -216,8 +216,20 @@ class VisorForConditionalGeneration(nn.Module):
                                  tc.rms_norm_eps)
         dh = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         theta = (tc.rope_parameters or {}).get("rope_theta", 10000.0)
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, dh, 2).float() / dh),
-                             persistent=False)
+        self._rope = (theta, dh)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self, device=None) -> torch.Tensor:
+        theta, dh = self._rope
+        return 1.0 / theta ** (torch.arange(0, dh, 2, device=device).float() / dh)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(bf16)``, ``.bfloat16()`` (DeepSpeed's bf16) would round RoPE's frequencies
+        (angles off by ~1 rad at a few thousand positions, unlike vLLM's fp32 tables): they are
+        recomputed in fp32 on the buffer's new device after every cast or move."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod

@@ -47,6 +47,7 @@ Footguns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -146,10 +147,16 @@ class VisorMiddleware:
             return await _json_error(send, 400, problem)
         if path == "/tokenize" and _served_config(scope) is not None:
             # vLLM's encoder-decoder path answers {"count": 0, "tokens": []} for every prompt
-            try:
-                return await _send_json(send, 200, decoder_tokens(request, _model_config(scope)))
+            try:  # off the event loop: the first call loads the processor
+                tokens = await asyncio.to_thread(decoder_tokens, request, _model_config(scope))
             except (ValueError, TypeError, KeyError) as e:
                 return await _json_error(send, 400, f"cannot tokenize this request: {e}")
+            except Exception as e:  # noqa: BLE001 -- e.g. a chat template error: never a crash
+                bad_template = type(e).__module__.startswith("jinja2")
+                return await _json_error(send, 400 if bad_template else 500,
+                                         f"cannot tokenize this request: "
+                                         f"{type(e).__name__}: {e}")
+            return await _send_json(send, 200, tokens)
         if path not in PATHS:  # accounted in visor:*, no receipt (vLLM shapes these responses)
             new_body = json.dumps(request).encode()
             scope = dict(scope, headers=_with_length(scope["headers"], len(new_body)))

@@ -343,6 +343,15 @@ class Batch:
                      None if self.answers is None else self.answers.to(device, non_blocking),
                      None if self.layout is None else self.layout.to(device, non_blocking))
 
+    def pin_memory(self) -> Batch:
+        """Page-locked host copies (the DataLoader's ``pin_memory=True`` calls this)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return Batch(pin(self.input_ids), pin(self.attention_mask), pin(self.labels),
+                     pin(self.pixel_values), self.image_sizes, self.images_per_sample,
+                     self.meta, self.skipped,
+                     None if self.answers is None else self.answers.pin_memory(),
+                     None if self.layout is None else self.layout.pin_memory())
+
     @property
     def answer_tokens(self) -> int:
         """Answer tokens in the batch, a host-side count (no device read)."""

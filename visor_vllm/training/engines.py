@@ -252,12 +252,14 @@ class FSDP2Engine:
                 for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
                     envs.export(k, v)
-            dist.init_process_group("nccl" if cuda else "gloo")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         local = envs.LOCAL_RANK
-        if cuda:
-            torch.cuda.set_device(local)
         self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:  # before the process group: NCCL binds this rank's GPU, not GPU 0
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo",
+                                    **({"device_id": self.device} if cuda else {}))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self.mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -10,8 +10,8 @@ and ``family``). Two rules, both kept; the router trains on the one a recipe nam
   *full* configuration's (the costliest one), then take the one with the fewest SA layers,
   then the lowest summed answer loss, then the lower index. Every sample of the group gets it.
   ``test="paired"`` (the default) drops a configuration only when it is *significantly* below
-  ``ratio`` of the full one on the group's questions (`visor_vllm.training.stats`, a paired
-  bootstrap), so a 1-point difference on 300 questions does not flip a label;
+  ``ratio`` of the full one on the group's questions (`visor_vllm.training.stats`, an exact
+  McNemar test), so a 1-point difference on 300 questions does not flip a label;
   ``test="point"`` is the plain comparison of the two accuracies.
 * `oracle_labels` (Appendix D): per sample, the configuration whose greedy answer matches the
   ground truth for the most tokens (counted up to the first mismatch); ties go to the fewest

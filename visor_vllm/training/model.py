@@ -88,6 +88,16 @@ def encode_images(model: VisorForConditionalGeneration, lay: BatchLayout) -> tor
     return vis if lay.vis_order is None else vis.index_select(0, lay.vis_order)
 
 
+def _touch_vision(model: VisorForConditionalGeneration, t: torch.Tensor) -> torch.Tensor:
+    """``0`` that depends on every vision-side parameter (tower if trained, projector,
+    ``image_newline``) through one blank crop: a batch without images then gives them zero
+    gradients, as DDP and FSDP2 need on every rank (`visor_vllm.model.layers.zero_touch`).
+    The tower runs as a module call, so its FSDP2 units gather their shards as usual."""
+    S = model.config.vision_config.image_size
+    enc, _ = model.encode_crops(t.new_zeros(1, 3, S, S))           # [1, side*side, d]
+    return (enc.sum() + model.image_newline.sum()) * 0.0
+
+
 def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
                  gradient_checkpointing: bool = False, upto_layer: int | None = None,
                  trainable_rows: tuple[int, ...] = ()):
@@ -113,6 +123,8 @@ def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
         t = torch.where(keep[..., None], t, t.detach())
     if vis is None:
         vis = t.new_zeros(0, t.shape[-1])
+        if torch.is_grad_enabled():
+            t = t + _touch_vision(model, t)
     rope = layers.rope_tables(model.inv_freq, lay, t.dtype)
     for i, layer in enumerate(lm.layers):
         run_sa = i in sa
@@ -130,7 +142,14 @@ def dense_hidden(model, batch: Batch):
     out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       pixel_values=batch.pixel_values, image_sizes=batch.image_sizes,
                       batch_num_images=torch.tensor(batch.images_per_sample))
-    return out.last_hidden_state, batch.labels
+    hidden = out.last_hidden_state
+    if batch.pixel_values is None and torch.is_grad_enabled():  # see `_touch_vision`
+        m = model.model
+        S = m.config.vision_config.image_size
+        blank = hidden.new_zeros(1, 3, S, S, dtype=m.multi_modal_projector.linear_1.weight.dtype)
+        feats = m.vision_tower(blank, output_hidden_states=True).hidden_states[-1]
+        hidden = hidden + (m.multi_modal_projector(feats).sum() + m.image_newline.sum()) * 0.0
+    return hidden, batch.labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +249,12 @@ class DenseTrainStep(nn.Module):
 # What a stage trains
 # ---------------------------------------------------------------------------------------------
 
+def _unused_in_tower(name: str) -> bool:
+    """SigLIP's post-layernorm and pooling head: LLaVA-OV reads the last layer's hidden states
+    before them, so they never reach the loss (and an unused trainable parameter fails DDP)."""
+    return ".post_layernorm." in name or ".head." in name
+
+
 def set_trainable(model: nn.Module, stage: str, train_vision_tower: bool = False) -> list[str]:
     """Freeze/unfreeze for ``stage``; returns the trainable parameter names.
 
@@ -244,8 +269,8 @@ def set_trainable(model: nn.Module, stage: str, train_vision_tower: bool = False
             on = ".cross_attn." in name or name == "language_model.model.embed_tokens.weight"
         else:
             on = not name.startswith("router.")
-            if not train_vision_tower and (name.startswith("vision_tower.")
-                                           or name.startswith("model.vision_tower.")):
+            tower = name.startswith(("vision_tower.", "model.vision_tower."))
+            if tower and (not train_vision_tower or _unused_in_tower(name)):
                 on = False
         p.requires_grad_(on)
         if on:

@@ -190,8 +190,7 @@ class WallLedger:
     A report's ``wall_seconds`` is this invocation only: a resumed run would report just the
     remainder (a rerun of a finished run, seconds). ``cumulative()`` sums every invocation, lost
     work of earlier attempts included, so a resumed seed still says what it cost. Footgun: a phase
-    interrupted mid-way is not recorded (it never finished), and ``total`` counts only invocations
-    that got to the end of training.
+    interrupted mid-way is not recorded (it never finished).
     """
 
     def __init__(self, out: Path):
@@ -207,11 +206,15 @@ class WallLedger:
         self.path.write_text(json.dumps({"invocations": self.runs}, indent=1) + "\n")
 
     def cumulative(self) -> dict[str, float]:
-        total: dict[str, float] = {}
+        """Seconds per phase over every invocation; ``total``: each invocation's own total, or,
+        for one that stopped early, the sum of the phases it finished."""
+        out: dict[str, float] = {"total": 0.0}
         for run in self.runs:
-            for k, v in run.items():
-                total[k] = round(total.get(k, 0.0) + v, 1)
-        return total
+            phases = {k: v for k, v in run.items() if k != "total"}
+            for k, v in phases.items():
+                out[k] = round(out.get(k, 0.0) + v, 1)
+            out["total"] = round(out["total"] + max(run.get("total", 0.0), sum(phases.values())), 1)
+        return out
 
 
 def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,

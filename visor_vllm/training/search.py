@@ -17,7 +17,7 @@ accuracy at least in certain cases"): keep a configuration if
 and always keep the cheapest and the costliest (the budgets ``min`` and ``max``). With
 ``test="paired"`` (the default when the rows carry per-question results, as `search` returns
 them) "more accurate" and "beats" must also be significant on the same questions
-(`visor_vllm.training.stats.significantly_better`, a paired bootstrap): 100 questions a family
+(`visor_vllm.training.stats.significantly_better`, an exact McNemar test): 100 questions a family
 against a 2-point rule otherwise keep configurations on noise. ``test="point"`` compares the
 accuracies as measured.
 

@@ -22,9 +22,14 @@ questions significant; McNemar's one-sided p is 0.125).
 Footguns.
 * Inputs are per-question 0/1 results in the same question order for both configurations
   (`visor_vllm.training.evaluate` records, one list per configuration).
-* `significantly_below` tests "B is better than A", not "A is below 0.99 B": with the 1 % margin
-  on top of the measured comparison it never drops a configuration the plain test would keep;
-  it is slightly conservative (keeps cheaper configurations a little more often).
+* `significantly_below` is not a test of the 99 % bar itself: its null is "A and B are equally
+  good" (McNemar), and the 1 % margin is applied to the measured accuracies on top. It never
+  drops a configuration that the point rule keeps. With a few hundred questions per family
+  (the recipe), the test decides. With many thousands, a configuration measured just under
+  99 % of B is dropped about as often as by the point rule, where a non-inferiority test with
+  margin 0.01 x B would keep it. `significantly_better(margin)` is built the same way (null:
+  equal, margin on the measured difference). Neither corrects for testing many families and
+  configurations at once.
 """
 
 from __future__ import annotations

@@ -323,6 +323,7 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
         ds, batch_sampler=_MicroBatches(sampler, state.step, spec.steps, rank, world, micro, accum),
         collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config),
         num_workers=recipe.data.num_workers,
+        pin_memory=engine.device.type == "cuda",  # Batch.pin_memory: non_blocking copies
         prefetch_factor=2 * accum if recipe.data.num_workers else None))
     step_fn = _StepFn(engine, module, params, spec, accum)
     while state.step < spec.steps:
@@ -341,10 +342,9 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
         host_syncs += len(det.found) if check_sync == "count" else 0
         sched.step()
         state.step += 1
-        log.flush()  # the previous step's values: read while this step's kernels run
+        log.flush()  # the previous step's values (their own event): this step stays queued
         if state.step % recipe.log_every == 0 or state.step == spec.steps or state.step == 1:
-            skipped = engine.all_sum(torch.tensor(float(sum(skipped_total.values())),
-                                                  device=engine.device))
+            skipped = engine.all_sum(_scalar(sum(skipped_total.values()), engine.device))
             log.defer({"stage": spec.name, "step": state.step,
                        "loss": engine.all_sum(loss_total) / n_global.clamp(min=1),
                        "lr": sched.get_last_lr()[0], "sa_layers": cfg, "grad_norm": grad_norm,
@@ -380,6 +380,12 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     return final
 
 
+def _scalar(x: float, device: torch.device) -> torch.Tensor:
+    """A 0-d fp32 tensor on ``device`` made by a fill kernel: ``torch.tensor(x, device=cuda)``
+    copies from pageable host memory, which waits for the device's queue to drain."""
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
 def _collate(items, pad: int, layout_config):
     """DataLoader collate: the padded batch, VISOR's layout built here (off the step), and the
     reasons of the samples dropped."""
@@ -405,7 +411,7 @@ class _StepFn:
     def __call__(self, batches, cfg):
         engine, world = self.engine, self.engine.world
         n_local = sum(b.answer_tokens for b in batches if b is not None)
-        n_global = engine.all_sum(torch.tensor(float(n_local), device=engine.device))
+        n_global = engine.all_sum(_scalar(n_local, engine.device))
         loss_total = torch.zeros((), device=engine.device)
         for j, b in enumerate(batches):
             ctx = contextlib.nullcontext() if j == self.accum - 1 else engine.no_sync()
@@ -486,15 +492,33 @@ class _Log:
         return time.time() - self.t0
 
     def defer(self, rec: dict, samples: int) -> None:
+        """Queue ``rec``'s device values for reading: on a GPU one non-blocking copy into pinned
+        memory and an event, so `flush` waits for these values only, not for the next step."""
         self.flush()
-        self.pending = (rec, samples)
+        keys = [k for k, v in rec.items() if isinstance(v, torch.Tensor)]
+        ready = None
+        if keys:
+            vals = torch.stack([rec[k].detach().float().reshape(()) for k in keys])  # [K]
+            if vals.device.type == "cuda":
+                host = torch.empty(vals.shape, dtype=vals.dtype, pin_memory=True)
+                host.copy_(vals, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                vals = host
+            rec = {**rec, **{k: None for k in keys}}
+            self.pending = (rec, samples, keys, vals, ready)
+        else:
+            self.pending = (rec, samples, keys, None, None)
 
     def flush(self) -> None:
         if self.pending is None:
             return
-        rec, samples = self.pending
+        rec, samples, keys, vals, ready = self.pending
         self.pending = None
-        rec = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in rec.items()}
+        if ready is not None:
+            ready.synchronize()  # this record's copy only: later steps keep running
+        if keys:
+            rec = {**rec, **dict(zip(keys, vals.tolist()))}
         for k in ("answer_tokens", "skipped"):
             rec[k] = int(rec[k])
         rec.update(engine=self.engine, processes=self.processes,
