@@ -82,3 +82,28 @@ def test_register_installs_the_hook_and_vllm_calls_it(visor_ckpt, monkeypatch):
 
     assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
     assert HAS_TRITON or not cfg.use_v2_model_runner  # vLLM's own fallback without Triton
+
+
+def test_hook_refuses_pipeline_parallelism_with_the_reason():
+    from visor_vllm.engine.config_hook import PipelineParallelUnsupported, VisorConfigHook
+
+    cfg = fake_config(None)
+    cfg.parallel_config = SimpleNamespace(pipeline_parallel_size=2)
+    with pytest.raises(PipelineParallelUnsupported, match="pipeline-parallel-size 2.*SA layers"):
+        VisorConfigHook.verify_and_update_config(cfg)
+    cfg.parallel_config.pipeline_parallel_size = 1  # one stage: no refusal
+    VisorConfigHook.verify_and_update_config(cfg)
+
+
+def test_vllm_refuses_pipeline_parallel_visor_when_it_builds_the_config(visor_ckpt):
+    """The hook runs where vLLM builds the config (`vllm serve` fails before any engine)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from visor_vllm import register
+
+    register()
+    # pydantic may wrap the hook's error in its ValidationError (a ValueError too)
+    with pytest.raises(ValueError, match="VISOR does not run under pipeline parallelism"):
+        EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
+                   pipeline_parallel_size=2, distributed_executor_backend="mp"
+                   ).create_engine_config()

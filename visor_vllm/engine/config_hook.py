@@ -22,6 +22,13 @@ CUDA-graph defaults are resolved.
   (``tests/engine/test_model_runner_v2.py``); without Triton vLLM itself falls back to V1.
   The hook logs which runner the config resolves to.
 
+* **No pipeline parallelism.** VISOR's SA layers update the visual tokens, so a pipeline stage
+  would have to hand the next one the visual hidden states and the CA layers' static vision
+  K/V besides the text's intermediate tensors, and the router's choice made on the first
+  stage; the model implements none of that (it inherits LLaVA-OV's `SupportsPP` marker, so
+  vLLM would start and fail later). ``--pipeline-parallel-size N > 1`` is refused here, with
+  that reason (`PipelineParallelUnsupported`); tensor parallelism is supported and tested.
+
 Footguns. The hook runs once per config (vLLM's ``config_updated`` flag) and only in processes
 that build one, before any engine process starts; whatever it changes must live in the config
 (engine processes receive it), not in this process. Import nothing heavy at module top level
@@ -37,6 +44,22 @@ logger = logging.getLogger("visor_vllm.engine")
 ARCH = "VisorForConditionalGeneration"
 
 
+class PipelineParallelUnsupported(ValueError):
+    """``--pipeline-parallel-size`` > 1 for a VISOR model (see the module docstring)."""
+
+
+def check_parallelism(vllm_config) -> None:
+    """Refuse what VISOR cannot run, naming why (`PipelineParallelUnsupported`)."""
+    pp = getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1)
+    if pp and pp > 1:
+        raise PipelineParallelUnsupported(
+            f"VISOR does not run under pipeline parallelism (--pipeline-parallel-size {pp}): "
+            "its SA layers update the visual tokens, which a stage would have to pass on with "
+            "the text hidden states, the CA layers' vision K/V and the router's choice, and "
+            "the VISOR model implements none of that. Use --tensor-parallel-size instead "
+            "(supported and tested), or run more servers behind a load balancer.")
+
+
 class VisorConfigHook:
     """Duck-typed `vllm.model_executor.models.config.VerifyAndUpdateConfig` for VISOR."""
 
@@ -48,6 +71,7 @@ class VisorConfigHook:
     def verify_and_update_config(vllm_config) -> None:
         from vllm.config.compilation import CUDAGraphMode
 
+        check_parallelism(vllm_config)
         cc = vllm_config.compilation_config
         if cc.cudagraph_mode is None or cc.cudagraph_mode != CUDAGraphMode.NONE:
             was = "default" if cc.cudagraph_mode is None else cc.cudagraph_mode.name
