@@ -15,7 +15,8 @@ turns it into the ``visor:*`` Prometheus series. No flag, no middleware, no requ
 * Requests: one event per request at its first step (SA layers, budget source, token counts,
   FLOP cap met) in a ring the reader consumes; a request resumed after preemption is no new event.
 
-Layout (one file, ``<runtime dir>/stats-<server>-<dp rank>.bin``, mode 0600): a float64
+Layout (one file per engine, ``<runtime dir>/stats-<server>-<engine index>.bin``: vLLM's
+``data_parallel_index``, mode 0600): a float64
 header (magic, ring size, events written, the four FLOP sums, the writer's pid, then the
 *exported* cursor and sums) and an int64 ring of `EVENT_FIELDS`. One writer; readers (one per API server process)
 take an ``flock`` and move the exported cursor, so with ``--api-server-count N`` the series are

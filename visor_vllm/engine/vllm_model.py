@@ -398,7 +398,12 @@ class VisorDecoder(nn.Module):
         self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
         # executed-FLOP stats for the visor:* series (visor_vllm.engine.stats): opened at the
         # first real step, so profiling and dummy runs count nothing
-        self._stats_path = stats.stats_path(vllm_config.parallel_config.data_parallel_rank)
+        # one file per engine: vLLM 0.32 leaves data_parallel_rank at 0 in every engine of a
+        # dense model's data-parallel server (only MoE models get their rank); the engine's
+        # index, which the API server's stat loggers see as engine_index, is data_parallel_index
+        pc = vllm_config.parallel_config
+        self._stats_path = stats.stats_path(getattr(pc, "data_parallel_index", None)
+                                            or pc.data_parallel_rank)
         self._stats: stats.StatsWriter | None | bool = None  # False: could not open, stay off
 
     # -- the step --------------------------------------------------------------------------------
