@@ -37,6 +37,19 @@ def visor(reply) -> dict:
     return reply.model_extra["visor"]
 
 
+def max_budget_replies(base: str, n: int = 8) -> tuple[list, float]:
+    """``n`` image requests on budget ``max`` to the server at ``base``: the replies and the sum
+    of their receipts' prefill FLOPs (what ``visor:llm_flops_total{phase="prefill"}`` must show)."""
+    from openai import OpenAI
+
+    from .test_openai_chat import chat, messages
+
+    client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=180)
+    replies = [chat(client, messages(i), extra_body={"vllm_xargs": {"visor_budget": "max"}})
+               for i in range(n)]
+    return replies, sum(visor(r)["visor_prefill_flops"] for r in replies)
+
+
 def test_every_budget_form_changes_the_configuration_that_ran(client):
     from visor_vllm.model.config import preset_tiny
 

@@ -17,20 +17,14 @@ import pytest
 from visor_vllm.model.config import preset_tiny
 
 from .conftest import serving
-from .test_budgets_and_metrics import metrics, visor
-from .test_openai_chat import chat, messages
+from .test_budgets_and_metrics import max_budget_replies, metrics, visor
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e]
 
 
 def test_two_data_parallel_engines_give_receipts_and_whole_metrics(tmp_path_factory):
-    from openai import OpenAI
-
     with serving(tmp_path_factory, "--data-parallel-size", "2") as (base, _log):
-        client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=180)
-        replies = [chat(client, messages(i), extra_body={"vllm_xargs": {"visor_budget": "max"}})
-                   for i in range(8)]
-        want = sum(visor(r)["visor_prefill_flops"] for r in replies)
+        replies, want = max_budget_replies(base)
         m = metrics((base,))
         with urllib.request.urlopen(base + "/metrics", timeout=10) as f:
             text = f.read().decode()

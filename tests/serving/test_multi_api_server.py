@@ -10,20 +10,14 @@ from __future__ import annotations
 import pytest
 
 from .conftest import serving
-from .test_budgets_and_metrics import metrics, visor
-from .test_openai_chat import chat, messages
+from .test_budgets_and_metrics import max_budget_replies, metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_metrics_add_up_across_api_server_processes(tmp_path_factory):
-    from openai import OpenAI
-
     with serving(tmp_path_factory, "--api-server-count", "2") as (base, _log):
-        client = OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
-        replies = [chat(client, messages(i), extra_body={"vllm_xargs": {"visor_budget": "max"}})
-                   for i in range(8)]
-        want = sum(visor(r)["visor_prefill_flops"] for r in replies)
+        _replies, want = max_budget_replies(base)
         reads = [metrics((base,)) for _ in range(6)]
     for m in reads:
         assert m['visor:llm_flops_total{phase="prefill"}'] == pytest.approx(want, rel=1e-9)
