@@ -181,10 +181,6 @@ def child_environment(**overrides: str) -> dict[str, str]:
     return {**MEDIA_FETCH_ENV, **os.environ, **overrides}
 
 
-def unset(name: str) -> None:
-    os.environ.pop(name, None)
-
-
 def __getattr__(name: str) -> Any:
     if name in environment_variables:
         return environment_variables[name]()

@@ -233,7 +233,8 @@ def load_processor(path: str | os.PathLike):
 
     from visor_vllm import register_transformers
 
-    # AutoConfig must know model_type "visor" (AutoTokenizer reads config.json); the patches
+    # AutoConfig must know model_type "visor" (AutoTokenizer reads config.json), and the
+    # transformers patches make the processor load without torchvision
     register_transformers()
     return LlavaOnevisionProcessor.from_pretrained(str(path), local_files_only=True)
 

@@ -41,9 +41,6 @@ import logging
 
 logger = logging.getLogger("visor_vllm.engine")
 
-ARCH = "VisorForConditionalGeneration"
-
-
 class PipelineParallelUnsupported(ValueError):
     """``--pipeline-parallel-size`` > 1 for a VISOR model (see the module docstring)."""
 

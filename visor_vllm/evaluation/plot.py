@@ -161,8 +161,9 @@ def accuracy_figure(data: dict):
 
 
 def seeds_figure(data: dict):
-    """Accuracy vs LLM FLOPs / dense for every seed: each seed's configurations (dots, sized by
-    SA layers), its router (star) and its dense model (square at 1.0), one colour a seed."""
+    """Accuracy vs LLM FLOPs / dense for every seed: each seed's configurations (dots, joined
+    cheapest to costliest), its router (star) and its dense model (square at 1.0), one colour a
+    seed."""
     runs = data.get("points")
     if not runs:
         raise PlotInputError("no 'points' in this file: expected `visor-vllm report --out` JSON")

@@ -51,13 +51,20 @@ def _flops(row: dict) -> float | None:
     return row.get("flops_vs_dense", row.get("prefill_flops_vs_dense"))
 
 
-def seed_row(report: dict) -> dict:
-    """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
-    f = report.get("findings", {})
-    served = f.get("source") == "served"
+def _sources(report: dict) -> tuple[list[dict], dict, dict | None]:
+    """``(configurations, dense, router)`` as the report's findings judged them: the served
+    numbers when the run served, the offline ones otherwise."""
+    served = report.get("findings", {}).get("source") == "served"
     table = report["served"]["configs"] if served else report.get("configs", [])
     dense = report["served"]["dense"] if served else report["dense"]
     router = (report.get("router") or {}).get("served" if served else "offline")
+    return table, dense, router
+
+
+def seed_row(report: dict) -> dict:
+    """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
+    f = report.get("findings", {})
+    table, dense, router = _sources(report)
     full = max(table, key=lambda r: (r["n_sa"], _flops(r) or 0)) if table else None
     row = {"seed": report.get("seed"), "source": f.get("source"),
            "finding1": f.get("finding1_cheapest_matches_dense_on_easy"),
@@ -91,10 +98,7 @@ def seed_row(report: dict) -> dict:
 def points(report: dict) -> dict:
     """A seed's accuracy-vs-FLOPs points: every configuration, the router, dense (served
     numbers when the run served)."""
-    served = report.get("findings", {}).get("source") == "served"
-    table = report["served"]["configs"] if served else report.get("configs", [])
-    dense = report["served"]["dense"] if served else report["dense"]
-    router = (report.get("router") or {}).get("served" if served else "offline")
+    table, dense, router = _sources(report)
     return {"seed": report.get("seed"),
             "configs": [{"n_sa": r["n_sa"], "flops_vs_dense": _flops(r),
                          "accuracy": r["accuracy"]} for r in table],

@@ -7,9 +7,9 @@ What.
   ``x [B, N, d]`` with the attention injected: what text-only layers run on ``T`` and SA layers
   on ``[V;T]``, in the trainer (`transformer_layer`: causal over right-padded rows) and in the
   reference (with its caches).
-* `cross_vision_input` / `cross_kv` / `cross_attend`: VISOR's cross-attention: visual keys/values after an RMSNorm and
-  the per-image depthwise conv (``x + conv(x)``), text queries, no RoPE; ``V`` is not updated.
-  `cross_update` is the batched use of both.
+* `cross_vision_input` / `cross_kv` / `cross_attend`: VISOR's cross-attention: visual
+  keys/values after an RMSNorm and the per-image depthwise conv (``x + conv(x)``), text
+  queries, no RoPE; ``V`` is not updated. `cross_update` is their batched use.
 * `visor_layer(layer, t, vis, lay, sa, rope)`: one VISOR layer (``text | cross | self``), what
   `DecoderLayer.forward` runs, so FSDP2 units and activation checkpointing see one module call.
 

@@ -334,23 +334,24 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def to(self, device, non_blocking: bool = False) -> Batch:
-        """On ``device``; ``image_sizes`` stays on the host (only read as Python sizes)."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     move(self.pixel_values), self.image_sizes, self.images_per_sample,
+    def _map(self, fn, nested) -> Batch:
+        """``fn`` on the token and pixel tensors, ``nested`` on answers and layout;
+        ``image_sizes`` stays as it is (only read as Python sizes)."""
+        f = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Batch(f(self.input_ids), f(self.attention_mask), f(self.labels),
+                     f(self.pixel_values), self.image_sizes, self.images_per_sample,
                      self.meta, self.skipped,
-                     None if self.answers is None else self.answers.to(device, non_blocking),
-                     None if self.layout is None else self.layout.to(device, non_blocking))
+                     None if self.answers is None else nested(self.answers),
+                     None if self.layout is None else nested(self.layout))
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """On ``device``; ``image_sizes`` stays on the host."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking),
+                         lambda x: x.to(device, non_blocking))
 
     def pin_memory(self) -> Batch:
         """Page-locked host copies (the DataLoader's ``pin_memory=True`` calls this)."""
-        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return Batch(pin(self.input_ids), pin(self.attention_mask), pin(self.labels),
-                     pin(self.pixel_values), self.image_sizes, self.images_per_sample,
-                     self.meta, self.skipped,
-                     None if self.answers is None else self.answers.pin_memory(),
-                     None if self.layout is None else self.layout.pin_memory())
+        return self._map(lambda t: t.pin_memory(), lambda x: x.pin_memory())
 
     @property
     def answer_tokens(self) -> int:

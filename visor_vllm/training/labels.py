@@ -32,6 +32,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from visor_vllm.training.stats import TESTS, significantly_below
+
 
 def _cost_key(configs: Sequence[Sequence[int]], i: int) -> tuple[int, int]:
     return (len(configs[i]), i)
@@ -41,9 +43,6 @@ def full_index(configs: Sequence[Sequence[int]]) -> int:
     return max(range(len(configs)), key=lambda i: _cost_key(configs, i))
 
 
-TESTS = ("paired", "point")
-
-
 def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[dict]],
                  ratio: float = 0.99, test: str = "paired") -> dict[str, dict]:
     """Per group: ``{"config": index, "accuracy": [...], "kept": [...]}``.
@@ -51,8 +50,6 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
     ``results[c]`` lists the samples' records under configuration ``c`` (same samples, same
     order in every configuration).
     """
-    from visor_vllm.training.stats import significantly_below
-
     if not configs or len(results) != len(configs):
         raise ValueError("one list of results per configuration is needed")
     if test not in TESTS:

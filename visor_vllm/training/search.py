@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from visor_vllm.training.stats import TESTS, significantly_better
+
 
 def subsets(cfg) -> list[list[int]]:
     """Every configuration: the always-on layers plus any subset of the optional ones."""
@@ -86,11 +88,9 @@ def public(rows: list[dict]) -> list[dict]:
 
 def viable(rows: list[dict], tolerance: float = 0.02, test: str | None = None) -> list[list[int]]:
     """The configurations to keep (see the module docstring), cheapest first."""
-    from visor_vllm.training.stats import significantly_better
-
     test = test or ("paired" if all("_correct" in r for r in rows) else "point")
-    if test not in ("paired", "point"):
-        raise ValueError(f"test is 'paired' or 'point', got {test!r}")
+    if test not in TESTS:
+        raise ValueError(f"test is one of {TESTS}, got {test!r}")
 
     def better(i, j, family, margin):
         """Row i beats row j on ``family`` ("" = overall) by more than ``margin``."""
@@ -104,9 +104,9 @@ def viable(rows: list[dict], tolerance: float = 0.02, test: str | None = None) -
     keep = {order[0], order[-1]}
     best = order[0]
     for i in order[1:]:  # frontier: better than the most accurate cheaper configuration
-        if rows[i]["accuracy"] > rows[best]["accuracy"] and better(i, best, "", 0.0):
-            keep.add(i)
         if rows[i]["accuracy"] > rows[best]["accuracy"]:
+            if better(i, best, "", 0.0):
+                keep.add(i)
             best = i
     for i in order:
         cheaper = [j for j in order if rows[j]["flops_vs_dense"] < rows[i]["flops_vs_dense"]]
@@ -152,7 +152,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="search results JSON (heatmap data included)")
     p.add_argument("--write", help="also write a checkpoint with the viable set as sa_configs")
     p.add_argument("--tolerance", type=float, default=0.02)
-    p.add_argument("--test", choices=["paired", "point"], default="paired",
+    p.add_argument("--test", choices=TESTS, default="paired",
                    help="paired: 'better' must be significant on the same questions")
     p.add_argument("--max-samples", type=int, default=None)
     p.set_defaults(func=_cli_search)

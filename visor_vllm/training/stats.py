@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 Z95 = 1.959963984540054  # two-sided 95 %
 ALPHA = 0.05             # one-sided tests at 95 %
+TESTS = ("paired", "point")  # how search and labels compare configurations (paired: these tests)
 
 
 def wilson(k: int, n: int, z: float = Z95) -> list[float] | None:

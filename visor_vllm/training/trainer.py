@@ -496,7 +496,7 @@ class _Log:
         memory and an event, so `flush` waits for these values only, not for the next step."""
         self.flush()
         keys = [k for k, v in rec.items() if isinstance(v, torch.Tensor)]
-        ready = None
+        vals = ready = None
         if keys:
             vals = torch.stack([rec[k].detach().float().reshape(()) for k in keys])  # [K]
             if vals.device.type == "cuda":
@@ -505,10 +505,7 @@ class _Log:
                 ready = torch.cuda.Event()
                 ready.record()
                 vals = host
-            rec = {**rec, **{k: None for k in keys}}
-            self.pending = (rec, samples, keys, vals, ready)
-        else:
-            self.pending = (rec, samples, keys, None, None)
+        self.pending = (rec, samples, keys, vals, ready)
 
     def flush(self) -> None:
         if self.pending is None:
