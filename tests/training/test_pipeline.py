@@ -121,3 +121,17 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     assert (tmp_path / "s" / "seed-0" / "report.json").stat().st_mtime == stamp
     assert again["rows"] == result["rows"]
     assert render("seeds", tmp_path / "seeds.png", again).stat().st_size > 1000
+
+
+def test_wall_ledger_counts_each_invocation_once(tmp_path):
+    from visor_vllm.training.pipeline import WallLedger
+
+    first = WallLedger(tmp_path)  # interrupted: phases but no total
+    first.add("data", 3.0)
+    first.add("dense", 4.04)
+    second = WallLedger(tmp_path)  # finished: its own total, even where rounded phases sum higher
+    second.add("dense", 2.06)
+    second.add("visor", 2.06)
+    second.add("total", 4.1)
+    cum = second.cumulative()
+    assert cum["total"] == 11.1 and cum["dense"] == 6.1 and cum["data"] == 3.0

@@ -213,7 +213,8 @@ class WallLedger:
             phases = {k: v for k, v in run.items() if k != "total"}
             for k, v in phases.items():
                 out[k] = round(out.get(k, 0.0) + v, 1)
-            out["total"] = round(out["total"] + max(run.get("total", 0.0), sum(phases.values())), 1)
+            done = run["total"] if "total" in run else sum(phases.values())
+            out["total"] = round(out["total"] + done, 1)
         return out
 
 
