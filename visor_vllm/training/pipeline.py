@@ -77,8 +77,16 @@ def make_cell_local(tower) -> None:
 
 
 def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, seed: int,
-                     progress: bool = True) -> dict:
-    """Per-cell colour/shape classification through the tower; returns held-out accuracy."""
+                     progress: bool = True, position: bool = False) -> dict:
+    """Per-cell colour/shape (and, with ``position``, row/column) classification through the
+    tower; returns held-out accuracy.
+
+    ``position``: each cell's token must also say where it is, as SigLIP's tokens do (its
+    learned position embeddings are linearly decodable). Without it the position embedding is
+    trained only not to disturb colour and shape, so "colour at r c" needs the LLM to compute an
+    address from RoPE positions; VISOR's cross-attention (no RoPE, a +-3 conv) could not learn
+    that in any seed of 2026-12-04, while dense learnt it on some seeds only.
+    """
     import random
 
     from PIL import Image
@@ -92,7 +100,9 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     for p in train:
         p.requires_grad_(True)
     d = model.config.vision_config.hidden_size
-    heads = torch.nn.Linear(d, 5 + 5)
+    heads = torch.nn.Linear(d, 5 + 5 + synthetic.GRID + synthetic.GRID)
+    cells = torch.arange(synthetic.GRID * synthetic.GRID)
+    row, column = cells // synthetic.GRID, cells % synthetic.GRID  # [cells], row-major
     opt = torch.optim.AdamW(train + list(heads.parameters()), lr=lr, weight_decay=0.0)
 
     def batch(rng, n):
@@ -106,27 +116,36 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
 
     def logits(pix):
         h = tower(pix, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
-        out = heads(h)                                    # [B, cells, 10]
-        return out[..., :5], out[..., 5:]
+        out = heads(h)                                    # [B, cells, 10 + 2 * GRID]
+        g = synthetic.GRID
+        return out[..., :5], out[..., 5:10], out[..., 10:10 + g], out[..., 10 + g:]
+
+    def ce(logit, target):                               # logit [B, cells, k], target [B|1, cells]
+        return torch.nn.functional.cross_entropy(logit.flatten(0, 1),
+                                                 target.expand(logit.shape[:2]).flatten())
 
     rng = random.Random(f"encoder/{seed}")
     tower.train()
     for _ in tqdm(range(steps), desc="encoder", disable=not progress):
         pix, col, shp = batch(rng, batch_size)
-        lc, ls = logits(pix)
-        loss = (torch.nn.functional.cross_entropy(lc.flatten(0, 1), col.flatten())
-                + torch.nn.functional.cross_entropy(ls.flatten(0, 1), shp.flatten()))
+        lc, ls, lrow, lcol = logits(pix)
+        loss = ce(lc, col) + ce(ls, shp)
+        if position:
+            loss = loss + ce(lrow, row[None]) + ce(lcol, column[None])
         opt.zero_grad()
         loss.backward()
         opt.step()
     tower.eval()
     with torch.no_grad():
         pix, col, shp = batch(random.Random(f"encoder-test/{seed}"), 256)
-        lc, ls = logits(pix)
+        lc, ls, lrow, lcol = logits(pix)
         occupied = col != 0
         acc = {"colour": float((lc.argmax(-1) == col).float().mean()),
                "shape": float((ls.argmax(-1) == shp).float().mean()),
                "shape_of_occupied": float((ls.argmax(-1) == shp)[occupied].float().mean())}
+        if position:
+            acc["row"] = float((lrow.argmax(-1) == row).float().mean())
+            acc["column"] = float((lcol.argmax(-1) == column).float().mean())
     for p in tower.parameters():
         p.requires_grad_(False)
     return acc
@@ -151,7 +170,7 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
                 m.reset_parameters()  # PyTorch's default init (see module docstring)
     enc = cfg["encoder"]
     acc = pretrain_encoder(model, load_processor(raw), enc["steps"], enc["lr"], enc["batch_size"],
-                           seed, progress)
+                           seed, progress, bool(enc.get("position", False)))
     save_model("dense", model, raw, out)
     shutil.rmtree(raw)
     (out / "encoder.json").write_text(json.dumps(acc, indent=2) + "\n")
