@@ -135,3 +135,26 @@ def test_wall_ledger_counts_each_invocation_once(tmp_path):
     second.add("total", 4.1)
     cum = second.cumulative()
     assert cum["total"] == 11.1 and cum["dense"] == 6.1 and cum["data"] == 3.0
+
+
+def test_encoder_pretraining_can_teach_each_cell_its_position():
+    """``encoder.position``: the cell-local tower's tokens also classify their row and column
+    (held-out accuracy reported); off by default, the recipe's measured choice."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor_vllm.checkpoints.build import build_tiny_llava_onevision
+    from visor_vllm.checkpoints.files import load_processor
+    from visor_vllm.training import synthetic
+    from visor_vllm.training.pipeline import load_recipe, pretrain_encoder
+
+    assert load_recipe()["encoder"]["position"] is False
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_llava_onevision(d, seed=0, preset="synthetic", extra_corpus=synthetic.corpus())
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(d, local_files_only=True)
+        acc = pretrain_encoder(model, load_processor(d), 120, 1e-2, 32, 0, progress=False,
+                               position=True)
+    assert {"colour", "shape", "row", "column"} <= set(acc)
+    assert acc["row"] > 0.9 and acc["column"] > 0.9  # chance is 0.25
+    assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
