@@ -116,20 +116,56 @@ def test_executed_flops_add_up_to_the_flop_model(tmp_path, monkeypatch, dense):
                   n_dense_vision=torch.tensor([dense if (dense and n) else n for n in nv]),
                   slots=torch.arange(len(q)))
 
+    keys = ("visor_prefill_flops", "visor_decode_flops", "dense_prefill_flops", "dense_decode_flops")
     st.account(step([3, 4], [3, 4], [0, 0], [16, 0]), w, has_router=True)   # both prefill
+    st.step_done()
     for j in range(1, 5):                                                     # 4 decode steps
         st.account(step([1, 1], [3 + j, 4 + j], [2 + j, 3 + j], [16, 0]), w, has_router=True)
-    flops, events, _ = r.drain()
+        st.step_done()
     want0 = request_flops(st.cfg, 16, 3, 5, costliest, n_routing=1, routed=False, n_image_dense=dense)
     want1 = request_flops(st.cfg, 0, 4, 5, [], n_routing=0, routed=False)
-    assert flops == [float(want0[k] + want1[k]) for k in
-                     ("visor_prefill_flops", "visor_decode_flops", "dense_prefill_flops",
-                      "dense_decode_flops")]
+    flops, events, _ = r.drain()  # decode FLOPs stay on the device until a row joins or leaves
+    assert flops == [float(want0[k] + want1[k]) if "prefill" in k else 0.0 for k in keys]
     assert events == [(sum(1 << i for i in costliest), stats.SOURCES.index("override"), 16, 3, 1),
                       (0, stats.SOURCES.index("router"), 0, 4, 1)]
+    b.update_state(update(removed=[1]))  # a row leaves: the decode FLOPs so far are flushed
+    assert r.drain()[0] == [0.0 if "prefill" in k else float(want0[k] + want1[k]) for k in keys]
     b.update_state(update(removed=[0], added=[(0, SamplingParams(), [5, 6], [9, 9])]))  # resumed
     st.account(step([4, 1], [4, 9], [0, 8], [16, 0]), w, has_router=True)
     assert r.drain()[1] == []  # a resumed request is no new request (its re-prefill is counted)
+
+
+def test_steady_decode_steps_read_nothing_from_the_device(tmp_path, monkeypatch):
+    """Side channels of a step where no row joined: no host read (`HostSyncDetector`); rows
+    that join are known on the host through moves and swaps; a join or a leave flushes."""
+    import torch
+
+    from visor_vllm.engine import receipts, stats
+    from visor_vllm.host_sync import HostSyncDetector
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    b.update_state(update(added=[(0, SamplingParams(extra_args={"visor_receipt": receipts.new_id()}),
+                                  [5, 6], []), (2, SamplingParams(), [5], [])]))
+    assert st.joined == {0, 2}
+    b.update_state(update(moved=[(0, 1, MoveDirectionality.SWAP)]))
+    b.update_state(update(moved=[(2, 3, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert st.joined == {1, 3}
+    w = stats.StatsWriter(stats.stats_path(0, server="steady"))
+    r = stats.StatsReader(stats.stats_path(0, server="steady"))
+    s = NS(R=2, qsl=torch.tensor([0, 1, 2]), seq_lens=torch.tensor([5, 4]),
+           computed=torch.tensor([4, 3]), n_vision=torch.tensor([0, 0]),
+           n_dense_vision=torch.tensor([0, 0]), slots=torch.tensor([1, 3]))
+    st.step_done()
+    with HostSyncDetector() as rec:
+        st.emit_receipts(s.computed == 0, s.n_vision, True, s.slots)
+        st.account(s, w, has_router=True)
+        st.step_done()
+        b.update_state(None)  # vLLM's steady state: no batch change
+    assert rec.found == [] and st.decode_flops.sum() > 0 and r.drain()[0] == [0.0] * 4
+    b.update_state(update(removed=[3]))
+    assert r.drain()[0][1] > 0 and st.decode_flops.sum() == 0
 
 
 def test_rows_reach_their_slots_when_batch_order_differs(tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def test_hook_turns_cuda_graphs_off_with_a_log_line(mode, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
         VisorConfigHook.verify_and_update_config(cfg)
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
-    assert "CUDA graphs off" in caplog.text
+    assert "CUDA graphs off" in caplog.text and "only as a full graph" in caplog.text
 
 
 def test_hook_leaves_an_eager_config_alone(monkeypatch, caplog):
@@ -107,3 +107,26 @@ def test_vllm_refuses_pipeline_parallel_visor_when_it_builds_the_config(visor_ck
         EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
                    pipeline_parallel_size=2, distributed_executor_backend="mp"
                    ).create_engine_config()
+
+
+@pytest.mark.parametrize("asked", ["PIECEWISE", "FULL_AND_PIECEWISE"])
+def test_vllm_gives_encoder_decoder_models_full_decode_graphs_only(asked, visor_ckpt, monkeypatch):
+    """The hook's named reason, pinned: on a platform with CUDA graphs, vLLM 0.32 turns any
+    mode with piecewise graphs into FULL_DECODE_ONLY for an encoder-decoder model such as
+    VISOR (without the hook). If a vLLM upgrade keeps PIECEWISE here, VISOR's ops can become
+    splitting ops and graphs can be turned on: this test then fails, on purpose."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models import config as model_configs
+    from vllm.platforms import current_platform
+
+    from visor_vllm import register
+
+    register()
+    monkeypatch.delitem(model_configs.MODELS_CONFIG_MAP, "VisorForConditionalGeneration")
+    monkeypatch.setattr(type(current_platform), "support_static_graph_mode",
+                        classmethod(lambda cls: True))
+    cfg = EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
+                     compilation_config={"cudagraph_mode": asked}).create_engine_config()
+    assert cfg.model_config.is_encoder_decoder
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY

@@ -41,7 +41,7 @@ def recorded(visor_ckpt):
     """Serve every equivalence case in one in-process eager engine; record the ops of each step."""
     from visor_vllm.engine import vllm_model as vm
 
-    steps = {"decode": [], "first": []}
+    steps = {"decode": [], "first": [], "side_decode": [], "side_first": []}
 
     def recording(kind, fn):
         def wrap(self, *a, **k):
@@ -52,7 +52,19 @@ def recorded(visor_ckpt):
             return out
         return wrap
 
+    side = vm.VisorDecoder.side_channels
+
+    def side_channels(self):
+        from visor_vllm.engine import bridge
+
+        kind = "side_first" if bridge.STATE is not None and bridge.STATE.joined else "side_decode"
+        with SyncRecorder() as rec:
+            side(self)
+        if self._step is not None:
+            steps[kind].append(rec.found)
+
     with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vm.VisorDecoder, "side_channels", side_channels)
         mp.setattr(vm.VisorDecoder, "forward", recording("decode", vm.VisorDecoder.forward))
         mp.setattr(vm.VisorDecoder, "first_step", recording("first", vm.VisorDecoder.first_step))
         use_op_bodies(mp)
@@ -68,6 +80,14 @@ def recorded(visor_ckpt):
 def test_steps_without_new_images_have_no_host_sync_or_data_dependent_shape(recorded):
     assert len(recorded["decode"]) >= 5  # every case decodes several tokens after its first step
     assert [found for found in recorded["decode"] if found] == []
+
+
+def test_side_channels_of_steady_steps_read_nothing_from_the_device(recorded):
+    """Receipts and executed-FLOP stats after a step in which no row joined: no host read
+    (decode FLOPs stay on the device until a row joins or leaves, `bridge.RowState.flush`)."""
+    assert len(recorded["side_decode"]) >= 5
+    assert [found for found in recorded["side_decode"] if found] == []
+    assert recorded["side_first"] and all(found for found in recorded["side_first"])
 
 
 def test_the_detector_sees_the_first_steps_host_reads(recorded):

@@ -5,6 +5,7 @@ model and monotone across requests."""
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import pytest
@@ -22,15 +23,30 @@ def client(server):
     return OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
-def metrics(server) -> dict[str, float]:
-    with urllib.request.urlopen(server[0] + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^(visor:[^\s{]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
+def metrics(server, settle_s: float = 10.0) -> dict[str, float]:
+    """The ``visor:*`` series once they stop moving (two reads 0.1 s apart agree).
+
+    A request's decode FLOPs reach the stats file when its row leaves the batch, in the engine
+    step after its last token (`visor_vllm.engine.bridge.RowState.flush`): no host read in a
+    steady decode step. So a read right after a response may precede that step by a moment.
+    """
+    def read():
+        with urllib.request.urlopen(server[0] + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^(visor:[^\s{]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    deadline, last = time.monotonic() + settle_s, read()
+    while True:
+        time.sleep(0.1)
+        now = read()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 def visor(reply) -> dict:

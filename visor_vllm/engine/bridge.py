@@ -15,6 +15,14 @@ At a request's first step the model also asks `RowState` to narrow FLOP-capped b
 fits the request's token counts (`apply_flops_caps`) and to write the request's receipt
 (`emit_receipts`, `visor_vllm.engine.receipts`) once the router has decided.
 
+No host synchronisation in a steady decode step (a captured graph can replay it). Which rows
+are new is known on the host: `set_row` puts a joining row in ``joined``, and the step's side
+channels do per-row work (receipts, prefill FLOPs, request events; reads of device state)
+only when ``joined`` is not empty, then `step_done` empties it. Decode FLOPs are added on the
+device (``decode_flops``) every step and read into the stats file (`flush`) when a row joins
+or leaves -- host events outside the forward (vLLM runs one more step after the last request
+finishes, to free it, so nothing stays unflushed when the engine goes idle).
+
 It never changes logits (``is_argmax_invariant``). It is loaded for every model through the
 ``vllm.logits_processors`` entry point and is inert unless the served model is VISOR.
 
@@ -84,14 +92,25 @@ class RowState:
         from visor_vllm.model.flops import decode_step_affine
 
         self.decode_slope = float(decode_step_affine(cfg, 0, [])[2])  # b: the same for every row
+        # decode FLOPs [visor, dense] added on the device each step, not yet in the stats file
+        self.decode_flops = torch.zeros(2, dtype=torch.float64, device=device)
+        self.writer = None         # the engine's stats.StatsWriter, once `account` has one
+        self._unflushed = False    # host: decode_flops may be non-zero
+        self.joined: set[int] = set()  # host: slots that joined since the last step's side channels
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
                     "cap_met", "decode_a", "dense_a")
     _ROW_LISTS = ("budgets", "receipts", "n_routing", "resumed")
 
     def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None,
-                resumed: bool = False) -> None:
+                resumed: bool = False, join: bool = True) -> None:
+        """A request joins at ``row`` (its first step is this step: enc-dec mode prefills a
+        prompt in one step); ``join=False``: the row is emptied (`clear_row`)."""
         prompt_ids = list(prompt_ids or ())
+        if join:
+            self.joined.add(row)
+        else:
+            self.joined.discard(row)
         self.prompt_len[row] = len(prompt_ids)
         self.has_explicit[row] = budget.mode == "layers"
         self.explicit[row] = False
@@ -109,7 +128,28 @@ class RowState:
         self.dense_a[row] = 0
 
     def clear_row(self, row: int) -> None:
-        self.set_row(row, Budget())
+        """The request at ``row`` leaves: its decode FLOPs so far go to the stats file."""
+        self.flush()
+        self.set_row(row, Budget(), join=False)
+
+    def flush(self) -> None:
+        """Move the device-side decode FLOPs into the stats file: one device-to-host read, only
+        at host events (a row joins or leaves), never in a steady decode step. Never raises."""
+        if not self._unflushed or self.writer is None:
+            return
+        try:
+            visor, dense = self.decode_flops.tolist()
+            self.decode_flops.zero_()
+            self._unflushed = False
+            self.writer.add(visor_decode=visor, dense_decode=dense)
+        except Exception:  # noqa: BLE001 - a side channel never fails a step
+            import logging
+
+            logging.getLogger(__name__).exception("VISOR: could not flush decode FLOPs")
+
+    def step_done(self) -> None:
+        """The step's side channels ran: its joined rows have had their first step."""
+        self.joined.clear()
 
     def move(self, src: int, dst: int, swap: bool) -> None:
         for name in self._ROW_TENSORS:
@@ -121,6 +161,12 @@ class RowState:
         for name in self._ROW_LISTS:
             s = getattr(self, name)
             s[src], s[dst] = (s[dst], s[src]) if swap else (s[src], s[src])
+        was = {src: src in self.joined, dst: dst in self.joined}
+        self.joined -= {src, dst}
+        if was[src]:
+            self.joined.add(dst)
+        if swap and was[dst]:
+            self.joined.add(src)
 
     def apply_flops_caps(self, first: torch.Tensor, n_vision: torch.Tensor,
                          slots: torch.Tensor, n_dense: torch.Tensor | None = None) -> None:
@@ -144,7 +190,7 @@ class RowState:
     def emit_receipts(self, first: torch.Tensor, n_vision: torch.Tensor, has_router: bool,
                       slots: torch.Tensor, n_dense: torch.Tensor | None = None) -> None:
         """Write the receipt of every first-step row [R] that asked for one (`visor_vllm.engine.receipts`)."""
-        if not bool(first.any()):  # decode steps: one check, no per-row work
+        if not self.joined:  # no row joined (host-side): no per-row work, no device read
             return
         rows = first.nonzero().flatten().tolist()
         pairs = [(r, k) for r, k in zip(rows, slots[rows].tolist()) if self.receipts[k]]
@@ -175,7 +221,8 @@ class RowState:
         ``s`` is the model's step (`_Step`: ``computed``, ``seq_lens``, ``qsl``, ``n_vision``,
         ``n_dense_vision`` per row). First-step rows: prefill FLOPs on the text tokens the step ran, and one
         request event unless the row resumed after preemption; other rows: ``q`` decode tokens
-        ending at text context ``seq_len``.
+        ending at text context ``seq_len``, added to ``decode_flops`` on the device (no host
+        read: see `flush`). Per-row work and reads happen only when a row joined (``joined``).
         """
         from visor_vllm.model.flops import decode_step_affine, dense_prefill_flops, prefill_flops
 
@@ -184,7 +231,8 @@ class RowState:
         first = (s.computed == 0) & (q > 0)      # [R] (q == 0: a padded row, e.g. under graphs)
         vp = dp = 0.0
         events = []
-        if bool(first.any()):
+        self.writer = writer
+        if self.joined:  # host-side: per-row work only in steps where rows join
             rows = first.nonzero().flatten().tolist()
             ks = sl[rows].tolist()
             sa = self.sa_mask[ks].cpu()
@@ -207,9 +255,12 @@ class RowState:
         dec = (~first & (q > 0)).to(torch.float64)                        # [R]
         c = s.seq_lens.to(torch.float64)                                 # [R] context after step
         ctx = self.decode_slope * (dec * (q * c - q * (q - 1) / 2)).sum()  # b * sum of contexts
-        vd, dd = torch.stack([(dec * q * self.decode_a[sl]).sum() + ctx,
-                              (dec * q * self.dense_a[sl]).sum() + ctx]).tolist()
-        writer.add(vp, vd, dp, dd, events)
+        self.decode_flops += torch.stack([(dec * q * self.decode_a[sl]).sum() + ctx,
+                                          (dec * q * self.dense_a[sl]).sum() + ctx])
+        self._unflushed = True
+        if self.joined:  # this step reads the device anyway
+            writer.add(vp, 0.0, dp, 0.0, events)
+            self.flush()
 
 
 class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):

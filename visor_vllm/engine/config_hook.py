@@ -5,14 +5,21 @@ entry 5 in `visor_vllm.patches`): vLLM calls it from ``VllmConfig.__post_init__`
 process that builds the config (``vllm serve``, ``LLM(...)``), before compilation and
 CUDA-graph defaults are resolved.
 
-* **CUDA graphs off.** vLLM runs encoder-decoder models with full decode-only CUDA graphs on
-  GPU. VISOR's compiled step (`VisorDecoder.forward`, every step without new images) has no
-  host synchronisation and no data-dependent shape (``tests/engine/test_graph_safety.py``), but
-  a captured graph would still replay stale state: the ``visor::step`` / ``visor::sa_attention``
-  ops read host-side bounds of the step (the batch's largest image) and the side channels
-  (receipts, executed-FLOP stats) run in Python after each step, which a replay skips. Neither
-  can be proven without a GPU build of vLLM, so the hook sets ``cudagraph_mode = NONE`` with
-  one log line instead of letting capture run. Compilation stays on: vLLM compiles the VISOR
+* **CUDA graphs off, for a named reason.** vLLM 0.32 gives an encoder-decoder model one graph
+  mode on GPU: full decode-only graphs (``FULL_DECODE_ONLY``; ``VllmConfig.__post_init__``
+  overrides ``PIECEWISE`` and ``FULL_AND_PIECEWISE`` with it for ``is_encoder_decoder``, after
+  this hook; ``tests/engine/test_config_hook.py`` pins that). Piecewise graphs, in which
+  VISOR's ops would run eagerly between captured pieces as vLLM's attention does, are not
+  available to this model class. A full graph captures the whole forward and replays its
+  kernels only, and VISOR's decode step still builds per-step state in Python: the
+  ``visor::step`` op derives the step's rows (``_Step``) from the attention metadata with host
+  ints (rows, tokens, the batch's largest image), and ``visor::sa_attention`` rebuilds each SA
+  layer's metadata for its vision prefix (``sa_attention.with_prefix``; on CPU a host-side
+  work partition). A replay would run them with the captured batch's values. What is proven:
+  the compiled step and, since 2026-12-05, its side channels (receipts, executed-FLOP stats)
+  have no host synchronisation in a steady decode step (``tests/engine/test_graph_safety.py``).
+  So the hook sets ``cudagraph_mode = NONE`` with one log line naming this; ``--enforce-eager``
+  or ``cudagraph_mode`` NONE need no change. Compilation stays on: vLLM compiles the VISOR
   decoder (``support_torch_compile``) unless ``--enforce-eager``.
 * **The model runner is vLLM's choice.** VISOR runs on both: on V1, per-request state reaches
   the model through a V1 logits processor (`visor_vllm.engine.bridge`); on Model Runner V2
@@ -73,9 +80,11 @@ class VisorConfigHook:
         if cc.cudagraph_mode is None or cc.cudagraph_mode != CUDAGraphMode.NONE:
             was = "default" if cc.cudagraph_mode is None else cc.cudagraph_mode.name
             cc.cudagraph_mode = CUDAGraphMode.NONE
-            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): a captured VISOR "
-                           "step would replay stale per-step bounds and skip its side channels; "
-                           "decode runs compiled, without graphs", was)
+            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): vLLM runs an "
+                           "encoder-decoder model's decode only as a full graph, which would "
+                           "replay VISOR's per-step Python (visor::step rows, visor::sa_attention "
+                           "metadata) with the captured batch's values; decode runs compiled, "
+                           "without graphs", was)
         try:  # vLLM's own resolution (env, Triton, unsupported features); logs nothing new
             v2 = bool(vllm_config.use_v2_model_runner)
         except AttributeError:  # a partial config (tests) or a vLLM that moved the property

@@ -458,10 +458,20 @@ class VisorDecoder(nn.Module):
 
     def side_channels(self) -> None:
         """Receipts and executed-FLOP stats of the step just run (after the compiled part).
-        Side channels: a failure is logged, never raised."""
+        Side channels: a failure is logged, never raised. In a step where no row joined they
+        read nothing from the device (`bridge.RowState`: ``joined``, ``flush``)."""
         s, state = self._step, bridge.STATE
-        if s is None or not self.writes_receipts:
+        if s is None:
             return
+        if not self.writes_receipts:
+            state.step_done()
+            return
+        try:
+            self._side_channels(s, state)
+        finally:
+            state.step_done()
+
+    def _side_channels(self, s: _Step, state) -> None:
         try:
             state.emit_receipts(s.computed == 0, s.n_vision, self.router is not None, s.slots,
                                 s.n_dense_vision)
