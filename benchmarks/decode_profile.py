@@ -20,6 +20,13 @@ this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to reach the model's functio
 monkeypatches them. CPU timings on 2 cores: compare runs of one session only, and with
 ``--torch-profile`` compare ``forward_over_gemm`` (`profile_summary`), not milliseconds.
 
+Host time outside the forward: every engine step (``EngineCore.step``: scheduling, input and
+metadata preparation, the forward, sampling, output processing) is timed too, and for each
+full-batch decode step ``host_ms_outside_forward`` is the step minus its forward (its median
+is ``host_ms_outside_forward_p50``). VISOR's bridge (the V1 logits processor) and its side
+channels after the decoder count on VISOR's side of the line: the side channels run inside the
+top-level forward, the bridge outside it. Compare a VISOR and a LLaVA-OV run of one session.
+
 ``--torch-profile K`` runs torch's profiler over K full-batch decode steps (from the fourth on)
 and adds its ops' self time per step (``ops_self_ms_per_step``), so the two models' compiled
 graphs can be compared kernel by kernel: inductor's fused kernels are named
@@ -49,6 +56,30 @@ T = defaultdict(float)
 N = defaultdict(int)
 STEP = {"decode": False}
 STEPS = []
+ENGINE = {"forward_s": 0.0, "n": None}  # the engine step in flight: its forward time, batch
+ENGINE_STEPS = []                      # (tokens in the step, step s, forward s) per decode step
+
+
+def engine_step_timer():
+    """Time whole engine steps (``EngineCore.step``; in-process with multiprocessing off)."""
+    from vllm.v1.engine.core import EngineCore
+
+    for name in ("step", "step_with_batch_queue"):
+        fn = getattr(EngineCore, name, None)
+        if fn is None:
+            continue
+
+        def make(fn):
+            @functools.wraps(fn)
+            def wrap(self, *a, **k):
+                ENGINE.update(forward_s=0.0, n=None)
+                t = time.perf_counter()
+                out = fn(self, *a, **k)
+                if ENGINE["n"] is not None:  # a decode step ran a forward
+                    ENGINE_STEPS.append((ENGINE["n"], time.perf_counter() - t, ENGINE["forward_s"]))
+                return out
+            return wrap
+        setattr(EngineCore, name, make(fn))
 
 
 def timed(name, fn):
@@ -134,7 +165,10 @@ def main():
                   else contextlib.nullcontext()):
                 out = fwd(self, input_ids, positions, *a, **k)
             if STEP["decode"]:
-                STEPS.append((n, time.perf_counter() - t))
+                dt = time.perf_counter() - t
+                STEPS.append((n, dt))
+                ENGINE["forward_s"] += dt
+                ENGINE["n"] = n
             if prof is not None and PROF["on"] and PROF["full"] == 3 + args.torch_profile:
                 prof.stop(); PROF["on"] = False
             STEP["decode"] = False
@@ -167,6 +201,7 @@ def main():
             from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer
             Qwen2DecoderLayer.forward = timed("Qwen2DecoderLayer.forward", Qwen2DecoderLayer.forward)
 
+    engine_step_timer()
     from vllm import LLM, SamplingParams
 
     llava = args.kind == "llava"
@@ -186,16 +221,21 @@ def main():
     extra = {"visor_budget": args.budget} if args.budget else None
     sp = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, extra_args=extra)
     llm.chat(msgs[:2], sp, use_tqdm=False)  # warm-up
-    T.clear(); N.clear(); STEPS.clear()
+    T.clear(); N.clear(); STEPS.clear(); ENGINE_STEPS.clear()
     t0 = time.perf_counter()
     llm.chat(msgs, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
     full = [t for n, t in STEPS if n == args.c]
+    host = [step - fwd for n, step, fwd in ENGINE_STEPS if n == args.c]
     out = {"kind": args.kind, "budget": args.budget, "c": args.c, "image": args.image,
            "compiled": args.compiled,
            "wall_s": round(wall, 2),
            "decode_steps_full_batch": len(full),
            "decode_step_ms_p50": round(1000 * statistics.median(full), 2) if full else None,
+           "engine_steps_full_batch": len(host),
+           "host_ms_outside_forward_p50": round(1000 * statistics.median(host), 3) if host else None,
+           "host_ms_outside_forward_p90": (round(1000 * sorted(host)[int(0.9 * (len(host) - 1))], 3)
+                                           if host else None),
            "per_step_ms": {k: round(1000 * v / max(len(STEPS), 1), 3) for k, v in
                            sorted(T.items(), key=lambda kv: -kv[1])},
            "calls_per_step": {k: round(N[k] / max(len(STEPS), 1), 1) for k in N}}

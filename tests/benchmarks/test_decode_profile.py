@@ -58,3 +58,5 @@ def test_tiny_eager_run_profiles_decode_steps(tmp_path):
     assert out["profiled_forward_ms_per_step"] > out["gemm_ms_per_step"]
     assert "visor::sa_attention" in out["ops_self_ms_per_step"]
     assert out["per_step_ms"]["_sa_layer (all)"] > 0  # eager: VISOR's pieces timed as well
+    assert out["engine_steps_full_batch"] >= 5  # whole engine steps, host time outside the forward
+    assert 0 < out["host_ms_outside_forward_p50"] <= out["host_ms_outside_forward_p90"]
