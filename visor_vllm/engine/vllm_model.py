@@ -220,9 +220,11 @@ class VisorCrossAttention(nn.Module):
         kv, _ = self.kv_proj(layers.cross_vision_input(self, vis, item_lens))
         return kv.split([self.kv_size, self.kv_size], dim=-1)
 
-    def forward(self, h: torch.Tensor, vis: torch.Tensor | None, item_lens) -> torch.Tensor:
-        """The residual update ``[N, d]``; vision K/V are written only when ``vis`` is given."""
-        q, _ = self.q_proj(self.text_norm(h))
+    def forward(self, x: torch.Tensor, vis: torch.Tensor | None, item_lens) -> torch.Tensor:
+        """The residual update ``[N, d]`` from the text stream after ``text_norm`` (``x``, which
+        the decoder fuses with the residual add, as vLLM's layers do); vision K/V are written
+        only when ``vis`` is given."""
+        q, _ = self.q_proj(x)
         k = v = None
         if vis is not None and vis.shape[0]:
             k, v = self.vision_kv(vis, item_lens)
@@ -420,7 +422,9 @@ class VisorDecoder(nn.Module):
         return self._run(input_ids, positions, visor_slots, encoder_outputs, dense_vision)
 
     def _run(self, input_ids, positions, slots, encoder_outputs=None, dense_vision=None):
-        h = self.embed_tokens(input_ids)
+        """The text stream as vLLM's Qwen2 carries it: ``h + res`` (``res`` None: ``h`` alone),
+        each norm fusing the residual add (``RMSNorm(h, res)``, in place on CPU and GPU)."""
+        h, res = self.embed_tokens(input_ids), None
         pos, has_vis = torch.ops.visor.step(positions, slots, self.step_name)  # [T], [T, 1]
         s, vis = self._step, None
         if encoder_outputs is not None and s is not None:  # (no metadata: a profiling run)
@@ -429,18 +433,19 @@ class VisorDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             kind = self.cfg.layer_types[i]
             if kind == "cross":
-                delta = layer.cross_attn(h, vis, s.item_lens if vis is not None else None)
-                h = h + torch.where(has_vis, delta, 0)
+                ca = layer.cross_attn
+                x, res = (ca.text_norm(h), h) if res is None else ca.text_norm(h, res)
+                delta = ca(x, vis, s.item_lens if vis is not None else None)
+                h = torch.where(has_vis, delta, 0)  # the stream is now res + delta
             if kind == "self":
                 if vis is not None:
                     vis = self._advance_vision(i, layer, vis, s)
-                h = self._sa_layer(layer, h, pos)
+                h, res = self._sa_layer(layer, h, res, pos)
             else:
-                hs, res = layer(pos, h, None)
-                h = hs + res
+                h, res = layer(pos, h, res)
             if vis is not None and i == self.cfg.router_layer and self.router is not None:
-                self._route(h, input_ids, s, bridge.STATE)
-        return self.norm(h)
+                self._route(h + res, input_ids, s, bridge.STATE)
+        return self.norm(h, res)[0]
 
     def begin_step(self, positions, slots, md):
         """The ``visor::step`` op's body (eager, every step)."""
@@ -542,12 +547,13 @@ class VisorDecoder(nn.Module):
         state.config_index[sl] = torch.where(needs, chosen, state.config_index[sl])
 
     # -- SA-capable layer ------------------------------------------------------------------------
-    def _sa_layer(self, layer, h, pos):
+    def _sa_layer(self, layer, h, res, pos):
         """The ordinary layer for text tokens, attention by the ``visor::sa_attention`` op over
-        each row's ``[its vision K/V if it runs the layer ; its text K/V]`` (kv_layout)."""
+        each row's ``[its vision K/V if it runs the layer ; its text K/V]`` (kv_layout).
+        ``(h, res)`` in and out: the stream ``h + res``, the adds fused into the norms."""
         attn = layer.self_attn
-        residual = h
-        qkv, _ = attn.qkv_proj(layer.input_layernorm(h))
+        x, res = (layer.input_layernorm(h), h) if res is None else layer.input_layernorm(h, res)
+        qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(pos, q, k)
         hd = attn.head_dim
@@ -556,8 +562,8 @@ class VisorDecoder(nn.Module):
                                      v.view(-1, attn.num_kv_heads, hd),
                                      out.view(-1, attn.num_heads, hd), attn.attn.layer_name)
         o, _ = attn.o_proj(out)
-        h = residual + o
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        x, res = layer.post_attention_layernorm(o, res)
+        return layer.mlp(x), res
 
     def _advance_vision(self, i: int, layer, vis, s: _Step):
         """First step: the new visual tokens of rows that run SA layer ``i`` go through it;
