@@ -584,6 +584,7 @@ def compute_ratios(rows: list[dict]) -> list[dict]:
                     "ttft": _ratio(r.get("mean_ttft_ms"), ref.get("mean_ttft_ms")),
                     "itl": _ratio(r.get("mean_itl_ms"), ref.get("mean_itl_ms")),
                     "itl_p50": _ratio(r.get("median_itl_ms"), ref.get("median_itl_ms")),
+                    "itl_p99": _ratio(r.get("p99_itl_ms"), ref.get("p99_itl_ms")),
                     "req_per_s": _ratio(r.get("request_throughput"), ref.get("request_throughput")),
                     "tok_per_s": _ratio(r.get("output_throughput"), ref.get("output_throughput")),
                     "kv_capacity": _ratio(r.get("kv_capacity_requests"),
@@ -660,8 +661,8 @@ def _fmt(v, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("model/budget", "conc", "ok", "TTFT mean s", "ITL mean ms", "ITL p50 ms", "req/s",
-            "out tok/s", "KV cap req")
+    head = ("model/budget", "conc", "ok", "TTFT mean s", "ITL mean ms", "ITL p50 ms",
+            "ITL p99 ms", "req/s", "out tok/s", "KV cap req")
     body = []
     for r in rows:
         ms = r.get("mean_ttft_ms")
@@ -670,7 +671,7 @@ def format_table(rows: list[dict]) -> str:
         body.append((row_label(r["model"], r["budget"]), str(r["concurrency"]), ok,
                      _fmt(ms / 1000 if ms is not None else None, ".2f"),
                      _fmt(r.get("mean_itl_ms"), ".1f"), _fmt(r.get("median_itl_ms"), ".1f"),
-                     _fmt(r.get("request_throughput"), ".3f"),
+                     _fmt(r.get("p99_itl_ms"), ".1f"), _fmt(r.get("request_throughput"), ".3f"),
                      _fmt(r.get("output_throughput"), ".2f"),
                      _fmt(r.get("kv_capacity_requests"), "d")))
     return _grid(head, body)
@@ -680,11 +681,12 @@ def format_ratios(ratios: list[dict]) -> str:
     """The ratio table; ``model bytes`` / ``model FLOPs``: `decode_cost_model`, the decode-step
     ratio a step whose time followed bytes read / FLOPs would have (a range where the router
     chooses), when the run could compute it."""
-    head = ("VISOR/LLaVA-OV", "conc", "TTFT", "ITL mean", "ITL p50", "req/s", "out tok/s",
-            "KV cap", "model bytes", "model FLOPs")
+    head = ("VISOR/LLaVA-OV", "conc", "TTFT", "ITL mean", "ITL p50", "ITL p99", "req/s",
+            "out tok/s", "KV cap", "model bytes", "model FLOPs")
     body = [(f"visor/{r['budget']}", str(r["concurrency"]),
              *(_fmt(r[k], ".2f") + ("x" if r[k] is not None else "")
-               for k in ("ttft", "itl", "itl_p50", "req_per_s", "tok_per_s", "kv_capacity")),
+               for k in ("ttft", "itl", "itl_p50", "itl_p99", "req_per_s", "tok_per_s",
+                         "kv_capacity")),
              *(_fmt_range((r.get("decode_cost_model") or {}).get(k)) for k in ("bytes", "flops")))
             for r in ratios]
     return _grid(head, body)

@@ -155,6 +155,7 @@ def test_summarize_bench(bench):
 def _row(model, budget, c, ttft, itl, rps, tps, cap):
     return {"model": model, "budget": budget, "concurrency": c, "completed": 4, "failed": 0,
             "mean_ttft_ms": ttft, "mean_itl_ms": itl, "median_itl_ms": itl,
+            "p99_itl_ms": 3 * itl if itl is not None else None,
             "request_throughput": rps, "output_throughput": tps, "kv_capacity_requests": cap}
 
 
@@ -170,6 +171,8 @@ def test_ratios_pair_same_concurrency(bench):
     assert r[0]["ttft"] == pytest.approx(0.5) and r[0]["itl"] == pytest.approx(0.8)
     assert r[0]["req_per_s"] == pytest.approx(2.0) and r[0]["kv_capacity"] == pytest.approx(1.5)
     assert r[1]["ttft"] == pytest.approx(0.75)
+    assert r[0]["itl_p99"] == pytest.approx(0.8)  # the tail, where a new image stalls decode
+    assert "ITL p99" in bench.format_ratios(r) and "ITL p99 ms" in bench.format_table(ROWS)
 
 
 def test_ratio_with_missing_values(bench):
@@ -184,7 +187,7 @@ def test_format_table(bench):
     lines = bench.format_table(ROWS).splitlines()
     assert lines[0].split()[:3] == ["model/budget", "conc", "ok"]
     assert len(lines) == 2 + len(ROWS)
-    assert lines[2].split() == ["visor/min", "1", "4/4", "20.00", "40.0", "40.0", "0.050",
+    assert lines[2].split() == ["visor/min", "1", "4/4", "20.00", "40.0", "40.0", "120.0", "0.050",
                                 "3.20", "300"]
     assert lines[-1].split()[0] == "llava-ov"
     assert len({len(x) for x in lines}) == 1  # aligned columns
@@ -198,7 +201,7 @@ def test_format_table_missing_metrics(bench):
 
 def test_format_ratios(bench):
     out = bench.format_ratios(bench.compute_ratios(ROWS)).splitlines()
-    assert out[2].split() == ["visor/min", "1", "0.50x", "0.80x", "0.80x", "2.00x", "2.00x",
+    assert out[2].split() == ["visor/min", "1", "0.50x", "0.80x", "0.80x", "0.80x", "2.00x", "2.00x",
                               "1.50x", "-", "-"]  # no cost model computed: dashes
 
 
