@@ -18,7 +18,9 @@ After every engine step vLLM calls `record`; it drains what the engine's worker 
 middleware (`visor_vllm.serving.middleware`) only adds per-response receipts; it counts nothing.
 
 Why a stat logger. It runs in each API server process, which is where ``/metrics`` is served,
-and vLLM calls it after each step, so the series are current when a response ends. The
+and vLLM calls it after each step, so the series are current one engine step after a
+response ends (a request's decode FLOPs reach the stats file when its row leaves the batch,
+`visor_vllm.engine.bridge.RowState.flush`; prefill FLOPs and events at its first step). The
 prometheus_client objects are created lazily, after vLLM has chosen its registry mode, so
 ``--api-server-count > 1`` (multiprocess mode) aggregates them; the stats file's shared cursor
 makes sure each step is exported by one API server only.
