@@ -166,6 +166,10 @@ def test_steady_decode_steps_read_nothing_from_the_device(tmp_path, monkeypatch)
     assert rec.found == [] and st.decode_flops.sum() > 0 and r.drain()[0] == [0.0] * 4
     b.update_state(update(removed=[3]))
     assert r.drain()[0][1] > 0 and st.decode_flops.sum() == 0
+    # a request that left shows only as vLLM condensing the batch (its slot refilled): flushed
+    st.account(s, w, has_router=True)
+    b.update_state(update(moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert r.drain()[0][1] > 0 and st.decode_flops.sum() == 0
 
 
 def test_rows_reach_their_slots_when_batch_order_differs(tmp_path, monkeypatch):

@@ -19,9 +19,12 @@ No host synchronisation in a steady decode step (a captured graph can replay it)
 are new is known on the host: `set_row` puts a joining row in ``joined``, and the step's side
 channels do per-row work (receipts, prefill FLOPs, request events; reads of device state)
 only when ``joined`` is not empty, then `step_done` empties it. Decode FLOPs are added on the
-device (``decode_flops``) every step and read into the stats file (`flush`) when a row joins
-or leaves -- host events outside the forward (vLLM runs one more step after the last request
-finishes, to free it, so nothing stays unflushed when the engine goes idle).
+device (``decode_flops``) every step and read into the stats file (`flush`) when the batch
+changes: a row joins, or vLLM's batch update (V1) or ``remove_request`` (MRV2) runs -- host
+events outside the forward. A V1 update may show a finished request only as a move (vLLM
+reuses or condenses freed slots before processors see them), so every update flushes; a
+steady decode step has no update. vLLM runs one more step after the last request finishes,
+to free it, so nothing stays unflushed when the engine goes idle.
 
 It never changes logits (``is_argmax_invariant``). It is loaded for every model through the
 ``vllm.logits_processors`` entry point and is inert unless the served model is VISOR.
@@ -306,3 +309,6 @@ class VisorBudgetBridge(LogitsProcessor, LogitsProcessorV2):
                           extra.get(receipts.KEY), resumed=bool(out_ids))
         for src, dst, direction in batch_update.moved:
             STATE.move(src, dst, swap=direction == MoveDirectionality.SWAP)
+        # any batch change: vLLM hands processors only the freed slots that no add reused and
+        # no condense filled, so a request that left may show here as a move, or not at all
+        STATE.flush()

@@ -9,11 +9,10 @@ turns it into the ``visor:*`` Prometheus series. No flag, no middleware, no requ
 * FLOPs: four float64 accumulators (VISOR prefill/decode, dense-equivalent prefill/decode).
   A request's first step adds its prefill (`visor_vllm.model.flops.prefill_flops`, on the text
   tokens the step really ran); every later step adds ``a + b*c`` per token
-  (`visor_vllm.model.flops.decode_step_affine`) on the device, written here when a request
-  joins or leaves the batch (`visor_vllm.engine.bridge.RowState.flush`: no host read in a
-  steady decode step). So ``n > 1`` (one row per sample), lists of
-  prompts, every endpoint (``/v1/responses``, ``/v1/messages``, ...), aborted requests and
-  preemption (its re-prefill is real work) are counted as the engine ran them.
+  (`visor_vllm.model.flops.decode_step_affine`) on the device, written here when the batch
+  changes (`visor_vllm.engine.bridge.RowState.flush`: no host read in a steady decode step).
+  So ``n > 1`` (one row per sample), lists of prompts, every endpoint (``/v1/responses``,
+  ``/v1/messages``, ...), aborted requests and preemption (its re-prefill is real work) are counted as the engine ran them.
 * Requests: one event per request at its first step (SA layers, budget source, token counts,
   FLOP cap met) in a ring the reader consumes; a request resumed after preemption is no new event.
 

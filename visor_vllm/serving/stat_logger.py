@@ -19,7 +19,7 @@ middleware (`visor_vllm.serving.middleware`) only adds per-response receipts; it
 
 Why a stat logger. It runs in each API server process, which is where ``/metrics`` is served,
 and vLLM calls it after each step, so the series are current one engine step after a
-response ends (a request's decode FLOPs reach the stats file when its row leaves the batch,
+response ends (a request's decode FLOPs reach the stats file when the batch changes after it,
 `visor_vllm.engine.bridge.RowState.flush`; prefill FLOPs and events at its first step). The
 prometheus_client objects are created lazily, after vLLM has chosen its registry mode, so
 ``--api-server-count > 1`` (multiprocess mode) aggregates them; the stats file's shared cursor
