@@ -434,7 +434,7 @@ class VisorDecoder(nn.Module):
             kind = self.cfg.layer_types[i]
             if kind == "cross":
                 ca = layer.cross_attn
-                x, res = (ca.text_norm(h), h) if res is None else ca.text_norm(h, res)
+                x, res = _add_norm(ca.text_norm, h, res)
                 delta = ca(x, vis, s.item_lens if vis is not None else None)
                 h = torch.where(has_vis, delta, 0)  # the stream is now res + delta
             if kind == "self":
@@ -468,11 +468,9 @@ class VisorDecoder(nn.Module):
         s, state = self._step, bridge.STATE
         if s is None:
             return
-        if not self.writes_receipts:
-            state.step_done()
-            return
         try:
-            self._side_channels(s, state)
+            if self.writes_receipts:  # one writer under TP
+                self._side_channels(s, state)
         finally:
             state.step_done()
 
@@ -552,7 +550,7 @@ class VisorDecoder(nn.Module):
         each row's ``[its vision K/V if it runs the layer ; its text K/V]`` (kv_layout).
         ``(h, res)`` in and out: the stream ``h + res``, the adds fused into the norms."""
         attn = layer.self_attn
-        x, res = (layer.input_layernorm(h), h) if res is None else layer.input_layernorm(h, res)
+        x, res = _add_norm(layer.input_layernorm, h, res)
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(pos, q, k)
@@ -603,6 +601,12 @@ class VisorDecoder(nn.Module):
         x = x + o
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x, k3, v3
+
+
+def _add_norm(norm: RMSNorm, h: torch.Tensor, res: torch.Tensor | None):
+    """``(norm(h + res), h + res)`` as vLLM's layers fuse it (``res`` None: the stream is ``h``
+    alone, as after the embedding); may write into ``h`` and ``res``."""
+    return (norm(h), h) if res is None else norm(h, res)
 
 
 def causal_segments_attention(q, k, v, lens: torch.Tensor, scale: float) -> torch.Tensor:
