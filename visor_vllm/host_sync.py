@@ -81,20 +81,28 @@ class HostSyncDetector(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _READS or func in _DATA_DEPENDENT:
-            self.found.append(str(func))
-        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            self.found.append("repeat_interleave without output_size")
-        elif func in _INDEX and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                    for i in args[1] if i is not None):
-            self.found.append(f"{func} with a boolean mask")
-        elif func in (aten._to_copy.default, aten.copy_.default):
-            src = args[1] if func is aten.copy_.default else args[0]
-            dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
-            if (isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta")
-                    and dst is not None and torch.device(dst).type == "cpu"):
-                self.found.append(f"{func} from {src.device} to the host")
+        found = sync_of(func, args, kwargs)
+        if found:
+            self.found.append(found)
         return func(*args, **kwargs)
+
+
+def sync_of(func, args, kwargs) -> str | None:
+    """What makes this op call a host synchronisation (module docstring), or None."""
+    if func in _READS or func in _DATA_DEPENDENT:
+        return str(func)
+    if func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+        return "repeat_interleave without output_size"
+    if func in _INDEX and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                              for i in args[1] if i is not None):
+        return f"{func} with a boolean mask"
+    if func in (aten._to_copy.default, aten.copy_.default):
+        src = args[1] if func is aten.copy_.default else args[0]
+        dst = args[0].device if func is aten.copy_.default else kwargs.get("device")
+        if (isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta")
+                and dst is not None and torch.device(dst).type == "cpu"):
+            return f"{func} from {src.device} to the host"
+    return None
 
 
 @contextlib.contextmanager

@@ -172,6 +172,36 @@ def test_steady_decode_steps_read_nothing_from_the_device(tmp_path, monkeypatch)
     assert r.drain()[0][1] > 0 and st.decode_flops.sum() == 0
 
 
+def test_rows_no_request_holds_count_no_flops(tmp_path, monkeypatch):
+    """A warm-up or graph-capture batch (rows no request joined) and a padded row (no query
+    token) add nothing to the decode FLOPs; the live row's count is unchanged by them."""
+    import torch
+
+    from visor_vllm.engine import receipts
+
+    monkeypatch.setenv(receipts.DIR_ENV, str(tmp_path))
+    b = bridge.VisorBudgetBridge(vllm_config(), "cpu", False)
+    st = bridge.STATE
+    dummy = NS(R=4, qsl=torch.tensor([0, 1, 2, 3, 4]), seq_lens=torch.tensor([7, 7, 7, 7]),
+               computed=torch.tensor([6, 6, 6, 6]), n_vision=torch.zeros(4, dtype=torch.long),
+               n_dense_vision=torch.zeros(4, dtype=torch.long), slots=torch.arange(4))
+    st.account(dummy, None, has_router=True)  # vLLM's dummy run before any request
+    assert st.decode_flops.sum() == 0
+    b.update_state(update(added=[(0, SamplingParams(), [5, 6], [])]))
+    st.step_done()
+    one = NS(R=1, qsl=torch.tensor([0, 1]), seq_lens=torch.tensor([7]), computed=torch.tensor([6]),
+             n_vision=torch.zeros(1, dtype=torch.long), n_dense_vision=torch.zeros(1, dtype=torch.long),
+             slots=torch.arange(1))
+    st.account(one, None, has_router=True)
+    alone = st.decode_flops.clone()
+    st.decode_flops.zero_()
+    padded = NS(R=4, qsl=torch.tensor([0, 1, 1, 1, 1]), seq_lens=torch.tensor([7, 0, 0, 0]),
+                computed=torch.tensor([6, 0, 0, 0]), n_vision=torch.zeros(4, dtype=torch.long),
+                n_dense_vision=torch.zeros(4, dtype=torch.long), slots=torch.arange(4))
+    st.account(padded, None, has_router=True)  # one live row, padded to a graph of four
+    assert alone.sum() > 0 and torch.equal(st.decode_flops, alone)
+
+
 def test_rows_reach_their_slots_when_batch_order_differs(tmp_path, monkeypatch):
     """Model Runner V2 keeps per-request state at a fixed index (idx_mapping), not the batch row:
     batch row 0 is slot 2 and row 1 is slot 0; caps and receipts must follow the slot."""

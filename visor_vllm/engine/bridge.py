@@ -82,6 +82,9 @@ class RowState:
         self.sa_mask = torch.zeros(max_rows, L, **kw)                   # [R, L] decided at step 1
         self.config_index = torch.full((max_rows,), -1, dtype=torch.long, device=device)  # [R]
         self.cap_met = torch.ones(max_rows, **kw)                       # [R] FLOP cap met
+        # [R] a request holds the slot: a row of a warm-up, capture or padded batch that no
+        # request joined counts no FLOPs (read on the device, so a replayed graph obeys it)
+        self.live = torch.zeros(max_rows, **kw)
         # Python-side, per row: read once per request (first step), never per token
         self.budgets: list[Budget] = [Budget()] * max_rows
         self.receipts: list[str | None] = [None] * max_rows
@@ -98,11 +101,10 @@ class RowState:
         # decode FLOPs [visor, dense] added on the device each step, not yet in the stats file
         self.decode_flops = torch.zeros(2, dtype=torch.float64, device=device)
         self.writer = None         # the engine's stats.StatsWriter, once `account` has one
-        self._unflushed = False    # host: decode_flops may be non-zero
         self.joined: set[int] = set()  # host: slots that joined since the last step's side channels
 
     _ROW_TENSORS = ("prompt_len", "allowed", "explicit", "has_explicit", "sa_mask", "config_index",
-                    "cap_met", "decode_a", "dense_a")
+                    "cap_met", "live", "decode_a", "dense_a")
     _ROW_LISTS = ("budgets", "receipts", "n_routing", "resumed")
 
     def set_row(self, row: int, budget: Budget, prompt_ids=(), receipt: str | None = None,
@@ -123,6 +125,7 @@ class RowState:
         self.sa_mask[row] = False
         self.config_index[row] = -1
         self.cap_met[row] = True
+        self.live[row] = join
         self.budgets[row] = budget
         self.receipts[row] = receipt if receipts.valid_id(receipt) else None
         self.n_routing[row] = prompt_ids.count(self.cfg.routing_token_id)
@@ -137,13 +140,18 @@ class RowState:
 
     def flush(self) -> None:
         """Move the device-side decode FLOPs into the stats file: one device-to-host read, only
-        at host events (a row joins or leaves), never in a steady decode step. Never raises."""
-        if not self._unflushed or self.writer is None:
+        at host events (a row joins or leaves), never in a steady decode step. Never raises.
+
+        It reads whenever a writer exists, never on a host-side "something was added" flag: a
+        replayed CUDA graph adds to ``decode_flops`` without running the Python that would set
+        the flag (`tests/engine/test_graph_replay.py` lost decode FLOPs that way)."""
+        if self.writer is None:
             return
         try:
             visor, dense = self.decode_flops.tolist()
+            if not (visor or dense):
+                return
             self.decode_flops.zero_()
-            self._unflushed = False
             self.writer.add(visor_decode=visor, dense_decode=dense)
         except Exception:  # noqa: BLE001 - a side channel never fails a step
             import logging
@@ -255,12 +263,11 @@ class RowState:
                     events.append((sum(1 << i for i in layers),
                                    stats.SOURCES.index(self.budgets[k].source), nv, nt,
                                    int(bool(self.cap_met[k]))))
-        dec = (~first & (q > 0)).to(torch.float64)                        # [R]
+        dec = (~first & (q > 0) & self.live[sl]).to(torch.float64)        # [R]
         c = s.seq_lens.to(torch.float64)                                 # [R] context after step
         ctx = self.decode_slope * (dec * (q * c - q * (q - 1) / 2)).sum()  # b * sum of contexts
         self.decode_flops += torch.stack([(dec * q * self.decode_a[sl]).sum() + ctx,
                                           (dec * q * self.dense_a[sl]).sum() + ctx])
-        self._unflushed = True
         if self.joined:  # this step reads the device anyway
             writer.add(vp, 0.0, dp, 0.0, events)
             self.flush()

@@ -17,8 +17,9 @@ that knows which metadata fields change with the prefix, per backend:
   be wrong). **Unproven**: no GPU build of vLLM runs in this project; `check_backend` logs it.
 
 Footguns.
-* ``max_seq_len`` is an upper bound (the group's text maximum plus the batch's largest image),
-  so it needs no device-to-host read.
+* ``max_seq_len`` is an upper bound (the group's text maximum plus a static bound on a
+  request's visual tokens, the encoder budget), so it needs no device-to-host read and does
+  not change between the replays of a captured graph.
 * The block size is the *kernel's* (taken from the cache tensor), which is what the block table
   counts in; vLLM may split allocator blocks into smaller kernel blocks.
 * Backends that write K/V inside ``forward`` (``forward_includes_kv_cache_update``) are

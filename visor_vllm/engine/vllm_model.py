@@ -251,9 +251,12 @@ class VisorRouter(nn.Module):
 class _Step:
     """Per-step batch facts derived from attention metadata, built by the ``visor::step`` op.
 
-    Tensor ops only, no device-to-host read: the host ints (``R``, ``N``, ``max_vision``) come
-    from the metadata, ``repeat_interleave`` gets its output size. So the same code can serve
-    a compiled (and, on GPU, a graph-captured) decode step. First-step facts (``new``,
+    Tensor ops only, no device-to-host read, and host ints that do not change between the
+    steps of one captured graph: ``R`` and ``N`` are the batch's (padded) rows and tokens,
+    ``max_vision`` a static bound. So a captured graph can replay it for another batch of the
+    same size (`tests/engine/test_graph_replay.py`). Padding, as vLLM pads a batch to a graph's
+    size: rows with no tokens (``q == 0``, ``seq_len == 0``) and tokens after the last row's
+    (``valid`` false), which write no K/V and count no FLOPs. First-step facts (``new``,
     ``vis_row``...) are added by `VisorDecoder.first_step`, which runs eagerly.
     """
 
@@ -267,19 +270,21 @@ class _Step:
         self.seq_lens = text_md.seq_lens[: self.R].long()               # [R] after this step
         self.computed = self.seq_lens - q_lens                          # [R]
         self.n_vision = x_md.seq_lens[: self.R].long()                  # [R]
-        self.max_vision = x_md.max_seq_len   # host int >= n_vision.max() (kernel bounds)
+        self.max_vision = model.max_vision   # static host bound >= n_vision.max() (kernels)
         # each row's slot in bridge.RowState: V1 = the persistent-batch row itself; MRV2 = the
         # request's state index (input_batch.idx_mapping, passed by engine/model_state.py)
         self.slots = (torch.arange(self.R, device=dev) if slots is None
                       else slots[: self.R].to(dev).long())                       # [R]
-        self.row = torch.repeat_interleave(torch.arange(self.R, device=dev), q_lens,
-                                           output_size=self.N)                  # [N]
-        self.col = torch.arange(self.N, device=dev) - self.qsl[self.row]             # [N]
+        tok = torch.arange(self.N, device=dev)                                   # [N]
+        # each token's row: the first row whose end is past it (rows with q == 0 hold none)
+        self.row = torch.searchsorted(self.qsl[1:], tok, right=True).clamp_(max=self.R - 1)
+        self.valid = tok < self.qsl[-1]                       # [N] false: padding tokens
+        self.col = torch.where(self.valid, tok - self.qsl[self.row], 0)  # [N] (padding: 0)
         self.text_pos = self.computed[self.row] + self.col   # [N] each token's text index
         self.has_vis = torch.zeros(positions.shape[0], 1, dtype=torch.bool, device=dev)
-        self.has_vis[: self.N, 0] = (self.n_vision > 0)[self.row]  # [T, 1] rows with images
+        self.has_vis[: self.N, 0] = (self.n_vision > 0)[self.row] & self.valid  # [T, 1]
         pos = positions.clone()
-        pos[: self.N] += self.n_vision[self.row]  # vision first: text j sits at Nv + j
+        pos[: self.N] += torch.where(self.valid, self.n_vision[self.row], 0)  # text j at Nv + j
         self.positions = pos                                            # [T]
         self.sa_mask = state.sa_mask[self.slots]  # [R, L]: first steps decide theirs below
         # dense LLaVA-OV's visual tokens per row (FLOP accounting): VISOR-TR's full count for
@@ -351,8 +356,8 @@ def _sa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     md = s.md[layer_name]
     bs = sa_attention.kernel_block_size(sa.kv_cache)
     q, k, v = q[:n], k[:n], v[:n]
-    sa_attention.write(sa, k, v, sa_attention.slots(md.block_table, s.row,
-                                                    prefix[s.row] + s.text_pos, bs))
+    slot = sa_attention.slots(md.block_table, s.row, prefix[s.row] + s.text_pos, bs)  # [N]
+    sa_attention.write(sa, k, v, torch.where(s.valid, slot, -1))  # padding writes nothing
     mdp = sa_attention.with_prefix(md, sa, prefix, s.max_vision, q.dtype)
     sa_attention.attend(sa, q, k, v, mdp, out[:n])
     out[n:] = 0
@@ -395,6 +400,9 @@ class VisorDecoder(nn.Module):
         if not cfg.cross_layers:  # the step reads each row's visual token count from a CA layer
             raise NotImplementedError("VISOR in vLLM needs at least one cross-attention layer")
         self.first_cross_name = self.layers[cfg.cross_layers[0]].cross_attn.attn.layer_name
+        # a request's visual tokens never exceed the encoder budget (enc-dec mode schedules a
+        # request's images in one step): the static bound of the SA kernels' max_seq_len
+        self.max_vision = vllm_config.scheduler_config.max_num_encoder_input_tokens
         self.norm = RMSNorm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.router = VisorRouter(cfg, prefix=f"{prefix}.router") if plan.needs_router(cfg) else None
         self.writes_receipts = get_tensor_model_parallel_rank() == 0  # one writer under TP
@@ -523,7 +531,7 @@ class VisorDecoder(nn.Module):
         needs = s.new & ~state.has_explicit[sl] & (allowed.sum(-1) > 1)              # [R]
         if not bool(needs.any()):
             return
-        tok = (input_ids[: s.N] == self.cfg.routing_token_id) & needs[s.row] \
+        tok = (input_ids[: s.N] == self.cfg.routing_token_id) & needs[s.row] & s.valid \
             & (s.text_pos < state.prompt_len[sl][s.row])                             # [N]
         rows = s.row[tok]                                                             # [M]
         logits = self.router(h[: s.N][tok]).float()                                   # [M, C]
