@@ -78,6 +78,9 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VISOR_VISION_CACHE_MB": (_str("VISOR_VISION_CACHE_MB"),
                               "the worker's vision-feature cache bound in MB, 0 = off (default "
                               "256; visor_vllm.engine.vision_cache)"),
+    "VISOR_CUDA_GRAPHS": (_only_one("VISOR_CUDA_GRAPHS"),
+                          "exactly 1: leave vLLM's CUDA graphs on for VISOR (FULL_DECODE_ONLY on "
+                          "a GPU; unproven there, visor_vllm.engine.config_hook); default off"),
     "VISOR_ALLOW_LOOPBACK_MEDIA": (_only_one("VISOR_ALLOW_LOOPBACK_MEDIA"),
                                    "exactly 1: image URLs may point at this host (tests; off by "
                                    "default, see SECURITY.md)"),

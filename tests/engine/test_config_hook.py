@@ -1,4 +1,5 @@
-"""VISOR's vLLM config hook: CUDA graphs off, logged; the model runner left to vLLM.
+"""VISOR's vLLM config hook: CUDA graphs off unless VISOR_CUDA_GRAPHS=1, logged; the model
+runner left to vLLM.
 
 The hook is ledger entry 5 (`visor_vllm.patches`); `register()` installs it, and vLLM calls it
 while it builds a `VllmConfig`, i.e. before any engine process exists.
@@ -30,6 +31,22 @@ def test_hook_turns_cuda_graphs_off_with_a_log_line(mode, monkeypatch, caplog):
         VisorConfigHook.verify_and_update_config(cfg)
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
     assert "CUDA graphs off" in caplog.text and "only as a full graph" in caplog.text
+    assert "VISOR_CUDA_GRAPHS=1" in caplog.text  # how to try them
+
+
+@pytest.mark.parametrize("mode", [None, "FULL_DECODE_ONLY"])
+def test_visor_cuda_graphs_1_keeps_vllms_graphs_with_a_log_line(mode, monkeypatch, caplog):
+    from vllm.config.compilation import CUDAGraphMode
+
+    from visor_vllm.engine.config_hook import VisorConfigHook
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.setenv("VISOR_CUDA_GRAPHS", "1")
+    cfg = fake_config(None if mode is None else CUDAGraphMode[mode])
+    with caplog.at_level(logging.WARNING, logger="visor_vllm.engine"):
+        VisorConfigHook.verify_and_update_config(cfg)
+    assert cfg.compilation_config.cudagraph_mode == (None if mode is None else CUDAGraphMode[mode])
+    assert "CUDA graphs kept" in caplog.text and "not yet run on a GPU" in caplog.text
 
 
 def test_hook_leaves_an_eager_config_alone(monkeypatch, caplog):
@@ -129,4 +146,23 @@ def test_vllm_gives_encoder_decoder_models_full_decode_graphs_only(asked, visor_
     cfg = EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
                      compilation_config={"cudagraph_mode": asked}).create_engine_config()
     assert cfg.model_config.is_encoder_decoder
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+
+
+def test_with_visor_cuda_graphs_1_vllm_resolves_full_decode_graphs(visor_ckpt, monkeypatch):
+    """The opt-in through vLLM's own config path, hook installed, on a platform with graphs:
+    what a GPU server started with VISOR_CUDA_GRAPHS=1 gets."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from visor_vllm import register
+
+    register()
+    monkeypatch.setenv("VISOR_CUDA_GRAPHS", "1")
+    monkeypatch.setattr(type(current_platform), "support_static_graph_mode",
+                        classmethod(lambda cls: True))
+    cfg = EngineArgs(model=str(visor_ckpt), dtype="float32", max_model_len=2048,
+                     compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}
+                     ).create_engine_config()
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY

@@ -5,22 +5,24 @@ entry 5 in `visor_vllm.patches`): vLLM calls it from ``VllmConfig.__post_init__`
 process that builds the config (``vllm serve``, ``LLM(...)``), before compilation and
 CUDA-graph defaults are resolved.
 
-* **CUDA graphs off, for a named reason.** vLLM 0.32 gives an encoder-decoder model one graph
-  mode on GPU: full decode-only graphs (``FULL_DECODE_ONLY``; ``VllmConfig.__post_init__``
-  overrides ``PIECEWISE`` and ``FULL_AND_PIECEWISE`` with it for ``is_encoder_decoder``, after
-  this hook; ``tests/engine/test_config_hook.py`` pins that). Piecewise graphs, in which
-  VISOR's ops would run eagerly between captured pieces as vLLM's attention does, are not
-  available to this model class. A full graph captures the whole forward and replays its
-  kernels only, and VISOR's decode step still builds per-step state in Python: the
-  ``visor::step`` op derives the step's rows (``_Step``) from the attention metadata with host
-  ints (rows, tokens, the batch's largest image), and ``visor::sa_attention`` rebuilds each SA
-  layer's metadata for its vision prefix (``sa_attention.with_prefix``; on CPU a host-side
-  work partition). A replay would run them with the captured batch's values. What is proven:
-  the compiled step and, since 2026-12-05, its side channels (receipts, executed-FLOP stats)
-  have no host synchronisation in a steady decode step (``tests/engine/test_graph_safety.py``).
-  So the hook sets ``cudagraph_mode = NONE`` with one log line naming this; ``--enforce-eager``
-  or ``cudagraph_mode`` NONE need no change. Compilation stays on: vLLM compiles the VISOR
-  decoder (``support_torch_compile``) unless ``--enforce-eager``.
+* **CUDA graphs off unless asked for, for a named reason.** vLLM 0.32 gives an
+  encoder-decoder model one graph mode on GPU: full decode-only graphs (``FULL_DECODE_ONLY``;
+  ``VllmConfig.__post_init__`` overrides ``PIECEWISE`` and ``FULL_AND_PIECEWISE`` with it for
+  ``is_encoder_decoder``, after this hook; ``tests/engine/test_config_hook.py`` pins that), so
+  piecewise graphs with VISOR's ops between the pieces are closed to this model class. A full
+  graph captures the whole forward, side channels included, and replays its kernels only.
+  What is proven, on CPU: VISOR's steady decode step has no host synchronisation, side
+  channels included (``tests/engine/test_graph_safety.py``), and a decode step recorded op by
+  op and replayed without its Python, for other batches (budgets, images, lengths, a batch
+  padded to the recorded size), gives the eager step's tokens, receipts and executed FLOPs
+  (``tests/engine/test_graph_replay.py``, `visor_vllm.graph_replay`). What is not: no GPU
+  build of vLLM has run VISOR, so neither vLLM's graph capture of this model (its dummy
+  capture batches, Model Runner V2's graph inputs such as ``visor_slots``) nor a GPU attention
+  backend on VISOR's ``[V ; T]`` SA metadata (`visor_vllm.engine.sa_attention`) has run. So
+  the hook sets ``cudagraph_mode = NONE`` with one log line naming this, unless
+  ``VISOR_CUDA_GRAPHS=1`` (`visor_vllm.envs`) asks to keep vLLM's graphs, to try them on a GPU;
+  ``--enforce-eager`` or ``cudagraph_mode`` NONE need no change. Compilation stays on: vLLM
+  compiles the VISOR decoder (``support_torch_compile``) unless ``--enforce-eager``.
 * **The model runner is vLLM's choice.** VISOR runs on both: on V1, per-request state reaches
   the model through a V1 logits processor (`visor_vllm.engine.bridge`); on Model Runner V2
   (vLLM's default where Triton has a backend: GPU installs) through
@@ -75,16 +77,24 @@ class VisorConfigHook:
     def verify_and_update_config(vllm_config) -> None:
         from vllm.config.compilation import CUDAGraphMode
 
+        from visor_vllm import envs
+
         check_parallelism(vllm_config)
         cc = vllm_config.compilation_config
         if cc.cudagraph_mode is None or cc.cudagraph_mode != CUDAGraphMode.NONE:
             was = "default" if cc.cudagraph_mode is None else cc.cudagraph_mode.name
-            cc.cudagraph_mode = CUDAGraphMode.NONE
-            logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): vLLM runs an "
-                           "encoder-decoder model's decode only as a full graph, which would "
-                           "replay VISOR's per-step Python (visor::step rows, visor::sa_attention "
-                           "metadata) with the captured batch's values; decode runs compiled, "
-                           "without graphs", was)
+            if envs.VISOR_CUDA_GRAPHS:
+                logger.warning("VISOR: CUDA graphs kept (cudagraph_mode %s; vLLM makes it "
+                               "FULL_DECODE_ONLY for an encoder-decoder model) because "
+                               "VISOR_CUDA_GRAPHS=1: replay-safe on CPU, not yet run on a GPU "
+                               "build of vLLM", was)
+            else:
+                cc.cudagraph_mode = CUDAGraphMode.NONE
+                logger.warning("VISOR: CUDA graphs off (cudagraph_mode %s -> NONE): vLLM runs "
+                               "an encoder-decoder model's decode only as a full graph, and "
+                               "VISOR's decode step, replay-safe on CPU, has not run under one "
+                               "on a GPU build of vLLM; VISOR_CUDA_GRAPHS=1 keeps them to try; "
+                               "decode runs compiled, without graphs", was)
         try:  # vLLM's own resolution (env, Triton, unsupported features); logs nothing new
             v2 = bool(vllm_config.use_v2_model_runner)
         except AttributeError:  # a partial config (tests) or a vLLM that moved the property
