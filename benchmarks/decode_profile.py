@@ -57,7 +57,16 @@ N = defaultdict(int)
 STEP = {"decode": False}
 STEPS = []
 ENGINE = {"forward_s": 0.0, "n": None}  # the engine step in flight: its forward time, batch
-ENGINE_STEPS = []                      # (tokens in the step, step s, forward s) per decode step
+ENGINE_STEPS = []                      # (tokens, step s, forward s, parts) per decode step
+PARTS: dict[str, float] = {}           # host-side parts of the engine step in flight (s)
+# where the host time outside the forward goes: vLLM's scheduler and model-runner phases (they
+# may nest: _build_attention_metadata runs inside execute_model's preparation)
+HOST_PARTS = {
+    "vllm.v1.core.sched.scheduler:Scheduler": ("schedule", "update_from_output"),
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner": (
+        "_update_states", "_prepare_inputs", "_build_attention_metadata", "_preprocess",
+        "_sample", "_bookkeeping_sync"),
+}
 
 
 def engine_step_timer():
@@ -73,13 +82,35 @@ def engine_step_timer():
             @functools.wraps(fn)
             def wrap(self, *a, **k):
                 ENGINE.update(forward_s=0.0, n=None)
+                PARTS.clear()
                 t = time.perf_counter()
                 out = fn(self, *a, **k)
                 if ENGINE["n"] is not None:  # a decode step ran a forward
-                    ENGINE_STEPS.append((ENGINE["n"], time.perf_counter() - t, ENGINE["forward_s"]))
+                    ENGINE_STEPS.append((ENGINE["n"], time.perf_counter() - t, ENGINE["forward_s"],
+                                         dict(PARTS)))
                 return out
             return wrap
         setattr(EngineCore, name, make(fn))
+    import importlib
+
+    for where, names in HOST_PARTS.items():
+        mod, cls = where.split(":")
+        klass = getattr(importlib.import_module(mod), cls)
+        for name in names:
+            fn = getattr(klass, name, None)
+            if fn is None:  # another vLLM version: that part is not reported
+                continue
+
+            def make_part(fn, label):
+                @functools.wraps(fn)
+                def wrap(*a, **k):
+                    t = time.perf_counter()
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        PARTS[label] = PARTS.get(label, 0.0) + time.perf_counter() - t
+                return wrap
+            setattr(klass, name, make_part(fn, f"{cls}.{name}"))
 
 
 def timed(name, fn):
@@ -226,7 +257,8 @@ def main():
     llm.chat(msgs, sp, use_tqdm=False)
     wall = time.perf_counter() - t0
     full = [t for n, t in STEPS if n == args.c]
-    host = [step - fwd for n, step, fwd in ENGINE_STEPS if n == args.c]
+    host = [step - fwd for n, step, fwd, _ in ENGINE_STEPS if n == args.c]
+    parts = [p for n, _, _, p in ENGINE_STEPS if n == args.c]
     out = {"kind": args.kind, "budget": args.budget, "c": args.c, "image": args.image,
            "compiled": args.compiled,
            "wall_s": round(wall, 2),
@@ -236,6 +268,8 @@ def main():
            "host_ms_outside_forward_p50": round(1000 * statistics.median(host), 3) if host else None,
            "host_ms_outside_forward_p90": (round(1000 * sorted(host)[int(0.9 * (len(host) - 1))], 3)
                                            if host else None),
+           "host_parts_ms_p50": {k: round(1000 * statistics.median(p.get(k, 0.0) for p in parts), 3)
+                                 for k in sorted({k for p in parts for k in p})},
            "per_step_ms": {k: round(1000 * v / max(len(STEPS), 1), 3) for k, v in
                            sorted(T.items(), key=lambda kv: -kv[1])},
            "calls_per_step": {k: round(N[k] / max(len(STEPS), 1), 1) for k in N}}

@@ -60,3 +60,5 @@ def test_tiny_eager_run_profiles_decode_steps(tmp_path):
     assert out["per_step_ms"]["_sa_layer (all)"] > 0  # eager: VISOR's pieces timed as well
     assert out["engine_steps_full_batch"] >= 5  # whole engine steps, host time outside the forward
     assert 0 < out["host_ms_outside_forward_p50"] <= out["host_ms_outside_forward_p90"]
+    parts = out["host_parts_ms_p50"]  # where that host time goes: vLLM's phases
+    assert parts["Scheduler.schedule"] > 0 and parts["GPUModelRunner._prepare_inputs"] > 0
