@@ -70,6 +70,11 @@ def test_model_state_hands_budgets_to_the_request_slot(tmp_path, monkeypatch):
     assert st.n_routing[3] == 1 and not st.resumed[3] and st.resumed[1]  # b: re-added after preemption
     inputs = ms.prepare_inputs(NS(idx_mapping=torch.tensor([1, 3, 0, 0]), num_reqs=2), None)
     assert inputs["visor_slots"].tolist() == [1, 3] and inputs["encoder_outputs"] == []
+    # a CUDA graph captured on the dummy batch reads every later step's slots at its address
+    captured = ms.prepare_dummy_inputs(4, 4)["visor_slots"]
+    later = ms.prepare_inputs(NS(idx_mapping=torch.tensor([2, 0, 1]), num_reqs=3), None)
+    assert later["visor_slots"].data_ptr() == captured.data_ptr() == inputs["visor_slots"].data_ptr()
+    assert captured[:3].tolist() == [2, 0, 1]
     ms.remove_request("a")
     assert st.receipts[3] is None and st.allowed[3].all() and st.prompt_len[3] == 0
     ms.remove_request("never-added")  # harmless

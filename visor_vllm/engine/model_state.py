@@ -17,12 +17,18 @@ Footguns.
 * A preempted request is removed and later re-added with its outputs so far
   (``prefill_token_ids`` longer than the prompt): it is marked ``resumed`` (no second request
   event in `visor_vllm.engine.stats`) and its first step re-runs the router on the prompt.
+* ``visor_slots`` lives in one buffer for the model state's lifetime (``_slots``): MRV2 makes
+  ``idx_mapping`` anew every step, but a captured CUDA graph reads its inputs at the addresses
+  it captured, so every step copies the mapping into the buffer, and the capture's dummy batch
+  (``prepare_dummy_inputs``) reads the same buffer. A padded graph row reads a stale slot there:
+  harmless, a row with no query token writes nothing and counts nothing.
 * Imports vLLM's MRV2 modules at top level: import this module only from
   ``get_model_state_cls`` (MRV2 is optional; V1 never loads it).
 """
 
 from __future__ import annotations
 
+import torch
 from vllm.v1.worker.gpu.model_states.encoder_decoder import EncoderDecoderModelState
 
 from visor_vllm.engine import bridge, receipts
@@ -37,6 +43,7 @@ class VisorModelState(EncoderDecoderModelState):
         receipts.runtime_dir()  # so does a runtime dir others could write (RuntimeDirError)
         bridge.STATE = bridge.RowState(hf, self.max_num_reqs, device, vllm_config.model_config.model)
         self._index: dict[str, int] = {}  # req_id -> state index
+        self._slots = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)  # [R]
 
     def add_request(self, req_index: int, new_req_data) -> None:
         super().add_request(req_index, new_req_data)
@@ -57,5 +64,12 @@ class VisorModelState(EncoderDecoderModelState):
 
     def prepare_inputs(self, input_batch, req_states) -> dict:
         inputs = super().prepare_inputs(input_batch, req_states)
-        inputs["visor_slots"] = input_batch.idx_mapping[: input_batch.num_reqs]
+        n = input_batch.num_reqs
+        self._slots[:n].copy_(input_batch.idx_mapping[:n], non_blocking=True)
+        inputs["visor_slots"] = self._slots[:n]
         return inputs
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict:
+        """A dummy or graph-capture batch: the same slots buffer (module docstring)."""
+        return {**super().prepare_dummy_inputs(num_reqs, num_tokens),
+                "visor_slots": self._slots[:num_reqs]}
