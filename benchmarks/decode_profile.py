@@ -205,6 +205,16 @@ def main():
             STEP["decode"] = False
             return out
         cls.forward = wrap
+        logits = cls.compute_logits
+
+        @functools.wraps(logits)
+        def timed_logits(self, *a, **k):  # outside the forward: the LM head over the batch
+            t = time.perf_counter()
+            try:
+                return logits(self, *a, **k)
+            finally:
+                PARTS["compute_logits"] = PARTS.get("compute_logits", 0.0) + time.perf_counter() - t
+        cls.compute_logits = timed_logits
 
     if args.kind == "visor":
         from visor_vllm.engine import vllm_model as vm

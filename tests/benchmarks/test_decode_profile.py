@@ -62,3 +62,4 @@ def test_tiny_eager_run_profiles_decode_steps(tmp_path):
     assert 0 < out["host_ms_outside_forward_p50"] <= out["host_ms_outside_forward_p90"]
     parts = out["host_parts_ms_p50"]  # where that host time goes: vLLM's phases
     assert parts["Scheduler.schedule"] > 0 and parts["GPUModelRunner._prepare_inputs"] > 0
+    assert parts["compute_logits"] > 0
