@@ -115,6 +115,7 @@ TOP = {
     "_compat": set(),
     "envs": set(),            # every layer reads the environment through it
     "host_sync": set(),
+    "graph_replay": {"host_sync"},  # the CUDA-graph contract on CPU (tests use it)
     "patches": {"envs"},      # the ledger knows third-party internals, not the package
     "testing": {"model", "checkpoints"},
     "cli": set(ALLOWED) | {"visor_vllm"},  # wires every sub-command
