@@ -101,16 +101,19 @@ def engine_step_timer():
             if fn is None:  # another vLLM version: that part is not reported
                 continue
 
-            def make_part(fn, label):
-                @functools.wraps(fn)
-                def wrap(*a, **k):
-                    t = time.perf_counter()
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        PARTS[label] = PARTS.get(label, 0.0) + time.perf_counter() - t
-                return wrap
-            setattr(klass, name, make_part(fn, f"{cls}.{name}"))
+            setattr(klass, name, into_parts(fn, f"{cls}.{name}"))
+
+
+def into_parts(fn, label: str):
+    """``fn`` adding its time to ``PARTS[label]`` (the engine step in flight)."""
+    @functools.wraps(fn)
+    def wrap(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            PARTS[label] = PARTS.get(label, 0.0) + time.perf_counter() - t
+    return wrap
 
 
 def timed(name, fn):
@@ -205,16 +208,8 @@ def main():
             STEP["decode"] = False
             return out
         cls.forward = wrap
-        logits = cls.compute_logits
-
-        @functools.wraps(logits)
-        def timed_logits(self, *a, **k):  # outside the forward: the LM head over the batch
-            t = time.perf_counter()
-            try:
-                return logits(self, *a, **k)
-            finally:
-                PARTS["compute_logits"] = PARTS.get("compute_logits", 0.0) + time.perf_counter() - t
-        cls.compute_logits = timed_logits
+        # outside the forward: the LM head over the batch
+        cls.compute_logits = into_parts(cls.compute_logits, "compute_logits")
 
     if args.kind == "visor":
         from visor_vllm.engine import vllm_model as vm

@@ -35,7 +35,7 @@ import contextlib
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from visor_vllm.host_sync import HostSyncDetector, sync_of
+from visor_vllm.host_sync import HostSyncDetector
 
 
 class ReplayError(RuntimeError):
@@ -112,10 +112,7 @@ class _Recorder(HostSyncDetector):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        found = sync_of(func, args, kwargs)
-        if found:
-            self.found.append(found)
-        out = func(*args, **kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)  # records host syncs
         self.recording.add(func, args, kwargs, out)
         return out
 

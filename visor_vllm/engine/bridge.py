@@ -134,8 +134,9 @@ class RowState:
         self.dense_a[row] = 0
 
     def clear_row(self, row: int) -> None:
-        """The request at ``row`` leaves: its decode FLOPs so far go to the stats file."""
-        self.flush()
+        """The request at ``row`` leaves. Its decode FLOPs so far reach the stats file with the
+        caller's one `flush` after the batch change (V1: `VisorBudgetBridge.update_state`; MRV2:
+        ``remove_request``), not one device read per row."""
         self.set_row(row, Budget(), join=False)
 
     def flush(self) -> None:

@@ -61,6 +61,7 @@ class VisorModelState(EncoderDecoderModelState):
         index = self._index.pop(req_id, None)
         if index is not None:
             bridge.STATE.clear_row(index)
+            bridge.STATE.flush()  # its decode FLOPs so far, into the stats file
 
     def prepare_inputs(self, input_batch, req_states) -> dict:
         inputs = super().prepare_inputs(input_batch, req_states)
