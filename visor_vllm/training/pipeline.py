@@ -86,9 +86,10 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     trained only not to disturb colour and shape, so "colour at r c" needs the LLM to compute an
     address from RoPE positions; VISOR's cross-attention (no RoPE, a +-3 conv) could not learn
     that in any seed of 2026-12-04, while dense learnt it on some seeds only. Measured on seeds
-    0-2 (2026-12-05): VISOR's cheapest configuration then matches dense on the lookups, but
-    dense learns them less (0.45-0.57), and findings 2 and 3 still hinge on ``vsame``; the
-    recipe keeps it off (``encoder.position``; docs/training.md).
+    0-2 (2026-12-05), and on 0-4 with a longer stage 2: VISOR's cheapest configuration then
+    matches dense on the lookups, but only because no model learns them (dense 0.45-0.57 on
+    every seed, VISOR's costliest configuration too), and findings 2 and 3 still hinge on
+    ``vsame``; the recipe keeps it off (``encoder.position``; docs/training.md).
     """
     import random
 
