@@ -158,3 +158,28 @@ def test_encoder_pretraining_can_teach_each_cell_its_position():
     assert {"colour", "shape", "row", "column"} <= set(acc)
     assert acc["row"] > 0.9 and acc["column"] > 0.9  # chance is 0.25
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+    assert load_recipe()["encoder"]["position_weight"] == 1.0
+    # the features' variance that position takes: measured, and smaller at a lower loss weight
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_llava_onevision(d, seed=0, preset="synthetic", extra_corpus=synthetic.corpus())
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(d, local_files_only=True)
+        light = pretrain_encoder(model, load_processor(d), 120, 1e-2, 32, 0, progress=False,
+                                 position=True, position_weight=0.03)
+    assert set(acc["share"]) == {"position", "colour", "shape"}
+    assert light["share"]["position"] < acc["share"]["position"] / 2
+
+
+def test_variance_share_is_the_between_group_fraction():
+    import torch
+
+    from visor_vllm.training.pipeline import variance_share
+
+    labels = torch.tensor([0, 0, 1, 1])
+    assert variance_share(torch.tensor([[1.0], [1.0], [3.0], [3.0]]), labels) == 1.0  # all between
+    assert variance_share(torch.tensor([[1.0], [3.0], [1.0], [3.0]]), labels) == 0.0  # all within
+    h = torch.randn(64, 5)
+    g = torch.randint(0, 4, (64,))
+    means = torch.stack([h[g == k].mean(0) for k in g.unique()])
+    counts = torch.stack([(g == k).sum() for k in g.unique()])
+    want = (counts[:, None] * (means - h.mean(0)).pow(2)).sum() / (h - h.mean(0)).pow(2).sum()
+    assert abs(variance_share(h, g) - float(want)) < 1e-5

@@ -76,10 +76,23 @@ def make_cell_local(tower) -> None:
         torch.nn.init.zeros_(layer.self_attn.out_proj.bias)
 
 
+def variance_share(h: torch.Tensor, labels: torch.Tensor) -> float:
+    """Between-group over total variance of ``h`` [N, d] grouped by ``labels`` [N] (eta^2)."""
+    centred = h - h.mean(0)
+    total = centred.pow(2).sum()
+    groups = labels.unique()
+    onehot = (labels[:, None] == groups[None]).to(h.dtype)          # [N, G]
+    counts = onehot.sum(0)                                           # [G]
+    means = (onehot.T @ centred) / counts[:, None]                   # [G, d]
+    return float((counts[:, None] * means.pow(2)).sum() / total.clamp_min(1e-12))
+
+
 def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, seed: int,
-                     progress: bool = True, position: bool = False) -> dict:
+                     progress: bool = True, position: bool = False,
+                     position_weight: float = 1.0) -> dict:
     """Per-cell colour/shape (and, with ``position``, row/column) classification through the
-    tower; returns held-out accuracy.
+    tower; returns held-out accuracy and ``share``: the fraction of the tower's per-cell output
+    variance that cell position, colour and shape each explain (between-group over total).
 
     ``position``: each cell's token must also say where it is, as SigLIP's tokens do (its
     learned position embeddings are linearly decodable). Without it the position embedding is
@@ -89,7 +102,9 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     0-2 (2026-12-05), and on 0-4 with a longer stage 2: VISOR's cheapest configuration then
     matches dense on the lookups, but only because no model learns them (dense 0.45-0.57 on
     every seed, VISOR's costliest configuration too), and findings 2 and 3 still hinge on
-    ``vsame``; the recipe keeps it off (``encoder.position``; docs/training.md).
+    ``vsame``; the recipe keeps it off (``encoder.position``; docs/training.md). With weight 1
+    position explains ~42 % of the features' variance and colour's share halves;
+    ``position_weight`` scales the row and column losses (``encoder.position_weight``).
     """
     import random
 
@@ -118,8 +133,11 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
         shp = torch.tensor([s for _, s in labels])
         return pix, col, shp
 
-    def logits(pix):
-        h = tower(pix, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+    def features(pix):                                   # [B, cells, d]
+        return tower(pix, output_hidden_states=True).hidden_states[
+            model.config.vision_feature_layer]
+
+    def logits(h):
         out = heads(h)                                    # [B, cells, 10 + 2 * GRID]
         g = synthetic.GRID
         return out[..., :5], out[..., 5:10], out[..., 10:10 + g], out[..., 10 + g:]
@@ -132,17 +150,18 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     tower.train()
     for _ in tqdm(range(steps), desc="encoder", disable=not progress):
         pix, col, shp = batch(rng, batch_size)
-        lc, ls, lrow, lcol = logits(pix)
+        lc, ls, lrow, lcol = logits(features(pix))
         loss = ce(lc, col) + ce(ls, shp)
         if position:
-            loss = loss + ce(lrow, row[None]) + ce(lcol, column[None])
+            loss = loss + position_weight * (ce(lrow, row[None]) + ce(lcol, column[None]))
         opt.zero_grad()
         loss.backward()
         opt.step()
     tower.eval()
     with torch.no_grad():
         pix, col, shp = batch(random.Random(f"encoder-test/{seed}"), 256)
-        lc, ls, lrow, lcol = logits(pix)
+        h = features(pix)
+        lc, ls, lrow, lcol = logits(h)
         occupied = col != 0
         acc = {"colour": float((lc.argmax(-1) == col).float().mean()),
                "shape": float((ls.argmax(-1) == shp).float().mean()),
@@ -150,6 +169,10 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
         if position:
             acc["row"] = float((lrow.argmax(-1) == row).float().mean())
             acc["column"] = float((lcol.argmax(-1) == column).float().mean())
+        flat = h.flatten(0, 1)                           # [B * cells, d]
+        acc["share"] = {k: round(variance_share(flat, lab.expand(h.shape[:2]).flatten()), 4)
+                        for k, lab in (("position", cells[None]), ("colour", col),
+                                       ("shape", shp))}
     for p in tower.parameters():
         p.requires_grad_(False)
     return acc
@@ -174,7 +197,8 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
                 m.reset_parameters()  # PyTorch's default init (see module docstring)
     enc = cfg["encoder"]
     acc = pretrain_encoder(model, load_processor(raw), enc["steps"], enc["lr"], enc["batch_size"],
-                           seed, progress, bool(enc.get("position", False)))
+                           seed, progress, bool(enc.get("position", False)),
+                           float(enc.get("position_weight", 1.0)))
     save_model("dense", model, raw, out)
     shutil.rmtree(raw)
     (out / "encoder.json").write_text(json.dumps(acc, indent=2) + "\n")
