@@ -98,13 +98,10 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     learned position embeddings are linearly decodable). Without it the position embedding is
     trained only not to disturb colour and shape, so "colour at r c" needs the LLM to compute an
     address from RoPE positions; VISOR's cross-attention (no RoPE, a +-3 conv) could not learn
-    that in any seed of 2026-12-04, while dense learnt it on some seeds only. Measured on seeds
-    0-2 (2026-12-05), and on 0-4 with a longer stage 2: VISOR's cheapest configuration then
-    matches dense on the lookups, but only because no model learns them (dense 0.45-0.57 on
-    every seed, VISOR's costliest configuration too), and findings 2 and 3 still hinge on
-    ``vsame``; the recipe keeps it off (``encoder.position``; docs/training.md). With weight 1
-    position explains ~42 % of the features' variance and colour's share halves;
-    ``position_weight`` scales the row and column losses (``encoder.position_weight``).
+    that in any seed of 2026-12-04, while dense learnt it on some seeds only. Footgun: at
+    ``position_weight`` 1 the position codes take as much of each token's variance as colour,
+    and no model learns the lookups then; the recipe keeps it off (``encoder.position``; the
+    runs, with and without a lighter weight, are in docs/training.md).
     """
     import random
 
