@@ -240,3 +240,22 @@ def test_chat_template_drops_routing_tokens_typed_into_messages():
         add_generation_prompt=True)
     assert text.count(ROUTE) == 2  # one per user message, placed by the template
     assert f"ab{ROUTE}<|im_end|>" in text and f"c{ROUTE}<|im_end|>" in text
+
+
+def test_compact_template_renders_three_header_tokens_a_turn():
+    from jinja2 import Template
+
+    from visor_vllm.checkpoints.files import chat_template, template_style
+
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q1"}]},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"}]
+    visor = chat_template("<|route|>", "compact")
+    text = Template(visor).render(messages=msgs, add_generation_prompt=True)
+    assert text == "<image>Q1<|route|><|im_end|><|im_start|>A1<|im_end|>Q2<|route|><|im_end|><|im_start|>"
+    llava = Template(chat_template(None, "compact")).render(messages=msgs, add_generation_prompt=True)
+    assert llava == text.replace("<|route|>", "")
+    assert template_style(visor) == "compact" and template_style(VISOR_CHAT_TEMPLATE) == "chatml"
+    assert template_style(None) == "chatml"
+    with pytest.raises(ValueError, match="unknown chat template style"):
+        chat_template(None, "short")

@@ -297,3 +297,16 @@ def test_sharded_save_and_load_round_trip(tmp_path):
     assert len(files) == 3 and (tmp_path / "model.safetensors.index.json").exists()
     back = load_state_dict(tmp_path)
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_conversion_keeps_a_compact_template(tmp_path):
+    from visor_vllm.checkpoints.files import template_style
+
+    src = build_tiny_llava_onevision(tmp_path / "llava", seed=0, template="compact")
+    assert template_style((src / "chat_template.jinja").read_text()) == "compact"
+    dst = convert(src, tmp_path / "visor", preset="tiny", progress=False)
+    assert template_style((dst / "chat_template.jinja").read_text()) == "compact"
+    tok = AutoTokenizer.from_pretrained(str(dst))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "hi<|route|><|im_end|><|im_start|>"

@@ -61,6 +61,25 @@ def test_labels_are_the_answers_and_their_end_token(encoder, folder):
     assert tok.decode(kept) == "red<|im_end|>three<|im_end|>"
 
 
+def test_compact_template_trains_on_the_same_answers_with_fewer_tokens(encoder, folder, tmp_path):
+    from visor_vllm.checkpoints.build import build_tiny_llava_onevision
+    from visor_vllm.checkpoints.convert import convert
+    from visor_vllm.training.synthetic import corpus
+
+    src = build_tiny_llava_onevision(tmp_path / "llava", preset="synthetic",
+                                     extra_corpus=corpus(), template="compact")
+    compact = SampleEncoder(convert(src, tmp_path / "visor", preset="synthetic", init="random",
+                                    progress=False))
+    rec = _record(turns=(("colour at 1 2", "red"), ("how many", "three")))
+    enc, ref = compact.encode(rec, folder), encoder.encode(rec, folder)
+    kept = enc.labels[enc.labels != IGNORE].tolist()
+    assert compact.tokenizer.decode(kept) == "red<|im_end|>three<|im_end|>"
+    route = compact.tokenizer.convert_tokens_to_ids("<|route|>")
+    assert int((enc.input_ids == route).sum()) == 2
+    # ChatML spends 10 header tokens a turn and a newline after the image; compact 3 and none
+    assert len(ref.input_ids) - len(enc.input_ids) == 2 * 7 + 1
+
+
 def test_bad_samples_are_skipped_with_reasons(encoder, folder):
     recs = [_record(), _record("missing.png"), _record("broken.png"),
             _record(turns=(("q", ""),)), {"conversations": []},

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from visor_vllm.checkpoints.convert import HUB_LM_HEAD, copy_weights, to_hub_names
-from visor_vllm.checkpoints.files import (LLAVA_OV_CHAT_TEMPLATE, VISOR_CHAT_TEMPLATE,
-                                          build_tokenizer, save_state_dict, write_generation_config,
+from visor_vllm.checkpoints.files import (VISOR_CHAT_TEMPLATE, build_tokenizer, chat_template, save_state_dict, write_generation_config,
                                           write_processor_files)
 from visor_vllm.model.config import VisorConfig, get_preset
 
@@ -78,7 +77,7 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0,
                                dtype: torch.dtype = torch.float32, real_sizes: bool = False,
                                preset: str | None = None,
                                extra_corpus: tuple[str, ...] = (),
-                               random_weights: bool = False) -> Path:
+                               random_weights: bool = False, template: str = "chatml") -> Path:
     """A LLaVA-OneVision checkpoint dir in the llava-hf layout (the converter's source).
 
     Tiny: `preset_tiny`'s LLaVA-OV part with random weights (``preset`` picks another small
@@ -86,15 +85,17 @@ def build_tiny_llava_onevision(out_dir: str | os.PathLike, seed: int = 0,
     sub-configs), config/tokenizer/processor only -- for vLLM's ``--load-format dummy`` -- or,
     with ``random_weights=True``, also random bf16 weights (about 1.8 GB, a minute or two), so
     ``visor-vllm convert`` and ``vllm serve`` of the converted model can be walked end to end
-    offline. ``extra_corpus``: more BPE training text (`files.build_tokenizer`).
+    offline. ``extra_corpus``: more BPE training text (`files.build_tokenizer`). ``template``:
+    the chat template's style, ``"chatml"`` (LLaVA-OV's) or ``"compact"`` (`files.chat_template`).
     """
     out = _prepare_dir(out_dir)
     cfg = llava_onevision_config(get_preset("visor-0.5b" if real_sizes else preset or "tiny"))
     cfg.dtype = "bfloat16" if real_sizes else str(dtype).removeprefix("torch.")
     cfg.save_pretrained(str(out))
     vocab = cfg.text_config.vocab_size
-    build_tokenizer(out, routing_token=False, extra_corpus=extra_corpus, vocab_size=vocab)
-    write_processor_files(out, cfg, LLAVA_OV_CHAT_TEMPLATE)
+    build_tokenizer(out, routing_token=False, extra_corpus=extra_corpus, vocab_size=vocab,
+                    template=template)
+    write_processor_files(out, cfg, chat_template(None, template))
     write_generation_config(out, vocab)
     if not real_sizes:
         save_state_dict(llava_onevision_state_dict(cfg, seed, dtype), out)

@@ -53,8 +53,8 @@ from pathlib import Path
 import torch
 
 from visor_vllm.checkpoints.files import (CheckpointError, chat_template, load_state_dict,
-                                          save_state_dict, write_generation_config,
-                                          write_processor_files)
+                                          save_state_dict, template_style,
+                                          write_generation_config, write_processor_files)
 from visor_vllm.model.config import SPECIAL_TOKENS, VisorConfig, get_preset, special_tokens
 
 INITS = ("converter", "random")
@@ -433,8 +433,15 @@ def visor_config_from_source(src_config: Mapping, preset_cfg: VisorConfig) -> Vi
 # Files
 # ---------------------------------------------------------------------------------------------
 
+def source_template_style(src_dir: Path) -> str:
+    """The source checkpoint's chat template style (a real LLaVA-OV's is ChatML)."""
+    jinja = src_dir / "chat_template.jinja"
+    return template_style(jinja.read_text() if jinja.exists() else None)
+
+
 def visor_tokenizer(src_dir: str | os.PathLike, cfg: VisorConfig):
-    """The source tokenizer plus the routing token (at ``cfg.routing_token_id``) and VISOR template."""
+    """The source tokenizer plus the routing token (at ``cfg.routing_token_id``) and VISOR template
+    (in the source template's style: `files.template_style`)."""
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(src_dir), local_files_only=True)  # never the hub
@@ -447,7 +454,7 @@ def visor_tokenizer(src_dir: str | os.PathLike, cfg: VisorConfig):
             f"the routing token {cfg.routing_token!r} lands at id {got} in the source tokenizer, "
             f"not at routing_token_id {cfg.routing_token_id} (the source tokenizer has "
             f"{len(tok)} entries; expected {cfg.routing_token_id})")
-    tok.chat_template = chat_template(cfg.routing_token)
+    tok.chat_template = chat_template(cfg.routing_token, source_template_style(Path(src_dir)))
     for k in ("is_local", "local_files_only"):  # load-time kwargs transformers would save
         tok.init_kwargs.pop(k, None)
     return tok
@@ -459,7 +466,8 @@ _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
 
 def write_visor_processor(src_dir: Path, dst_dir: Path, cfg: VisorConfig) -> None:
     """The source's processor files where present (else written), with VISOR's chat template."""
-    write_processor_files(dst_dir, cfg, chat_template(cfg.routing_token))
+    write_processor_files(dst_dir, cfg, chat_template(cfg.routing_token,
+                                                      source_template_style(src_dir)))
     for name in _PROCESSOR_FILES:
         if not (src_dir / name).exists():
             continue

@@ -89,28 +89,49 @@ def _each_part(test: str, render: str) -> str:
             + "{% endif %}{% endfor %}")
 
 
-def chat_template(routing_token: str | None = None) -> str:
-    """ChatML template; a message's images render as ``<image>\\n`` before its text.
+COMPACT = "{#- visor:compact -#}"  # marks the compact template (`template_style` reads it)
+
+
+def chat_template(routing_token: str | None = None, style: str = "chatml") -> str:
+    """A chat template; a message's images render as ``<image>\\n`` (ChatML) before its text.
 
     With ``routing_token`` (VISOR), each *user* message's text is followed by that token and
     then ``<|im_end|>`` (paper Sec. 4.3: "a special routing token is appended after the
     question"), one per user message. Content may be a string or a list of ``text`` / ``image``
     / ``image_url`` (/ ``video``) parts. No default system prompt (as llava-hf's template).
+
+    ``style="chatml"``: LLaVA-OV's ChatML (``<|im_start|>user\\n ... <|im_end|>\\n``, 10 tokens
+    of headers a turn). ``style="compact"``: the synthetic recipe's token-lean format, 3 tokens
+    a turn: ``question[<|route|>]<|im_end|><|im_start|>answer<|im_end|>``, images as a bare
+    ``<image>``, generation prompt ``<|im_start|>``. Same special tokens, same stop token; the
+    converter keeps the source's style (`template_style`).
     """
+    if style not in ("chatml", "compact"):
+        raise ValueError(f"unknown chat template style {style!r}: 'chatml' or 'compact'")
+    compact = style == "compact"
     route = ("{% if message['role'] == 'user' %}{{ '" + routing_token + "' }}{% endif %}"
              if routing_token else "")
     # a routing token typed into a message would vote too: only the template's own may
     scrub = f" | replace('{routing_token}', '')" if routing_token else ""
+    head = ("{% if message['role'] == 'assistant' %}{{ '<|im_start|>' }}{% endif %}" if compact
+            else "{{ '<|im_start|>' + message['role'] + '\\n' }}")
+    nl = "" if compact else "\\n"
     return (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-        "{% if message['content'] is string %}{{ message['content']" + scrub + " }}{% else %}"
-        + _each_part("in ['image', 'image_url']", "{{ '<image>\\n' }}")
-        + _each_part("== 'video'", "{{ '<video>\\n' }}")
+        (COMPACT if compact else "")
+        + "{% for message in messages %}" + head
+        + "{% if message['content'] is string %}{{ message['content']" + scrub + " }}{% else %}"
+        + _each_part("in ['image', 'image_url']", "{{ '<image>" + nl + "' }}")
+        + _each_part("== 'video'", "{{ '<video>" + nl + "' }}")
         + _each_part("== 'text'", "{{ part['text']" + scrub + " }}")
-        + "{% endif %}" + route + "{{ '<|im_end|>\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+        + "{% endif %}" + route + "{{ '<|im_end|>" + nl + "' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '" + ("<|im_start|>" if compact
+                                                else "<|im_start|>assistant\\n") + "' }}{% endif %}"
     )
+
+
+def template_style(template: str | None) -> str:
+    """``"compact"`` for a template `chat_template` wrote in that style, else ``"chatml"``."""
+    return "compact" if template and template.startswith(COMPACT) else "chatml"
 
 
 LLAVA_OV_CHAT_TEMPLATE = chat_template()
@@ -161,7 +182,8 @@ def _tokenizer_object(routing_token: bool, extra_corpus: tuple[str, ...] = (),
 
 
 def build_tokenizer(out_dir: str | os.PathLike, routing_token: bool = True,
-                    extra_corpus: tuple[str, ...] = (), vocab_size: int = QWEN2_VOCAB):
+                    extra_corpus: tuple[str, ...] = (), vocab_size: int = QWEN2_VOCAB,
+                    template: str = "chatml"):
     """Write a `PreTrainedTokenizerFast` (tokenizer.json, tokenizer_config.json, chat template).
 
     ``routing_token=True``: VISOR -- ``<|route|>`` at 151648 and the VISOR chat template.
@@ -169,6 +191,7 @@ def build_tokenizer(out_dir: str | os.PathLike, routing_token: bool = True,
     ``extra_corpus``: more training text for the BPE, so that a task's words become single
     tokens (the synthetic task's questions would otherwise cost ~3 tokens a word).
     ``vocab_size``: Qwen2's (real special-token ids) or a compact one (`special_tokens`).
+    ``template``: the chat template's style (`chat_template`).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -177,7 +200,7 @@ def build_tokenizer(out_dir: str | os.PathLike, routing_token: bool = True,
         eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO},
     )
-    tok.chat_template = VISOR_CHAT_TEMPLATE if routing_token else LLAVA_OV_CHAT_TEMPLATE
+    tok.chat_template = chat_template(ROUTE if routing_token else None, template)
     tok.save_pretrained(str(out_dir))
     return tok
 

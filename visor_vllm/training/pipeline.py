@@ -185,7 +185,8 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
     raw = out.with_name(out.name + "-random")
     shutil.rmtree(raw, ignore_errors=True)
     build_tiny_llava_onevision(raw, seed=seed, preset="synthetic",
-                               extra_corpus=synthetic.corpus())
+                               extra_corpus=synthetic.corpus(),
+                               template=cfg.get("chat_template", "chatml"))
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(raw), local_files_only=True)
     torch.manual_seed(seed)
     for part in (model.model.language_model, model.model.multi_modal_projector, model.lm_head):
