@@ -121,6 +121,40 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     assert (tmp_path / "s" / "seed-0" / "report.json").stat().st_mtime == stamp
     assert again["rows"] == result["rows"]
     assert render("seeds", tmp_path / "seeds.png", again).stat().st_size > 1000
+    # one report never mixes recipes: finished seeds of another recipe are refused, by key
+    other = {**TINY, "stage2": {**TINY["stage2"], "steps": 5}}
+    with pytest.raises(ValueError, match=r"stage2\.steps: 4 there, 5 here"):
+        run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
+                  overrides=other)
+
+
+def test_set_overrides_are_checked_against_the_recipe():
+    from visor_vllm.training.pipeline import load_recipe, overrides_from_sets
+    from visor_vllm.training.recipe import RecipeError
+
+    recipe = load_recipe("synthetic")
+    got = overrides_from_sets(["stage2.steps=2500", "chat_template=compact",
+                               "encoder.position=true", "serve.budgets=[auto, min]"], recipe)
+    assert got == {"stage2": {"steps": 2500}, "chat_template": "compact",
+                   "encoder": {"position": True}, "serve": {"budgets": ["auto", "min"]}}
+    with pytest.raises(RecipeError, match=r"no 'stage2\.step' \(there: .*steps"):
+        overrides_from_sets(["stage2.step=2500"], recipe)
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        overrides_from_sets(["stage2.steps"], recipe)
+
+
+def test_cli_set_with_an_unknown_key_is_one_line_exit_2(tmp_path, capsys):
+    import argparse
+
+    from visor_vllm.evaluation.recipe import add_cli
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(["recipe", "synthetic", "--out", str(tmp_path / "r"),
+                              "--set", "dense.step=10"])
+    assert args.func(args) == 2
+    assert "the recipe has no 'dense.step'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything ran
 
 
 def test_wall_ledger_counts_each_invocation_once(tmp_path):

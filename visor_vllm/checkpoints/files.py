@@ -4,7 +4,8 @@ What.
 * `build_tokenizer` -- a byte-level BPE trained on a small built-in corpus, padded to Qwen2's id
   space, with the Qwen2 / LLaVA-OV special tokens at their real ids (`config.special_tokens`; compact vocabularies keep them in their last rows) and
   a ChatML chat template (LLaVA-OV's, or VISOR's that appends the routing token after each user
-  message: `chat_template`).
+  message: `chat_template`), or a compact one (3 header tokens a turn instead of 10) that the
+  synthetic recipe can use to buy questions per second (`template_style` tells them apart).
 * `write_processor_files` / `load_processor` -- what `LlavaOnevisionProcessor.from_pretrained`
   reads (PIL image processor, hand-written processor_config.json, chat template).
 * `write_generation_config`, `save_state_dict` / `load_state_dict` (one file or shards + index),

@@ -156,6 +156,10 @@ def add_cli(subparsers) -> None:
                         "the table of `visor-vllm report`")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after training and offline evaluation (no vllm serve)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe value (repeatable; dotted keys of "
+                        "visor_vllm/training/recipes/synthetic.yaml, YAML values), e.g. "
+                        "--set stage2.steps=2500 --set chat_template=compact")
     p.set_defaults(func=_cli_recipe)
 
 
@@ -163,8 +167,10 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
               progress: bool = True, overrides: dict | None = None) -> dict:
     """One run per seed into ``out/seed-N``, then `visor_vllm.evaluation.seeds.report` of all."""
     from visor_vllm.evaluation.seeds import report as seeds_report
+    from visor_vllm.training.pipeline import recipe_config
 
     out = Path(out)
+    want = recipe_config(quick, overrides)
     for seed in seeds:
         run_dir = out / f"seed-{seed}"
         done = run_dir / "report.json"
@@ -175,6 +181,10 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
                 raise ValueError(f"{run_dir} holds a {kind} run of seed {prev.get('seed')}; "
                                  f"this is a {'quick' if quick else 'full'} run of seed {seed}: "
                                  "give another OUT")
+            differ = _recipe_differences(prev.get("recipe_config", {}), want)
+            if differ:
+                raise ValueError(f"{run_dir} was run with another recipe ({', '.join(differ)}): "
+                                 "one report must not mix recipes; give another OUT")
             if not serve or "served" in prev:
                 continue
         run_recipe(run_dir, quick=quick, seed=seed, serve=serve, progress=progress,
@@ -184,23 +194,41 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
     return result
 
 
+def _recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe configs (the seed aside)."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        if not where and k == "seed":
+            continue
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _recipe_differences(a, b, where + k + ".")
+        elif a != b:
+            out.append(f"{where}{k}: {a!r} there, {b!r} here")
+    return out
+
+
 def _cli_recipe(args) -> int:
     import sys
 
+    from visor_vllm.training.pipeline import load_recipe, overrides_from_sets
     from visor_vllm.training.recipe import RecipeError
 
     try:
+        overrides = overrides_from_sets(args.sets, load_recipe("synthetic", args.quick))
         if args.seeds:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             if not seeds:
                 raise ValueError(f"--seeds {args.seeds!r} names no seed (e.g. --seeds 0,1,2)")
             if args.seed is not None:
                 raise ValueError("give --seeds (a list) or --seed (one), not both")
-            result = run_seeds(args.out, seeds, quick=args.quick, serve=not args.no_serve)
+            result = run_seeds(args.out, seeds, quick=args.quick, serve=not args.no_serve,
+                               overrides=overrides)
             print(result["markdown"])
             print(f"wrote {Path(args.out) / 'seeds.json'} and {Path(args.out)}/seed-*/")
             return 0
-        report = run_recipe(args.out, quick=args.quick, seed=args.seed, serve=not args.no_serve)
+        report = run_recipe(args.out, quick=args.quick, seed=args.seed, serve=not args.no_serve,
+                            overrides=overrides)
     except (RecipeError, ServerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

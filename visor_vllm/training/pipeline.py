@@ -58,6 +58,45 @@ def load_recipe(name: str = "synthetic", quick: bool = False) -> dict:
     return _merge(full, quick_over) if quick else full
 
 
+def recipe_config(quick: bool = False, overrides: dict | None = None,
+                  name: str = "synthetic") -> dict:
+    """The recipe a run uses: the YAML (with its ``quick`` part if asked), then ``overrides``."""
+    return _merge(load_recipe(name, quick), overrides or {})
+
+
+def overrides_from_sets(items: list[str], recipe: dict) -> dict:
+    """``["stage2.steps=2500", "chat_template=compact"]`` -> nested overrides of ``recipe``.
+
+    Values are YAML (``2500`` an int, ``true`` a bool, ``[1, 2]`` a list). A key the recipe
+    does not have is a `RecipeError` naming the keys it has there: a typo must not run a
+    30-minute recipe with the default silently kept.
+    """
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        path = [k for k in key.strip().split(".") if k]
+        if not eq or not path:
+            raise RecipeError(f"--set {item!r}: give KEY=VALUE, e.g. stage2.steps=2500")
+        node, where = recipe, ""
+        for k in path:
+            if not isinstance(node, dict) or k not in node:
+                have = sorted(node) if isinstance(node, dict) else []
+                raise RecipeError(f"--set {item!r}: the recipe has no {where + k!r}"
+                                  + (f" (there: {', '.join(have)})" if have else ""))
+            node, where = node[k], where + k + "."
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: the value is not YAML ({e})") from e
+        target = out
+        for k in path[:-1]:
+            target = target.setdefault(k, {})
+        target[path[-1]] = value
+    return out
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = copy.deepcopy(a)
     for k, v in b.items():
@@ -274,7 +313,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
     from visor_vllm.training.evaluate import evaluate
 
-    cfg = _merge(load_recipe("synthetic", quick), overrides or {})
+    cfg = recipe_config(quick, overrides)
     if seed is not None:
         cfg["seed"] = seed
     seed = cfg["seed"]
