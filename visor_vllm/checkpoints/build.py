@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from visor_vllm.checkpoints.convert import HUB_LM_HEAD, copy_weights, to_hub_names
-from visor_vllm.checkpoints.files import (VISOR_CHAT_TEMPLATE, build_tokenizer, chat_template, save_state_dict, write_generation_config,
+from visor_vllm.checkpoints.files import (VISOR_CHAT_TEMPLATE, build_tokenizer, chat_template,
+                                          save_state_dict, write_generation_config,
                                           write_processor_files)
 from visor_vllm.model.config import VisorConfig, get_preset
 

@@ -433,12 +433,6 @@ def visor_config_from_source(src_config: Mapping, preset_cfg: VisorConfig) -> Vi
 # Files
 # ---------------------------------------------------------------------------------------------
 
-def source_template_style(src_dir: Path) -> str:
-    """The source checkpoint's chat template style (a real LLaVA-OV's is ChatML)."""
-    jinja = src_dir / "chat_template.jinja"
-    return template_style(jinja.read_text() if jinja.exists() else None)
-
-
 def visor_tokenizer(src_dir: str | os.PathLike, cfg: VisorConfig):
     """The source tokenizer plus the routing token (at ``cfg.routing_token_id``) and VISOR template
     (in the source template's style: `files.template_style`)."""
@@ -454,7 +448,8 @@ def visor_tokenizer(src_dir: str | os.PathLike, cfg: VisorConfig):
             f"the routing token {cfg.routing_token!r} lands at id {got} in the source tokenizer, "
             f"not at routing_token_id {cfg.routing_token_id} (the source tokenizer has "
             f"{len(tok)} entries; expected {cfg.routing_token_id})")
-    tok.chat_template = chat_template(cfg.routing_token, source_template_style(Path(src_dir)))
+    # in the source's style (a real LLaVA-OV's is ChatML)
+    tok.chat_template = chat_template(cfg.routing_token, template_style(tok.chat_template))
     for k in ("is_local", "local_files_only"):  # load-time kwargs transformers would save
         tok.init_kwargs.pop(k, None)
     return tok
@@ -464,10 +459,10 @@ _PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
                     "video_preprocessor_config.json")
 
 
-def write_visor_processor(src_dir: Path, dst_dir: Path, cfg: VisorConfig) -> None:
-    """The source's processor files where present (else written), with VISOR's chat template."""
-    write_processor_files(dst_dir, cfg, chat_template(cfg.routing_token,
-                                                      source_template_style(src_dir)))
+def write_visor_processor(src_dir: Path, dst_dir: Path, cfg: VisorConfig, template: str) -> None:
+    """The source's processor files where present (else written), with VISOR's ``template``
+    (the converted tokenizer's, so the two cannot disagree)."""
+    write_processor_files(dst_dir, cfg, template)
     for name in _PROCESSOR_FILES:
         if not (src_dir / name).exists():
             continue
@@ -500,7 +495,7 @@ def convert(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     save_state_dict(out, dst)
     cfg.save_pretrained(str(dst))
     tok.save_pretrained(str(dst))
-    write_visor_processor(src, dst, cfg)
+    write_visor_processor(src, dst, cfg, tok.chat_template)
     if (src / "generation_config.json").exists():
         shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
     else:
