@@ -203,6 +203,44 @@ def test_encoder_pretraining_can_teach_each_cell_its_position():
     assert light["share"]["position"] < acc["share"]["position"] / 2
 
 
+def test_encoder_position_table_is_a_frozen_row_plus_column_code():
+    """``encoder.position_table``: SigLIP's position embedding becomes row + column tables and
+    pretraining leaves it as it is, so the tokens keep an address linear in row and column."""
+    import tempfile
+
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor_vllm.checkpoints.build import build_tiny_llava_onevision
+    from visor_vllm.checkpoints.files import load_processor
+    from visor_vllm.training import synthetic
+    from visor_vllm.training.pipeline import load_recipe, pretrain_encoder
+
+    assert load_recipe()["encoder"]["position_table"] == 0.0
+    shares = {}
+    for scale in (0.0, 1.0):
+        with tempfile.TemporaryDirectory() as d:
+            build_tiny_llava_onevision(d, seed=0, preset="synthetic",
+                                       extra_corpus=synthetic.corpus())
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                d, local_files_only=True)
+            tower = model.model.vision_tower
+            table = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+            acc = pretrain_encoder(model, load_processor(d), 40, 1e-2, 16, 0, progress=False,
+                                   position_table=scale)
+            shares[scale] = acc["share"]["position"]
+        if scale:
+            g = synthetic.GRID
+            t = table.detach().reshape(g, g, -1)                      # [row, column, d]
+            # additive in row and column: t[r, c] = t[r, 0] + t[0, c] - t[0, 0]
+            torch.testing.assert_close(t, t[:, :1] + t[:1, :] - t[:1, :1])
+            assert 0.5 < float(t.std()) < 2.0  # std of row + column at scale 1: sqrt(2)
+            # the same table on a rerun of the seed (the checkpoint is reproducible)
+            rows = torch.randn(g, t.shape[-1], generator=torch.Generator().manual_seed(0))
+            torch.testing.assert_close(t[:, 0] - t[0, 0], rows - rows[0])
+    assert shares[1.0] > 5 * shares[0.0]  # trained with the tower, position is washed out
+
+
 def test_variance_share_is_the_between_group_fraction():
     import torch
 

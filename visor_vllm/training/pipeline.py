@@ -128,7 +128,7 @@ def variance_share(h: torch.Tensor, labels: torch.Tensor) -> float:
 
 def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, seed: int,
                      progress: bool = True, position: bool = False,
-                     position_weight: float = 1.0) -> dict:
+                     position_weight: float = 1.0, position_table: float = 0.0) -> dict:
     """Per-cell colour/shape (and, with ``position``, row/column) classification through the
     tower; returns held-out accuracy and ``share``: the fraction of the tower's per-cell output
     variance that cell position, colour and shape each explain (between-group over total).
@@ -141,6 +141,12 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     ``position_weight`` 1 the position codes take as much of each token's variance as colour,
     and no model learns the lookups then; the recipe keeps it off (``encoder.position``; the
     runs, with and without a lighter weight, are in docs/training.md).
+
+    ``position_table`` > 0: SigLIP's position embedding [cells, d] is set to a 2-D factorised
+    table, row + column with each entry N(0, position_table^2) (the feasibility study's encoder,
+    on which VISOR's cheapest configuration learnt the lookups), and frozen: nothing trains it
+    away, so every token keeps an address that is linear in row and column. 0 (the default):
+    the embedding trains with the tower and pretraining washes it out (position share ~0.008).
     """
     import random
 
@@ -149,12 +155,20 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
 
     tower = model.model.vision_tower
     make_cell_local(tower)
-    train = [p for n, p in tower.named_parameters() if ".self_attn." not in n]
+    d = model.config.vision_config.hidden_size
+    if position_table > 0:
+        table = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randn(synthetic.GRID, d, generator=g) * position_table     # [GRID, d]
+        cols = torch.randn(synthetic.GRID, d, generator=g) * position_table     # [GRID, d]
+        with torch.no_grad():  # SigLIP numbers patches row-major: index = row * GRID + column
+            table.copy_((rows[:, None] + cols[None]).reshape(-1, d))
+    train = [p for n, p in tower.named_parameters() if ".self_attn." not in n
+             and not (position_table > 0 and "position_embedding" in n)]
     for p in tower.parameters():
         p.requires_grad_(False)
     for p in train:
         p.requires_grad_(True)
-    d = model.config.vision_config.hidden_size
     heads = torch.nn.Linear(d, 5 + 5 + synthetic.GRID + synthetic.GRID)
     cells = torch.arange(synthetic.GRID * synthetic.GRID)
     row, column = cells // synthetic.GRID, cells % synthetic.GRID  # [cells], row-major
@@ -235,7 +249,8 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
     enc = cfg["encoder"]
     acc = pretrain_encoder(model, load_processor(raw), enc["steps"], enc["lr"], enc["batch_size"],
                            seed, progress, bool(enc.get("position", False)),
-                           float(enc.get("position_weight", 1.0)))
+                           float(enc.get("position_weight", 1.0)),
+                           float(enc.get("position_table", 0.0)))
     save_model("dense", model, raw, out)
     shutil.rmtree(raw)
     (out / "encoder.json").write_text(json.dumps(acc, indent=2) + "\n")
