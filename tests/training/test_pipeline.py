@@ -126,6 +126,16 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     with pytest.raises(ValueError, match=r"stage2\.steps: 4 there, 5 here"):
         run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
                   overrides=other)
+    # a key added to the recipe after a run counts as its default, which keeps the old behaviour
+    done = tmp_path / "s" / "seed-0" / "report.json"
+    prev = json.loads(done.read_text())
+    del prev["recipe_config"]["encoder"]["position_table"], prev["recipe_config"]["chat_template"]
+    done.write_text(json.dumps(prev))
+    assert run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
+                     overrides=TINY)["rows"] == result["rows"]
+    with pytest.raises(ValueError, match=r"encoder\.position_table: 0\.0 there, 1\.0 here"):
+        run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
+                  overrides={**TINY, "encoder": {**TINY.get("encoder", {}), "position_table": 1.0}})
 
 
 def test_set_overrides_are_checked_against_the_recipe():
