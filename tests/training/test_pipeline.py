@@ -151,6 +151,9 @@ def test_set_overrides_are_checked_against_the_recipe():
         overrides_from_sets(["stage2.step=2500"], recipe)
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         overrides_from_sets(["stage2.steps"], recipe)
+    # the opt-in hard family: a list under a key whose default is null
+    assert overrides_from_sets(["data.families=[colour_at, largest]"], recipe) == {
+        "data": {"families": ["colour_at", "largest"]}}
 
 
 def test_cli_set_with_an_unknown_key_is_one_line_exit_2(tmp_path, capsys):

@@ -38,8 +38,37 @@ def test_yes_no_families_are_balanced(family):
 
 
 def test_every_family_is_easy_or_hard():
-    assert set(synthetic.GROUP) == set(synthetic.FAMILIES)
+    assert set(synthetic.GROUP) == set(synthetic.FAMILIES + synthetic.OPTIONAL)
     assert set(synthetic.HARD) == {"below", "vpair", "vsame"}
+    assert synthetic.OPTIONAL == ("largest",) and synthetic.GROUP["largest"] == "hard"
+    assert "largest" not in synthetic.FAMILIES  # opt-in: the default task is unchanged
+
+
+def test_largest_group_is_4_connected_and_ignores_colour():
+    grid = ["XX..",
+            ".X.X",
+            "...X",
+            "X..X"]  # groups: 3 (top left), 3 (right column), 1 (bottom left); diagonals apart
+    colours = iter(["red", "blue", "green", "yellow"] * 4)
+    cells = tuple(tuple((next(colours), "circle") if ch == "X" else None for ch in row)
+                  for row in grid)
+    scene = synthetic.Scene(cells)
+    assert synthetic.largest_group(scene) == 3
+    assert synthetic.ask("largest", scene, random.Random(0)) == (
+        "how many in the largest group", "three")
+    assert synthetic.largest_group(synthetic.Scene(((None,) * 4,) * 4)) == 0
+    full = synthetic.Scene(((("red", "cross"),) * 4,) * 4)
+    assert synthetic.ask("largest", full, random.Random(0))[1] == "twelve"  # 16, capped
+    # opt-in through the families list; its group is written with the dataset
+    rec = synthetic.sample(0, "test", 0, ["largest"], 1)
+    assert rec["family"] == "largest" and rec["conversations"][1]["value"] in synthetic.NUMBERS
+
+
+def test_an_opt_in_family_is_written_with_its_group(tmp_path):
+    out = synthetic.write_dataset(tmp_path / "d", n_train=2, n_val=1, n_test=9, progress=False,
+                                  families=synthetic.FAMILIES + synthetic.OPTIONAL)
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["groups"]["largest"] == "hard" and meta["families"][-1] == "largest"
 
 
 def test_cli_writes_llava_jsonl(tmp_path):

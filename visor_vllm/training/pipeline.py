@@ -351,7 +351,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         shutil.rmtree(data, ignore_errors=True)
         phase("data", lambda: synthetic.write_dataset(
             data, seed=seed, n_train=d["n_train"], n_val=d["n_val"], n_test=d["n_test"],
-            turns=d["turns"], families=d.get("families", synthetic.FAMILIES), progress=progress,
+            turns=d["turns"], families=d.get("families") or synthetic.FAMILIES, progress=progress,
             n_label=d.get("n_label", 0)))
     if d.get("n_label") and _splits(data).get("label", {}).get("samples") != d["n_label"]:
         phase("data_label", lambda: synthetic.add_split(data, "label", d["n_label"],

@@ -11,6 +11,13 @@ colours, with pixel noise. Question families (`FAMILIES`), every answer one shor
 * hard -- need visual tokens to interact across rows (vertical neighbours are 4 tokens apart,
   beyond the conv's +-3 reach): ``below`` "colour below the <c> <s>" (two hops), ``vpair``
   "is a <c1> above a <c2>", ``vsame`` "how many same below" (pairwise comparison, then a count).
+* opt-in (`OPTIONAL`, not in the default `FAMILIES`), hard: ``largest`` "how many in the
+  largest group" -- the size of the largest 4-connected group of objects (any colour). It
+  needs several rounds of token-to-token propagation: no single attention hop, fixed offset or
+  local count answers it (unlike ``vsame``, which one SA layer learns once the tokens carry an
+  address, and unlike the number of groups, which the Euler characteristic makes local).
+  Sizes run 1-14 on this grid (0 for an empty one, 0.02 %); the 0.15 % above twelve answer
+  ``twelve``.
 
 Why this split, not the issue's. The issue names counting and left-of among the hard families;
 the measurement in ``shared/research/training-feasibility.md`` found that cross-attention alone
@@ -55,7 +62,8 @@ NOISE = 0.05
 EASY = ("colour_at", "shape_at", "exists", "count", "hpair")
 HARD = ("below", "vpair", "vsame")
 FAMILIES = EASY + HARD
-GROUP = {f: "easy" for f in EASY} | {f: "hard" for f in HARD}
+OPTIONAL = ("largest",)  # hard, opt-in (recipe ``data.families``), see the module docstring
+GROUP = {f: "easy" for f in EASY} | {f: "hard" for f in HARD + OPTIONAL}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten", "eleven", "twelve")
 VOCABULARY = (tuple(COLOURS) + SHAPES + NUMBERS + (
@@ -177,7 +185,27 @@ def ask(family: str, scene: Scene, rng: random.Random) -> tuple[str, str]:
                 if scene.at(r, c) and scene.at(r + 1, c)
                 and scene.at(r, c)[0] == scene.at(r + 1, c)[0])
         return "how many same below", NUMBERS[n]
-    raise SyntheticTaskError(f"unknown question family {family!r}; families: {list(FAMILIES)}")
+    if family == "largest":
+        return "how many in the largest group", NUMBERS[min(largest_group(scene), 12)]
+    raise SyntheticTaskError(f"unknown question family {family!r}; "
+                             f"families: {list(FAMILIES + OPTIONAL)}")
+
+
+def largest_group(scene: Scene) -> int:
+    """Objects in the largest 4-connected group of occupied cells (colour ignored); 0 if none."""
+    occupied = {(r, c) for r, c, _ in scene.objects()}
+    best = 0
+    while occupied:
+        stack, size = [occupied.pop()], 0
+        while stack:
+            r, c = stack.pop()
+            size += 1
+            for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if n in occupied:
+                    occupied.remove(n)
+                    stack.append(n)
+        best = max(best, size)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,9 +244,10 @@ def write_dataset(out: str | Path, seed: int = 0, n_train: int = 20000, n_val: i
     training distribution's generator but its own stream, for pseudo-labels and the router.
     """
     families = list(families)
-    bad = [f for f in families if f not in FAMILIES]
+    bad = [f for f in families if f not in FAMILIES + OPTIONAL]
     if bad or not families:
-        raise SyntheticTaskError(f"unknown families {bad}; choose among {list(FAMILIES)}")
+        raise SyntheticTaskError(f"unknown families {bad}; "
+                                 f"choose among {list(FAMILIES + OPTIONAL)}")
     if min(n_train, n_val, n_test) < 1 or turns < 1 or n_label < 0:
         raise SyntheticTaskError("every split needs at least one sample and turns >= 1")
     out = Path(out)
@@ -288,7 +317,8 @@ def add_cli(subparsers) -> None:
     s.add_argument("--n-label", type=int, default=0,
                    help="one-question samples of the 'label' split (pseudo-labels, router)")
     s.add_argument("--turns", type=int, default=4, help="questions per training image")
-    s.add_argument("--families", default=",".join(FAMILIES))
+    s.add_argument("--families", default=",".join(FAMILIES),
+                   help=f"comma-separated; the default set, plus opt-in {', '.join(OPTIONAL)}")
     s.set_defaults(func=_cli_synth)
 
 
