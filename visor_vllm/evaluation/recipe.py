@@ -170,7 +170,7 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
     from visor_vllm.training.pipeline import recipe_config
 
     out = Path(out)
-    want, default = recipe_config(quick, overrides), recipe_config(quick, None)
+    want = recipe_config(quick, overrides)
     for seed in seeds:
         run_dir = out / f"seed-{seed}"
         done = run_dir / "report.json"
@@ -181,7 +181,10 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
                 raise ValueError(f"{run_dir} holds a {kind} run of seed {prev.get('seed')}; "
                                  f"this is a {'quick' if quick else 'full'} run of seed {seed}: "
                                  "give another OUT")
-            differ = _recipe_differences(prev.get("recipe_config", {}), want, default)
+            # a key added to the recipe after that run takes its default, which keeps the old
+            # behaviour (the rule for adding one), so older runs still resume and report
+            have = recipe_config(quick, prev.get("recipe_config", {}))
+            differ = _recipe_differences(have, want)
             if differ:
                 raise ValueError(f"{run_dir} was run with another recipe ({', '.join(differ)}): "
                                  "one report must not mix recipes; give another OUT")
@@ -194,21 +197,15 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
     return result
 
 
-def _recipe_differences(have: dict, want: dict, default: dict, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe configs (the seed aside).
-
-    A key that ``have`` (a finished run's recipe) lacks was added to the recipe after that run;
-    it counts as its ``default`` value, since a new key's default keeps the old behaviour (the
-    rule for adding one), so older runs still resume and report with newer code.
-    """
+def _recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe configs (the seed aside)."""
     out = []
     for k in sorted(set(have) | set(want)):
         if not where and k == "seed":
             continue
-        a, b = have.get(k, default.get(k)), want.get(k)
+        a, b = have.get(k), want.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            sub = default.get(k) if isinstance(default.get(k), dict) else {}
-            out += _recipe_differences(a, b, sub, where + k + ".")
+            out += _recipe_differences(a, b, where + k + ".")
         elif a != b:
             out.append(f"{where}{k}: {a!r} there, {b!r} here")
     return out

@@ -108,9 +108,15 @@ def _merge(a: dict, b: dict) -> dict:
 # Phase 2: the dense initial checkpoint with a frozen, cell-local, pretrained encoder
 # ---------------------------------------------------------------------------------------------
 
+def siglip_body(tower):
+    """The SigLIP module holding ``embeddings`` and ``encoder`` (transformers 5 drops the
+    ``vision_model`` wrapper that 4.x had)."""
+    return getattr(tower, "vision_model", tower)
+
+
 def make_cell_local(tower) -> None:
     """Zero every SigLIP attention output: each patch token then only sees itself."""
-    for layer in getattr(tower, "vision_model", tower).encoder.layers:  # transformers 5 drops it
+    for layer in siglip_body(tower).encoder.layers:
         torch.nn.init.zeros_(layer.self_attn.out_proj.weight)
         torch.nn.init.zeros_(layer.self_attn.out_proj.bias)
 
@@ -157,7 +163,7 @@ def pretrain_encoder(model, processor, steps: int, lr: float, batch_size: int, s
     make_cell_local(tower)
     d = model.config.vision_config.hidden_size
     if position_table > 0:
-        table = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
+        table = siglip_body(tower).embeddings.position_embedding.weight
         g = torch.Generator().manual_seed(seed)
         rows = torch.randn(synthetic.GRID, d, generator=g) * position_table     # [GRID, d]
         cols = torch.randn(synthetic.GRID, d, generator=g) * position_table     # [GRID, d]

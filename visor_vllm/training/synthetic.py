@@ -63,6 +63,7 @@ EASY = ("colour_at", "shape_at", "exists", "count", "hpair")
 HARD = ("below", "vpair", "vsame")
 FAMILIES = EASY + HARD
 OPTIONAL = ("largest",)  # hard, opt-in (recipe ``data.families``), see the module docstring
+KNOWN = FAMILIES + OPTIONAL  # every family `ask` can pose
 GROUP = {f: "easy" for f in EASY} | {f: "hard" for f in HARD + OPTIONAL}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
            "ten", "eleven", "twelve")
@@ -188,7 +189,7 @@ def ask(family: str, scene: Scene, rng: random.Random) -> tuple[str, str]:
     if family == "largest":
         return "how many in the largest group", NUMBERS[min(largest_group(scene), 12)]
     raise SyntheticTaskError(f"unknown question family {family!r}; "
-                             f"families: {list(FAMILIES + OPTIONAL)}")
+                             f"families: {list(KNOWN)}")
 
 
 def largest_group(scene: Scene) -> int:
@@ -244,10 +245,10 @@ def write_dataset(out: str | Path, seed: int = 0, n_train: int = 20000, n_val: i
     training distribution's generator but its own stream, for pseudo-labels and the router.
     """
     families = list(families)
-    bad = [f for f in families if f not in FAMILIES + OPTIONAL]
+    bad = [f for f in families if f not in KNOWN]
     if bad or not families:
         raise SyntheticTaskError(f"unknown families {bad}; "
-                                 f"choose among {list(FAMILIES + OPTIONAL)}")
+                                 f"choose among {list(KNOWN)}")
     if min(n_train, n_val, n_test) < 1 or turns < 1 or n_label < 0:
         raise SyntheticTaskError("every split needs at least one sample and turns >= 1")
     out = Path(out)
