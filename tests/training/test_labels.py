@@ -86,3 +86,25 @@ def test_paired_rule_drops_a_configuration_that_is_really_below():
     for test in ("paired", "point"):
         got = group_labels(CONFIGS, results, test=test)["f"]
         assert got["kept"] == [1, 3] and got["config"] == 1, test
+
+
+def test_cheapest_mix_spends_where_it_pays_and_meets_the_pooled_ratio():
+    from visor_vllm.training.labels import cheapest_mix
+
+    flops = [1.0, 2.0, 3.0]  # min, mid, full
+    q = {"easy": 100, "hard": 100}
+    correct = [{"easy": 99, "hard": 60}, {"easy": 99, "hard": 80}, {"easy": 100, "hard": 90}]
+    b = cheapest_mix(flops, correct, q, full=2, ratio=0.99)
+    # full: 190 right; 99 % of it is 188.1: easy on min (99) and hard on full (90) = 189 at 2.0
+    assert b["choice"] == {"easy": 0, "hard": 2}
+    assert b["flops"] == pytest.approx(2.0) and b["accuracy"] == pytest.approx(189 / 200)
+    assert b["full_accuracy"] == pytest.approx(0.95)
+    # a looser ratio lets the mid configuration take hard
+    assert cheapest_mix(flops, correct, q, full=2, ratio=0.9)["choice"] == {"easy": 0, "hard": 1}
+    # when the cheapest configuration is as good everywhere, it takes everything
+    same = [{"easy": 90, "hard": 90}] * 3
+    assert cheapest_mix(flops, same, q, full=2)["flops"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        cheapest_mix(flops, correct[:2], q, full=2)
+    with pytest.raises(ValueError):
+        cheapest_mix(flops, [{"easy": 1}] * 3, q, full=2)

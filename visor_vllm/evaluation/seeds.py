@@ -5,7 +5,11 @@ states, per seed: which of the three findings held (judged on the served numbers
 served, on the offline ones otherwise: the report's own ``findings``), dense easy/hard with
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
-and hard, and the run's wall time. `aggregate` counts the seeds each finding held on and the
+and hard, and the run's wall time. Beside them, the router's bound
+(``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
+vs max that any per-family choice of the served configurations needs to keep 99 % of max's
+accuracy on these same questions; above 0.7 the router target is out of reach of per-family
+routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on and the
 range of the router's ratios; `markdown` prints both as docs/training.md's table; `points` keeps
 every seed's accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
 
@@ -22,6 +26,8 @@ import json
 import statistics
 import sys
 from pathlib import Path
+
+from visor_vllm.training.labels import cheapest_mix
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -87,12 +93,29 @@ def seed_row(report: dict) -> dict:
             "router_flops_vs_dense": router.get("flops_vs_dense"),
             "router_sa_layers_easy_hard": [(router.get("mean_sa_layers") or {}).get(g)
                                            for g in ("easy", "hard")]})
+        row.update(_bound(table, full, router))
         row["router_target"] = bool(
             row["router_accuracy_vs_max"] is not None and row["router_flops_vs_max"] is not None
             and row["router_accuracy_vs_max"] >= TARGET_ACCURACY_RATIO
             and row["router_flops_vs_max"] <= TARGET_FLOPS_VS_MAX)
     row["all_three"] = bool(row["finding1"] and row["finding2"] and row["finding3"])
     return row
+
+
+def _bound(table: list[dict], full: dict, router: dict) -> dict:
+    """The router's bound (module docstring). Questions per family come from the router's
+    served histogram (every question gets one receipt); none there (offline), no bound."""
+    hist = router.get("sa_layers_histogram") or {}
+    questions = {f: sum(h.values()) for f, h in hist.items()}
+    rows = [r for r in table if _flops(r) and set(r.get("families") or {}) >= set(questions)]
+    if not questions or full not in rows or not _flops(full):
+        return {"router_bound_flops_vs_max": None, "router_bound_choice": None}
+    b = cheapest_mix([_flops(r) for r in rows],
+                     [{f: round(r["families"][f] * n) for f, n in questions.items()} for r in rows],
+                     questions, rows.index(full), TARGET_ACCURACY_RATIO)
+    return {"router_bound_flops_vs_max": round(b["flops"] / _flops(full), 4),
+            "router_bound_choice": {f: rows[c].get("sa_layers_1based", rows[c]["n_sa"])
+                                    for f, c in sorted(b["choice"].items())}}
 
 
 def points(report: dict) -> dict:
@@ -116,6 +139,9 @@ def aggregate(rows: list[dict]) -> dict:
             **{f"{k}_held": sum(bool(r[k]) for r in rows)
                for k in ("finding1", "finding2", "finding3", "all_three")},
             "router_target_held": sum(bool(r.get("router_target")) for r in rows),
+            "router_target_reachable": sum(r.get("router_bound_flops_vs_max") is not None
+                                           and r["router_bound_flops_vs_max"] <= TARGET_FLOPS_VS_MAX
+                                           for r in rows),
             "router_accuracy_vs_max": spread("router_accuracy_vs_max"),
             "router_flops_vs_max": spread("router_flops_vs_max"),
             "router_flops_vs_dense": spread("router_flops_vs_dense"),
@@ -140,8 +166,8 @@ def markdown(rows: list[dict], agg: dict) -> str:
     """The per-seed table and the aggregate line (docs/training.md's format)."""
     head = ("| seed | 1: min = dense on easy | 2: hard rises with SA | 3: router | "
             "dense easy | dense hard | router acc / max | router FLOPs / max | "
-            "SA layers easy / hard | minutes |")
-    lines = [head, "|" + "---|" * 10]
+            "bound FLOPs / max | SA layers easy / hard | minutes |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         sa = r.get("router_sa_layers_easy_hard") or [None, None]
         sa_txt = " / ".join("-" if x is None else f"{x:.2f}" for x in sa)
@@ -150,13 +176,15 @@ def markdown(rows: list[dict], agg: dict) -> str:
             f"{_yes(r['finding3'])} | {_ci(r['dense_easy'], r['dense_easy_ci'])} | "
             f"{_ci(r['dense_hard'], r['dense_hard_ci'])} | "
             f"{_num(r.get('router_accuracy_vs_max'))} | {_num(r.get('router_flops_vs_max'))} | "
-            f"{sa_txt} | {'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
+            f"{_num(r.get('router_bound_flops_vs_max'))} | {sa_txt} | {'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
     n = agg["seeds"]
     lines.append("")
     lines.append(f"Findings held: 1 on {agg['finding1_held']}/{n}, 2 on {agg['finding2_held']}/{n}, "
                  f"3 on {agg['finding3_held']}/{n}; all three on {agg['all_three_held']}/{n}. "
                  f"Router >= {TARGET_ACCURACY_RATIO:.0%} of max's accuracy at <= "
-                 f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}.")
+                 f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}; "
+                 f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
+                 f"{agg['router_target_reachable']}/{n}.")
     return "\n".join(lines)
 
 

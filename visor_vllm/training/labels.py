@@ -17,6 +17,12 @@ and ``family``). Two rules, both kept; the router trains on the one a recipe nam
   ground truth for the most tokens (counted up to the first mismatch); ties go to the fewest
   SA layers, then the lowest loss, then the lower index.
 
+And one bound, not a rule: `cheapest_mix` is the cheapest choice of one configuration per group
+whose *pooled* accuracy keeps ``ratio`` of the full configuration's, chosen on the very
+questions it is scored on. No per-family router can beat it on those questions, so when its
+FLOPs are above a router target, the target is out of reach of any per-family labels (the
+report's ``router_bound_flops_vs_max``), not a routing failure.
+
 Why both. The feasibility study measured that per-sample labels are dominated by the cheapest
 configuration (most samples are right with it, and yes/no samples are right by chance) and
 invert the easy/hard routing, while per-family labels route correctly; the oracle stays the
@@ -30,7 +36,7 @@ every configuration (99% of 0), so it gets the cheapest.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from visor_vllm.training.stats import TESTS, significantly_below
 
@@ -75,6 +81,40 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
         out[g] = {"config": best, "accuracy": acc, "loss": loss, "kept": kept,
                   "samples": len(idx), "test": test}
     return out
+
+
+def cheapest_mix(flops: Sequence[float], correct: Sequence[Mapping[str, int]],
+                 questions: Mapping[str, int], full: int, ratio: float = 0.99) -> dict:
+    """The cheapest per-group choice of configurations whose pooled accuracy is at least
+    ``ratio`` of configuration ``full``'s (a bound: see the module docstring).
+
+    ``flops[c]``: configuration ``c``'s mean cost per question (any unit; the groups' own costs
+    are not known apart, so each question of a group costs the configuration's mean);
+    ``correct[c][g]``: questions of group ``g`` right under ``c``; ``questions[g]``: its size.
+    Returns ``{"choice": {group: c}, "flops": mean cost per question, "accuracy",
+    "full_accuracy"}``. Exact: a knapsack over the number of right answers, O(groups x
+    questions x configurations).
+    """
+    if not flops or len(correct) != len(flops) or not 0 <= full < len(flops):
+        raise ValueError("one cost and one count per configuration, and a full index among them")
+    groups = sorted(questions)
+    if not groups or any(set(c) != set(groups) for c in correct):
+        raise ValueError("every configuration needs a count for every group")
+    total = sum(questions.values())
+    need = ratio * sum(correct[full][g] for g in groups) - 1e-9
+    best: dict[int, tuple[float, dict]] = {0: (0.0, {})}  # right answers -> (cost, choice)
+    for g in groups:
+        nxt: dict[int, tuple[float, dict]] = {}
+        for k, (cost, choice) in best.items():
+            for c in range(len(flops)):
+                kk, v = k + correct[c][g], cost + flops[c] * questions[g]
+                if kk not in nxt or v < nxt[kk][0]:
+                    nxt[kk] = (v, {**choice, g: c})
+        best = nxt
+    cost, k, choice = min(((v, k, ch) for k, (v, ch) in best.items() if k >= need),
+                          key=lambda t: (t[0], -t[1]))  # cheapest, then the most right
+    return {"choice": choice, "flops": cost / total, "accuracy": k / total,
+            "full_accuracy": sum(correct[full][g] for g in groups) / total}
 
 
 def oracle_labels(configs: Sequence[Sequence[int]],

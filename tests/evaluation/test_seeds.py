@@ -1,0 +1,42 @@
+"""`visor-vllm report`: one seed's row from a hand-made served report, the router's bound."""
+
+import pytest
+
+from visor_vllm.evaluation.seeds import aggregate, markdown, seed_row
+
+
+def _served_report(router_flops: float) -> dict:
+    fams = {"easy": "colour_at", "hard": "largest"}
+    cfg = lambda n, fl, e, h: {"budget": f"sa:{n}", "sa_layers_1based": list(range(1, 2 * n, 2)),
+                               "n_sa": n, "accuracy": (e + h) / 2, "easy": e, "hard": h,
+                               "flops_vs_dense": fl, "families": {fams["easy"]: e,
+                                                                  fams["hard"]: h}}
+    table = [cfg(1, 0.4, 1.0, 0.6), cfg(2, 0.5, 1.0, 0.8), cfg(4, 0.7, 1.0, 0.9)]
+    router = {"accuracy": 0.95, "flops_vs_dense": router_flops,
+              "mean_sa_layers": {"easy": 1.0, "hard": 4.0},
+              "sa_layers_histogram": {"colour_at": {"1": 100}, "largest": {"4": 100}}}
+    findings = {"source": "served", "finding1_cheapest_matches_dense_on_easy": True,
+                "finding2_hard_rises_with_sa_layers": True,
+                "finding3_router_spends_on_hard_and_keeps_accuracy": True}
+    return {"seed": 3, "findings": findings, "wall_seconds": {"total": 60.0},
+            "served": {"configs": table, "dense": {"accuracy": 0.95, "easy": 1.0, "hard": 0.9}},
+            "router": {"served": router}}
+
+
+def test_row_states_the_router_bound_and_whether_the_target_is_within_reach():
+    row = seed_row(_served_report(router_flops=0.55))
+    # min on colour_at, max on largest: (0.4 + 0.7) / 2 = 0.55 = 0.786x max, at 190/190 right
+    assert row["router_bound_flops_vs_max"] == pytest.approx(0.55 / 0.7, abs=1e-4)
+    assert row["router_bound_choice"] == {"colour_at": [1], "largest": [1, 3, 5, 7]}
+    assert row["router_flops_vs_max"] == pytest.approx(0.7857, abs=1e-4)
+    assert row["router_target"] is False and row["all_three"] is True
+    agg = aggregate([row])
+    assert agg["router_target_held"] == 0 and agg["router_target_reachable"] == 0
+    assert "within reach of a per-family router (bound <= 0.7) on 0/1" in markdown([row], agg)
+
+
+def test_row_without_a_served_histogram_has_no_bound():
+    report = _served_report(router_flops=0.55)
+    del report["router"]["served"]["sa_layers_histogram"]
+    row = seed_row(report)
+    assert row["router_bound_flops_vs_max"] is None and row["router_bound_choice"] is None
