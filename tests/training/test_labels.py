@@ -2,7 +2,8 @@
 
 import pytest
 
-from visor_vllm.training.labels import full_index, group_labels, oracle_labels, per_sample
+from visor_vllm.training.labels import (full_index, group_labels, oracle_labels, per_sample,
+                                        pooled_labels)
 
 CONFIGS = [[0], [0, 2], [0, 4], [0, 2, 4]]
 
@@ -108,3 +109,21 @@ def test_cheapest_mix_spends_where_it_pays_and_meets_the_pooled_ratio():
         cheapest_mix(flops, correct[:2], q, full=2)
     with pytest.raises(ValueError):
         cheapest_mix(flops, [{"easy": 1}] * 3, q, full=2)
+
+
+def test_pooled_rule_lets_one_family_pay_for_another():
+    """The paper's rule keeps 99 % of every family; the pooled rule keeps 99 % of the whole."""
+    configs = [[0], [0, 2]]
+    fam = ["a"] * 100 + ["b"] * 100
+    # a: 98 vs 100 right (the cheap one is 2 points below); b: 100 vs 100
+    cheap = _res([1] * 98 + [0] * 2 + [1] * 100, [0.1] * 200, fam)
+    full = _res([1] * 200, [0.1] * 200, fam)
+    results = [cheap, full]
+    assert group_labels(configs, results, test="point")["a"]["config"] == 1
+    assert pooled_labels(configs, results, [1.0, 2.0]) == {"a": 0, "b": 0}  # 198 >= 0.99 * 200
+    assert per_sample(configs, results, "pooled", flops=[1.0, 2.0]) == [0] * 200
+    assert pooled_labels(configs, results, [1.0, 2.0], ratio=0.995) == {"a": 1, "b": 0}
+    with pytest.raises(ValueError, match="FLOPs"):
+        per_sample(configs, results, "pooled")
+    with pytest.raises(ValueError, match="rule is one of"):
+        per_sample(configs, results, "cheapest")

@@ -36,6 +36,10 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     assert viable[0] == [0] and viable[-1] == [0, 2, 4, 6]
     assert len(report["search"]["heatmap"]["rows"]) == 8
     assert set(report["labels"]["family"]) == set(report["dense"]["families"])
+    assert set(report["labels"]["pooled"]) == set(report["dense"]["families"])
+    on_disk_labels = json.loads((tmp_path / "r" / "labels.json").read_text())
+    per = on_disk_labels["per_sample"]  # what `labels.rule` picks from: every rule is there
+    assert set(per) == {"family", "oracle", "pooled"} and len(per["pooled"]) == len(per["family"])
     offline = report["router"]["offline"]
     assert set(offline["mean_sa_layers"]) == {"easy", "hard"} and 0 < offline["flops_vs_dense"] < 1
     assert "finding3_router_spends_on_hard_and_keeps_accuracy" in report["findings"]
@@ -136,6 +140,15 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     with pytest.raises(ValueError, match=r"encoder\.position_table: 0\.0 there, 1\.0 here"):
         run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
                   overrides={**TINY, "encoder": {**TINY.get("encoder", {}), "position_table": 1.0}})
+
+
+def test_an_unknown_label_rule_fails_before_any_work(tmp_path):
+    from visor_vllm.training.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="labels.rule is one of"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "labels": {"rule": "cheapest"}})
+    assert not (tmp_path / "r").exists()
 
 
 def test_set_overrides_are_checked_against_the_recipe():

@@ -334,10 +334,14 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
     from visor_vllm.training.evaluate import evaluate
 
+    from visor_vllm.training.labels import RULES
+
     cfg = recipe_config(quick, overrides)
     if seed is not None:
         cfg["seed"] = seed
     seed = cfg["seed"]
+    if cfg.get("labels", {}).get("rule", "family") not in RULES:  # fail now, not after training
+        raise RecipeError(f"labels.rule is one of {RULES}, got {cfg['labels']['rule']!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
@@ -533,9 +537,11 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     write_configs(final, keep, viable_dir)
 
     label_data = data / f"{lc.get('split', 'label')}.jsonl"
-    lab = phase("labels", lambda: label_checkpoint(viable_dir, label_data, lc.get("ratio", 0.99),
-                                                   bs, lc.get("max_samples"),
-                                                   lc.get("test", "paired")))
+    vv = VisorConfig.from_pretrained(str(viable_dir))
+    lv, lt = prompt_lengths(viable_dir, label_data)
+    lab = phase("labels", lambda: label_checkpoint(
+        viable_dir, label_data, lc.get("ratio", 0.99), bs, lc.get("max_samples"),
+        lc.get("test", "paired"), flops_of=lambda layers: prefill_flops(vv, lv, lt, layers)))
     (out / "labels.json").write_text(json.dumps(lab) + "\n")
     rule = lc.get("rule", "family")
     per = dict(zip(lab["samples"], lab["per_sample"][rule]))
@@ -572,6 +578,7 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
                    "family": {f: {"config": v["config"], "sa_layers": lab["configs"][v["config"]],
                                   "accuracy": v["accuracy"], "kept": v["kept"]}
                               for f, v in lab["family"].items()},
+                   "pooled": {f: lab["configs"][c] for f, c in sorted(lab["pooled"].items())},
                    "oracle_histogram": _histogram(lab["per_sample"]["oracle"], len(lab["configs"]))}
     search_brief = {"data": found["data"], "tolerance": found["tolerance"], "test": found["test"],
                     "viable": keep,
