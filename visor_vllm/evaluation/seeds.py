@@ -9,8 +9,8 @@ and hard, and the run's wall time. Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
 vs max that any per-family choice of the served configurations needs to keep 99 % of max's
 accuracy on these same questions; above 0.7 the router target is out of reach of per-family
-routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on and the
-range of the router's ratios; `markdown` prints both as docs/training.md's table; `points` keeps
+routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
+(and those whose bound is within the target) and the range of the router's ratios; `markdown` prints both as docs/training.md's table; `points` keeps
 every seed's accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
 
 The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
@@ -176,7 +176,8 @@ def markdown(rows: list[dict], agg: dict) -> str:
             f"{_yes(r['finding3'])} | {_ci(r['dense_easy'], r['dense_easy_ci'])} | "
             f"{_ci(r['dense_hard'], r['dense_hard_ci'])} | "
             f"{_num(r.get('router_accuracy_vs_max'))} | {_num(r.get('router_flops_vs_max'))} | "
-            f"{_num(r.get('router_bound_flops_vs_max'))} | {sa_txt} | {'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
+            f"{_num(r.get('router_bound_flops_vs_max'))} | {sa_txt} | "
+            f"{'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
     n = agg["seeds"]
     lines.append("")
     lines.append(f"Findings held: 1 on {agg['finding1_held']}/{n}, 2 on {agg['finding2_held']}/{n}, "
