@@ -10,8 +10,9 @@ and hard, and the run's wall time. Beside them, the router's bound
 vs max that any per-family choice of the served configurations needs to keep 99 % of max's
 accuracy on these same questions; above 0.7 the router target is out of reach of per-family
 routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
-(and those whose bound is within the target) and the range of the router's ratios; `markdown` prints both as docs/training.md's table; `points` keeps
-every seed's accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
+(and those whose bound is within the target) and the range of the router's ratios; `markdown`
+prints both as docs/training.md's table; `points` keeps every seed's accuracy-vs-FLOPs points
+for ``visor-vllm plot seeds``.
 
 The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
 seed that misses one is reported as missing it.

@@ -55,6 +55,19 @@ def full_index(configs: Sequence[Sequence[int]]) -> int:
     return max(range(len(configs)), key=lambda i: _cost_key(configs, i))
 
 
+def _group_index(results: Sequence[Sequence[dict]]) -> dict[str, list[int]]:
+    """Sample indices per group (``family``; ``"all"`` without one), in sample order."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for j, rec in enumerate(results[0]):
+        groups[rec.get("family", "all")].append(j)
+    return groups
+
+
+def _per_sample_of(by_group: Mapping[str, int], results: Sequence[Sequence[dict]]) -> list[int]:
+    """A per-group choice spread over the samples."""
+    return [by_group[r.get("family", "all")] for r in results[0]]
+
+
 def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[dict]],
                  ratio: float = 0.99, test: str = "paired") -> dict[str, dict]:
     """Per group: ``{"config": index, "accuracy": [...], "kept": [...]}``.
@@ -69,9 +82,7 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
     n = len(results[0])
     if any(len(r) != n for r in results):
         raise ValueError("every configuration must score the same samples")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for j, rec in enumerate(results[0]):
-        groups[rec.get("family", "all")].append(j)
+    groups = _group_index(results)
     full = full_index(configs)
     out = {}
     for g, idx in sorted(groups.items()):
@@ -129,9 +140,7 @@ def pooled_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[d
     (``flops[c]``: configuration ``c``'s cost per question)."""
     if not configs or len(results) != len(configs) or len(flops) != len(configs):
         raise ValueError("one list of results and one cost per configuration are needed")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for j, rec in enumerate(results[0]):
-        groups[rec.get("family", "all")].append(j)
+    groups = _group_index(results)
     correct = [{g: sum(int(bool(results[c][j]["correct"])) for j in idx)
                 for g, idx in groups.items()} for c in range(len(configs))]
     mix = cheapest_mix(flops, correct, {g: len(idx) for g, idx in groups.items()},
@@ -166,10 +175,9 @@ def per_sample(configs, results, rule: str = "family", ratio: float = 0.99,
     if rule == "pooled":
         if flops is None:
             raise ValueError("rule 'pooled' needs each configuration's FLOPs")
-        by = pooled_labels(configs, results, flops, ratio)
-        return [by[r.get("family", "all")] for r in results[0]]
+        return _per_sample_of(pooled_labels(configs, results, flops, ratio), results)
     by_group = group_labels(configs, results, ratio, test)
-    return [by_group[r.get("family", "all")]["config"] for r in results[0]]
+    return _per_sample_of({g: v["config"] for g, v in by_group.items()}, results)
 
 
 def label_checkpoint(checkpoint, data, ratio: float = 0.99, batch_size: int = 64,
@@ -184,14 +192,15 @@ def label_checkpoint(checkpoint, data, ratio: float = 0.99, batch_size: int = 64
     flops = [flops_of(c) for c in configs] if flops_of else None
     results = [c["records"] for c in ev["configs"]]
     index = [r["index"] for r in results[0]]
+    family = group_labels(configs, results, ratio, test)
+    pooled = pooled_labels(configs, results, flops, ratio) if flops else None
     return {"checkpoint": str(checkpoint), "data": str(data), "ratio": ratio, "test": test,
-            "configs": configs, "samples": index,
-            "family": group_labels(configs, results, ratio, test),
-            "per_sample": {"family": per_sample(configs, results, "family", ratio, test),
+            "configs": configs, "samples": index, "family": family,
+            "per_sample": {"family": _per_sample_of({g: v["config"] for g, v in family.items()},
+                                                    results),
                            "oracle": oracle_labels(configs, results),
-                           **({"pooled": per_sample(configs, results, "pooled", ratio,
-                                                    flops=flops)} if flops else {})},
-            "pooled": pooled_labels(configs, results, flops, ratio) if flops else None,
+                           **({"pooled": _per_sample_of(pooled, results)} if pooled else {})},
+            "pooled": pooled,
             "flops": flops,
             "accuracy": [c["accuracy"] for c in ev["configs"]],
             "records": results, "skipped": ev["skipped"]}

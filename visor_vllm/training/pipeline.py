@@ -333,7 +333,6 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     from visor_vllm.model.config import get_preset
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
     from visor_vllm.training.evaluate import evaluate
-
     from visor_vllm.training.labels import RULES
 
     cfg = recipe_config(quick, overrides)
