@@ -7,8 +7,8 @@ from visor_vllm.model.batch_layout import AnswerIndex
 from visor_vllm.model.reference import VisorForConditionalGeneration
 from visor_vllm.testing import random_tiny_model
 from visor_vllm.training.data import IGNORE, Encoded, collate
-from visor_vllm.training.model import (VisorTrainStep, answer_loss, answer_stats, set_trainable,
-                                       visor_hidden)
+from visor_vllm.training.model import (TrainingError, VisorTrainStep, answer_loss, answer_stats,
+                                       set_trainable, visor_hidden)
 
 ROUTE, IMAGE, IM_START, IM_END = 151648, 151646, 151644, 151645
 
@@ -118,6 +118,28 @@ def test_stage1_changes_only_new_modules_and_the_routing_row(samples):
         "language_model.model.embed_tokens.weight"]
     rows = (emb0 != emb1).any(1).nonzero().flatten().tolist()
     assert rows == [model.config.routing_token_id]
+
+
+def test_stage1_with_the_language_model_trains_what_stage2_trains(samples):
+    """``train_language_model``: the SA layers, MLPs and every embedding row move in stage 1."""
+    model = random_tiny_model(seed=1)
+    stage2 = set_trainable(model, "stage2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = VisorTrainStep(model, "stage1", train_language_model=True)
+    assert step.trainable == stage2 and step.trainable_rows == ()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.0)
+    loss, n = step(collate(samples, pad_id=0), [0, 3, 5])
+    (loss / n).backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(".self_attn." in k for k in changed) and any(".mlp." in k for k in changed)
+    assert not any(k.startswith(("vision_tower.", "router.")) for k in changed)
+    emb0, emb1 = before["language_model.model.embed_tokens.weight"], model.state_dict()[
+        "language_model.model.embed_tokens.weight"]
+    assert len((emb0 != emb1).any(1).nonzero()) > 1
+    with pytest.raises(TrainingError, match="stage1 option"):
+        set_trainable(model, "stage2", train_language_model=True)
 
 
 def test_stage2_freezes_vision_tower_and_router():

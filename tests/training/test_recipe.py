@@ -21,6 +21,8 @@ def test_round_trip(tmp_path):
     ({**BASE, "stages": [{"kind": "stage2", "steps": 1, "lr": 1, "sampling": "x"}]}, "sampling"),
     ({**BASE, "stages": [{"kind": "stage1", "steps": 1, "lr": 1, "configs": "viable"}]},
      "one configuration"),
+    ({**BASE, "stages": [{"kind": "stage2", "steps": 1, "lr": 1, "train_language_model": True}]},
+     "stage1 option"),
     ({**BASE, "recipe_version": 9}, "recipe_version"),
     ({**BASE, "stages": []}, "at least one stage"),
     ({**BASE, "data": {"train": "x", "typo": 1}}, "unknown key"),

@@ -14,6 +14,9 @@ What.
 * `set_trainable` -- what a stage unfreezes (paper Sec. 5.1): stage 1 the new modules
   (cross-attention, its conv and norms) and the routing token's embedding row, stage 2
   everything but the vision tower (optional) and the router (trained on its own, issue 10).
+  ``train_language_model`` (not the paper's) makes stage 1 train what stage 2 trains, on
+  stage 1's one configuration: the SA layers can then adapt to visual tokens that skip the
+  layers that became cross-attention.
 * `VisorTrainStep` / `DenseTrainStep` -- ``nn.Module`` wrappers whose ``forward(batch, ...)``
   returns ``(loss_sum, n_tokens)``, so DDP / FSDP2 / DeepSpeed see one module call per step;
   they apply `set_trainable` for their stage themselves.
@@ -207,14 +210,16 @@ class VisorTrainStep(nn.Module):
     """
 
     def __init__(self, model: VisorForConditionalGeneration, stage: str = "stage2",
-                 train_vision_tower: bool = False, gradient_checkpointing: bool = False):
+                 train_vision_tower: bool = False, gradient_checkpointing: bool = False,
+                 train_language_model: bool = False):
         super().__init__()
         if stage not in ("stage1", "stage2"):
             raise TrainingError(f"VISOR trains stage1 or stage2, not {stage!r}")
         self.model, self.stage = model, stage
         self.gradient_checkpointing = gradient_checkpointing
-        self.trainable = set_trainable(model, stage, train_vision_tower)
-        self.trainable_rows = (model.config.routing_token_id,) if stage == "stage1" else ()
+        self.trainable = set_trainable(model, stage, train_vision_tower, train_language_model)
+        new_only = stage == "stage1" and not train_language_model
+        self.trainable_rows = (model.config.routing_token_id,) if new_only else ()
 
     def forward(self, batch: Batch, sa_layers):
         hidden, lay = visor_hidden(self.model, batch, sa_layers, self.gradient_checkpointing,
@@ -255,17 +260,23 @@ def _unused_in_tower(name: str) -> bool:
     return ".post_layernorm." in name or ".head." in name
 
 
-def set_trainable(model: nn.Module, stage: str, train_vision_tower: bool = False) -> list[str]:
+def set_trainable(model: nn.Module, stage: str, train_vision_tower: bool = False,
+                  train_language_model: bool = False) -> list[str]:
     """Freeze/unfreeze for ``stage``; returns the trainable parameter names.
 
     Stage 1 marks ``cross_attn.*`` and the (tied) embedding matrix trainable; `VisorTrainStep`
-    lets only the routing token's row of the embedding receive a gradient.
+    lets only the routing token's row of the embedding receive a gradient. Stage 1 with
+    ``train_language_model`` marks what stage 2 marks (a stage-1 option only: stage 2 and
+    dense always train the language model).
     """
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r}; stages: {list(STAGES)}")
+    if train_language_model and stage != "stage1":
+        raise TrainingError(f"train_language_model is a stage1 option; {stage} always trains "
+                            "the language model")
     names = []
     for name, p in model.named_parameters():
-        if stage == "stage1":
+        if stage == "stage1" and not train_language_model:
             on = ".cross_attn." in name or name == "language_model.model.embed_tokens.weight"
         else:
             on = not name.startswith("router.")

@@ -21,7 +21,8 @@ stages:
 
 Stage kinds (paper Sec. 4.2.3 / 5.1): ``dense`` trains transformers' LLaVA-OneVision (the
 accuracy anchor); ``stage1`` trains only the new modules (cross-attention, conv, the routing
-token's embedding row) on one configuration; ``stage2`` trains the whole model (vision tower
+token's embedding row) on one configuration, or with ``train_language_model: true`` (not the
+paper's) what stage 2 trains, on that one configuration; ``stage2`` trains the whole model (vision tower
 if ``train_vision_tower``), one configuration per optimisation step drawn from ``configs``.
 
 ``configs``: ``max`` -- the maximal configuration, i.e. every SA-capable layer (see below);
@@ -70,6 +71,7 @@ class StageSpec:
     configs: str | list = "max"
     sampling: str = "uniform"
     train_vision_tower: bool = False
+    train_language_model: bool = False      # stage1 only: train the LLM too (not the paper's)
     gradient_checkpointing: bool = False
     name: str | None = None                 # output subdirectory; default: kind
 
@@ -87,6 +89,9 @@ class StageSpec:
         if self.kind == "stage1" and self.configs not in ("max", "min") and not (
                 isinstance(self.configs, list) and len(self.configs) == 1):
             raise RecipeError("stage1 trains one configuration (configs: max, or one list)")
+        if self.train_language_model and self.kind != "stage1":
+            raise RecipeError(f"stage {self.kind}: train_language_model is a stage1 option "
+                              f"({self.kind} always trains the language model)")
         self.name = self.name or self.kind
 
     def accumulation(self, processes: int) -> tuple[int, int]:

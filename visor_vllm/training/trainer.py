@@ -224,16 +224,19 @@ def step_module_for(model, spec: StageSpec):
     """The stage's `VisorTrainStep` / `DenseTrainStep` (it freezes what the stage won't train)."""
     if spec.kind == "dense":
         return DenseTrainStep(model, spec.train_vision_tower, spec.gradient_checkpointing)
-    return VisorTrainStep(model, spec.kind, spec.train_vision_tower, spec.gradient_checkpointing)
+    return VisorTrainStep(model, spec.kind, spec.train_vision_tower, spec.gradient_checkpointing,
+                          spec.train_language_model)
 
 
 def param_groups(step_module, spec: StageSpec) -> list[dict]:
     """AdamW groups by name: the recipe's weight decay, none on the stage-1 embedding (a decayed
-    row would move without a gradient; stage 1 trains only the routing token's row)."""
+    row would move without a gradient; stage 1 trains only the routing token's row, unless
+    ``train_language_model``)."""
+    rows_only = spec.kind == "stage1" and not spec.train_language_model
     decay, keep = [], []
     for name, p in step_module.named_parameters():
         if p.requires_grad:
-            (keep if spec.kind == "stage1" and "embed_tokens" in name else decay).append((name, p))
+            (keep if rows_only and "embed_tokens" in name else decay).append((name, p))
     return [{"params": [p for _, p in g], "names": [n for n, _ in g], "weight_decay": wd}
             for g, wd in ((decay, spec.weight_decay), (keep, 0.0)) if g]
 
