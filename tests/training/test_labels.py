@@ -89,6 +89,29 @@ def test_paired_rule_drops_a_configuration_that_is_really_below():
         assert got["kept"] == [1, 3] and got["config"] == 1, test
 
 
+def test_holm_rule_forgives_one_family_among_nine_that_looks_worse_by_chance():
+    """Nine families; on one the cheap configuration is 3 points behind (12 vs 3 discordant
+    answers, McNemar p = 0.018): the paired rule sends that family to the full configuration,
+    Holm's correction over the nine keeps the cheap one (p must beat 0.05 / 9). A family 10
+    points behind (p < 1e-5) goes to the full configuration under both."""
+    fams = [f"f{i}" for i in range(9)]
+    cheap, full, fam = [], [], []
+    for f in fams:
+        c, u = (_pair(300, 200, 12, 3) if f == "f0" else _pair(300, 150, 40, 10) if f == "f1"
+                else _pair(300, 250, 2, 2))
+        cheap, full, fam = cheap + c, full + u, fam + [f] * 300
+    n = len(fam)
+    results = [_res(cheap, [1] * n, fam), _res(cheap, [1] * n, fam),
+               _res(cheap, [1] * n, fam), _res(full, [1] * n, fam)]
+    paired, holm = group_labels(CONFIGS, results), group_labels(CONFIGS, results, test="holm")
+    assert paired["f0"]["config"] == 3 and holm["f0"]["config"] == 0
+    assert paired["f1"]["config"] == holm["f1"]["config"] == 3
+    assert all(holm[f]["config"] == 0 and holm[f]["test"] == "holm" for f in fams[2:])
+    assert per_sample(CONFIGS, results, test="holm")[:300] == [0] * 300
+    with pytest.raises(ValueError, match="test is one of"):
+        group_labels(CONFIGS, results, test="bonferroni")
+
+
 def test_cheapest_mix_spends_where_it_pays_and_meets_the_pooled_ratio():
     from visor_vllm.training.labels import cheapest_mix
 

@@ -149,6 +149,13 @@ def test_an_unknown_label_rule_fails_before_any_work(tmp_path):
         run_synthetic(tmp_path / "r", quick=True, progress=False,
                       overrides={**TINY, "labels": {"rule": "cheapest"}})
     assert not (tmp_path / "r").exists()
+    with pytest.raises(RecipeError, match="labels.test is one of"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "labels": {"test": "bonferroni"}})
+    with pytest.raises(RecipeError, match="search.test is one of"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "search": {"test": "holm"}})
+    assert not (tmp_path / "r").exists()
 
 
 def test_set_overrides_are_checked_against_the_recipe():

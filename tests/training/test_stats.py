@@ -2,7 +2,8 @@
 
 import pytest
 
-from visor_vllm.training.stats import mcnemar, significantly_below, significantly_better, wilson
+from visor_vllm.training.stats import (holm, mcnemar, significantly_below, significantly_better,
+                                       wilson)
 
 
 def test_wilson_interval_known_values():
@@ -35,3 +36,9 @@ def test_below_and_better_need_significance():
     assert significantly_better(same, far, margin=0.02)
     assert not significantly_better(same, few, margin=0.0)
     assert not significantly_better(same, far, margin=0.5)  # significant, not by 50 points
+
+
+def test_holm_steps_down_and_beats_bonferroni():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]  # 0.03 >= 0.05 / 3
+    assert holm([0.01, 0.03]) == [True, True]  # Bonferroni (0.025 each) keeps the second
+    assert holm([0.2, 0.001]) == [False, True] and holm([]) == []

@@ -333,7 +333,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     from visor_vllm.model.config import get_preset
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
     from visor_vllm.training.evaluate import evaluate
-    from visor_vllm.training.labels import RULES
+    from visor_vllm.training.labels import LABEL_TESTS, RULES
+    from visor_vllm.training.search import TESTS
 
     cfg = recipe_config(quick, overrides)
     if seed is not None:
@@ -341,6 +342,10 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     seed = cfg["seed"]
     if cfg.get("labels", {}).get("rule", "family") not in RULES:  # fail now, not after training
         raise RecipeError(f"labels.rule is one of {RULES}, got {cfg['labels']['rule']!r}")
+    if cfg.get("labels", {}).get("test", "paired") not in LABEL_TESTS:
+        raise RecipeError(f"labels.test is one of {LABEL_TESTS}, got {cfg['labels']['test']!r}")
+    if cfg.get("search", {}).get("test", "paired") not in TESTS:
+        raise RecipeError(f"search.test is one of {TESTS}, got {cfg['search']['test']!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
