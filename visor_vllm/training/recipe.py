@@ -22,8 +22,9 @@ stages:
 Stage kinds (paper Sec. 4.2.3 / 5.1): ``dense`` trains transformers' LLaVA-OneVision (the
 accuracy anchor); ``stage1`` trains only the new modules (cross-attention, conv, the routing
 token's embedding row) on one configuration, or with ``train_language_model: true`` (not the
-paper's) what stage 2 trains, on that one configuration; ``stage2`` trains the whole model (vision tower
-if ``train_vision_tower``), one configuration per optimisation step drawn from ``configs``.
+paper's) what stage 2 trains, on that one configuration; ``stage2`` trains the whole model
+(vision tower if ``train_vision_tower``), one configuration per optimisation step drawn from
+``configs``.
 
 ``configs``: ``max`` -- the maximal configuration, i.e. every SA-capable layer (see below);
 ``min``; ``viable`` -- every configuration in the checkpoint's ``sa_configs``; or an explicit
