@@ -140,6 +140,27 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     with pytest.raises(ValueError, match=r"encoder\.position_table: 0\.0 there, 1\.0 here"):
         run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
                   overrides={**TINY, "encoder": {**TINY.get("encoder", {}), "position_table": 1.0}})
+    # another label test on the same trained models: only the adaptive part reruns
+    holm = {**TINY, "labels": {"test": "holm"}}
+    reused = run_seeds(tmp_path / "h", [0, 1], quick=True, serve=False, progress=False,
+                       overrides=holm, reuse_from=tmp_path / "s")
+    rep = json.loads((tmp_path / "h" / "seed-1" / "report.json").read_text())
+    assert rep["labels"]["test"] == "holm" and rep["reused_training"]["from"].endswith("seed-1")
+    assert set(rep["wall_seconds"]) >= {"search", "labels"} and "dense" in rep["wall_seconds"]
+    assert rep["wall_seconds"]["dense"] < 5 and not {"data", "encoder"} & set(rep["wall_seconds"])
+    src = json.loads((tmp_path / "s" / "seed-1" / "report.json").read_text())
+    assert rep["dense"] == src["dense"] and rep["configs"] == src["configs"]  # the same models
+    assert all(r["wall_seconds"] is None and r["reused_training"] for r in reused["rows"])
+    png = next((tmp_path / "s" / "seed-0" / "data" / "images").iterdir())
+    assert png.stat().st_ino == (tmp_path / "h" / "seed-0" / "data" / "images" / png.name
+                                 ).stat().st_ino  # hard links: 100k images are not copied
+    with pytest.raises(ValueError, match=r"stage2\.steps: 4 there, 5 here.*only eval, search"):
+        run_seeds(tmp_path / "x", [0], quick=True, serve=False, progress=False,
+                  overrides={**holm, "stage2": {**TINY["stage2"], "steps": 5}},
+                  reuse_from=tmp_path / "s")
+    with pytest.raises(ValueError, match="holds no finished run"):
+        run_seeds(tmp_path / "x", [2], quick=True, serve=False, progress=False, overrides=holm,
+                  reuse_from=tmp_path / "s")
 
 
 def test_an_unknown_label_rule_fails_before_any_work(tmp_path):

@@ -30,12 +30,22 @@ from pathlib import Path
 from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
-from visor_vllm.training.pipeline import WallLedger, findings, run_synthetic
+from visor_vllm.training.pipeline import (WallLedger, findings, recipe_config, recipe_differences,
+                                          reuse_training, run_synthetic)
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
-               serve: bool = True, progress: bool = True, overrides: dict | None = None) -> dict:
-    """The whole recipe into ``out``; returns (and writes) ``out/report.json``."""
+               serve: bool = True, progress: bool = True, overrides: dict | None = None,
+               reuse_from: str | Path | None = None) -> dict:
+    """The whole recipe into ``out``; returns (and writes) ``out/report.json``.
+
+    ``reuse_from``: a finished run whose trained models ``out`` starts from
+    (`visor_vllm.training.pipeline.reuse_training`; only the adaptive part may differ)."""
+    if reuse_from is not None and not (Path(out) / "reused_training.json").exists():
+        cfg = recipe_config(quick, overrides)
+        if seed is not None:
+            cfg["seed"] = seed
+        reuse_training(reuse_from, out, cfg)
     report = run_synthetic(out, quick=quick, seed=seed, progress=progress, overrides=overrides)
     if not serve:
         return report
@@ -154,6 +164,10 @@ def add_cli(subparsers) -> None:
                    help="comma-separated seeds, one after another into OUT/seed-N (a rerun "
                         "skips finished seeds and resumes the rest), then OUT/seeds.json and "
                         "the table of `visor-vllm report`")
+    p.add_argument("--reuse-training", default=None, metavar="FROM",
+                   help="start from the trained models of finished run FROM (with --seeds: "
+                        "FROM/seed-N): only eval, search, labels, router and serve may differ, "
+                        "so another label rule costs minutes, not a training run")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after training and offline evaluation (no vllm serve)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -164,10 +178,11 @@ def add_cli(subparsers) -> None:
 
 
 def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: bool = True,
-              progress: bool = True, overrides: dict | None = None) -> dict:
-    """One run per seed into ``out/seed-N``, then `visor_vllm.evaluation.seeds.report` of all."""
+              progress: bool = True, overrides: dict | None = None,
+              reuse_from: str | Path | None = None) -> dict:
+    """One run per seed into ``out/seed-N``, then `visor_vllm.evaluation.seeds.report` of all.
+    ``reuse_from``: a ``--seeds`` directory whose ``seed-N`` models each run starts from."""
     from visor_vllm.evaluation.seeds import report as seeds_report
-    from visor_vllm.training.pipeline import recipe_config
 
     out = Path(out)
     want = recipe_config(quick, overrides)
@@ -184,31 +199,18 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
             # a key added to the recipe after that run takes its default, which keeps the old
             # behaviour (the rule for adding one), so older runs still resume and report
             have = recipe_config(quick, prev.get("recipe_config", {}))
-            differ = _recipe_differences(have, want)
+            differ = recipe_differences(have, want)
             if differ:
                 raise ValueError(f"{run_dir} was run with another recipe ({', '.join(differ)}): "
                                  "one report must not mix recipes; give another OUT")
             if not serve or "served" in prev:
                 continue
         run_recipe(run_dir, quick=quick, seed=seed, serve=serve, progress=progress,
-                   overrides=overrides)
+                   overrides=overrides,
+                   reuse_from=None if reuse_from is None else Path(reuse_from) / f"seed-{seed}")
     result = seeds_report([out / f"seed-{s}" for s in seeds])
     (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe configs (the seed aside)."""
-    out = []
-    for k in sorted(set(have) | set(want)):
-        if not where and k == "seed":
-            continue
-        a, b = have.get(k), want.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _recipe_differences(a, b, where + k + ".")
-        elif a != b:
-            out.append(f"{where}{k}: {a!r} there, {b!r} here")
-    return out
 
 
 def _cli_recipe(args) -> int:
@@ -226,12 +228,12 @@ def _cli_recipe(args) -> int:
             if args.seed is not None:
                 raise ValueError("give --seeds (a list) or --seed (one), not both")
             result = run_seeds(args.out, seeds, quick=args.quick, serve=not args.no_serve,
-                               overrides=overrides)
+                               overrides=overrides, reuse_from=args.reuse_training)
             print(result["markdown"])
             print(f"wrote {Path(args.out) / 'seeds.json'} and {Path(args.out)}/seed-*/")
             return 0
         report = run_recipe(args.out, quick=args.quick, seed=args.seed, serve=not args.no_serve,
-                            overrides=overrides)
+                            overrides=overrides, reuse_from=args.reuse_training)
     except (RecipeError, ServerError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

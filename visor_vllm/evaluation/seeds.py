@@ -80,8 +80,12 @@ def seed_row(report: dict) -> dict:
            "dense_easy": dense.get("easy"), "dense_easy_ci": dense.get("easy_ci"),
            "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
-           "wall_seconds": (report.get("wall_seconds_cumulative")
-                            or report.get("wall_seconds") or {}).get("total")}
+           # a run that reused another's training took that run's minutes too: no figure
+           "wall_seconds": None if "reused_training" in report else (
+               report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
+           ).get("total"),
+           **({"reused_training": report["reused_training"]["from"]}
+              if "reused_training" in report else {})}
     if router and full:
         fr = _flops(full)
         row.update({

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
 from importlib import resources
@@ -289,6 +290,69 @@ def _curve(stage_dir: Path) -> list[list[float]]:
     return [[r["step"], round(r["loss"], 5)] for r in map(json.loads, path.read_text().splitlines())]
 
 
+TRAINING_OUTPUTS = ("data", "dense-init", "dense-run", "visor-init", "visor-run")
+ADAPTIVE_KEYS = ("eval", "search", "labels", "router", "serve")  # what runs after training
+
+
+def recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe configs (the seed aside)."""
+    out = []
+    for k in sorted(set(have) | set(want)):
+        if not where and k == "seed":
+            continue
+        a, b = have.get(k), want.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, where + k + ".")
+        elif a != b:
+            out.append(f"{where}{k}: {a!r} there, {b!r} here")
+    return out
+
+
+def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
+    """Start run ``out`` of recipe ``cfg`` from the trained models of finished run ``src``.
+
+    What. Copies ``src``'s training outputs (`TRAINING_OUTPUTS`: data, the dense and VISOR
+    models, their states) into ``out``, so `run_synthetic` there skips every training stage and
+    reruns only the offline evaluation, search, pseudo-labels, router and serving: another label
+    rule or search test costs minutes instead of a training run. Writes
+    ``out/reused_training.json`` (the source and its wall seconds); the report carries it.
+
+    Why refuse. Only the keys of `ADAPTIVE_KEYS` may differ (and the seed may not): a run whose
+    models came from another recipe would report that recipe's training under this one's name.
+    The recipe's ``quick`` part is compared as a whole for the same reason.
+
+    Footgun. The images are hard links (100k PNGs), everything else is copied; nothing later
+    writes into a finished training directory, so the source is never changed.
+    """
+    src, out = Path(src), Path(out)
+    try:
+        prev = json.loads((src / "report.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{src} holds no finished run (its report.json: {e})") from e
+    # a key added to the recipe after that run takes its default (see run_seeds)
+    have = recipe_config(bool(prev.get("quick")), prev.get("recipe_config") or {})
+    differ = [d for d in recipe_differences(have, cfg) if d.split(".")[0] not in ADAPTIVE_KEYS]
+    if have.get("seed") != cfg.get("seed"):
+        differ.insert(0, f"seed: {have.get('seed')!r} there, {cfg.get('seed')!r} here")
+    if differ:
+        raise ValueError(f"{src} was trained with another recipe ({', '.join(differ)}); only "
+                         f"{', '.join(ADAPTIVE_KEYS)} may differ when reusing its training")
+    missing = [d for d in TRAINING_OUTPUTS if not (src / d).is_dir()]
+    if missing:
+        raise ValueError(f"{src} lacks {', '.join(missing)}: nothing to reuse")
+    present = [d for d in TRAINING_OUTPUTS if (out / d).exists()]
+    if present:
+        raise ValueError(f"{out} already has {', '.join(present)}: reuse into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for d in TRAINING_OUTPUTS:
+        shutil.copytree(src / d, out / d, symlinks=True,
+                        **({"copy_function": os.link} if d == "data" else {}))
+    marker = {"from": str(src.resolve()),
+              "wall_seconds": prev.get("wall_seconds_cumulative") or prev.get("wall_seconds")}
+    (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
+    return out
+
+
 class WallLedger:
     """Seconds per phase of every invocation into one output directory (``wall_seconds.json``).
 
@@ -438,6 +502,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         "findings": findings(_groups(ev["dense"]), table,
                              adaptive["router"] if adaptive else None, source="offline"),
         "recipe_config": cfg,
+        **({"reused_training": json.loads((out / "reused_training.json").read_text())}
+           if (out / "reused_training.json").exists() else {}),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
