@@ -5,7 +5,8 @@ states, per seed: which of the three findings held (judged on the served numbers
 served, on the offline ones otherwise: the report's own ``findings``), dense easy/hard with
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
-and hard, and the run's wall time. Beside them, the router's bound
+and hard, and the run's wall time (none for a run that reused another's training,
+``--reuse-training``: its models cost that run's minutes). Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
 vs max that any per-family choice of the served configurations needs to keep 99 % of max's
 accuracy on these same questions; above 0.7 the router target is out of reach of per-family
