@@ -131,6 +131,9 @@ def timed(name, fn):
 
 FORWARD_EVENT = "decode_profile: model forward"
 GEMM_OP, ATTENTION_OP = "_C::onednn_mm", "_C::cpu_attention_with_kv_cache"  # vLLM's CPU kernels
+# where vLLM's CPU build runs its linears on torch instead of oneDNN (measured on an AVX2-only
+# Zen 1 host, 2026-12-05), the GEMMs are these ops; used only when GEMM_OP is absent
+FALLBACK_GEMM_OPS = ("aten::mm", "aten::addmm")
 
 
 def profile_summary(events, k: int, top: int = 60) -> dict:
@@ -146,7 +149,8 @@ def profile_summary(events, k: int, top: int = 60) -> dict:
     by = {e.key: e.self_cpu_time_total / 1000 / k for e in ops}
     fwd = next((e for e in ops if e.key == FORWARD_EVENT), None)
     fwd_ms = fwd.cpu_time_total / 1000 / fwd.count if fwd is not None and fwd.count else None
-    gemm, attn = by.get(GEMM_OP, 0.0), by.get(ATTENTION_OP, 0.0)
+    gemm = by.get(GEMM_OP) or sum(by.get(op, 0.0) for op in FALLBACK_GEMM_OPS)
+    attn = by.get(ATTENTION_OP, 0.0)
     return {"profiled_steps": k,
             "profiled_forward_ms_per_step": round(fwd_ms, 2) if fwd_ms else None,
             "gemm_ms_per_step": round(gemm, 2), "attention_ms_per_step": round(attn, 2),
