@@ -31,7 +31,7 @@ from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.pipeline import (WallLedger, findings, recipe_config, recipe_differences,
-                                          reuse_training, run_synthetic)
+                                          run_synthetic)
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
@@ -40,13 +40,9 @@ def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
     """The whole recipe into ``out``; returns (and writes) ``out/report.json``.
 
     ``reuse_from``: a finished run whose trained models ``out`` starts from
-    (`visor_vllm.training.pipeline.reuse_training`; only the adaptive part may differ)."""
-    if reuse_from is not None and not (Path(out) / "reused_training.json").exists():
-        cfg = recipe_config(quick, overrides)
-        if seed is not None:
-            cfg["seed"] = seed
-        reuse_training(reuse_from, out, cfg)
-    report = run_synthetic(out, quick=quick, seed=seed, progress=progress, overrides=overrides)
+    (`visor_vllm.training.pipeline.run_synthetic`)."""
+    report = run_synthetic(out, quick=quick, seed=seed, progress=progress, overrides=overrides,
+                           reuse_from=reuse_from)
     if not serve:
         return report
     out = Path(out)

@@ -73,6 +73,7 @@ def seed_row(report: dict) -> dict:
     """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
     f = report.get("findings", {})
     table, dense, router = _sources(report)
+    reused = report.get("reused_training")
     full = max(table, key=lambda r: (r["n_sa"], _flops(r) or 0)) if table else None
     row = {"seed": report.get("seed"), "source": f.get("source"),
            "finding1": f.get("finding1_cheapest_matches_dense_on_easy"),
@@ -82,11 +83,10 @@ def seed_row(report: dict) -> dict:
            "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
            # a run that reused another's training took that run's minutes too: no figure
-           "wall_seconds": None if "reused_training" in report else (
+           "wall_seconds": None if reused else (
                report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
            ).get("total"),
-           **({"reused_training": report["reused_training"]["from"]}
-              if "reused_training" in report else {})}
+           **({"reused_training": reused["from"]} if reused else {})}
     if router and full:
         fr = _flops(full)
         row.update({

@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
-from visor_vllm.training.stats import TESTS, holm, mcnemar, significantly_below
+from visor_vllm.training.stats import TESTS, below_pvalue, holm, significantly_below
 
 LABEL_TESTS = TESTS + ("holm",)  # how a group's configurations are compared with the full one
 
@@ -89,7 +89,9 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
         raise ValueError("every configuration must score the same samples")
     groups = _group_index(results)
     full = full_index(configs)
-    dropped = _holm_dropped(results, groups, full, ratio) if test == "holm" else set()
+    right = {g: [[float(results[c][j]["correct"]) for j in idx] for c in range(len(configs))]
+             for g, idx in groups.items()} if test != "point" else {}  # [group][config][sample]
+    dropped = _holm_dropped(right, full, ratio) if test == "holm" else set()
     out = {}
     for g, idx in sorted(groups.items()):
         acc = [sum(results[c][j]["correct"] for j in idx) / len(idx) for c in range(len(configs))]
@@ -99,33 +101,26 @@ def group_labels(configs: Sequence[Sequence[int]], results: Sequence[Sequence[di
         elif test == "holm":
             kept = [c for c in range(len(configs)) if (g, c) not in dropped]
         else:
-            right = [[float(results[c][j]["correct"]) for j in idx] for c in range(len(configs))]
             kept = [c for c in range(len(configs))
-                    if not significantly_below(right[c], right[full], ratio)]
+                    if not significantly_below(right[g][c], right[g][full], ratio)]
         best = min(kept, key=lambda c: (len(configs[c]), loss[c], c))
         out[g] = {"config": best, "accuracy": acc, "loss": loss, "kept": kept,
                   "samples": len(idx), "test": test}
     return out
 
 
-def _holm_dropped(results, groups: Mapping[str, list[int]], full: int,
+def _holm_dropped(right: Mapping[str, Sequence[Sequence[float]]], full: int,
                   ratio: float) -> set[tuple[str, int]]:
     """``(group, configuration)`` pairs below ``ratio`` of the full configuration as measured
     and significantly so after Holm's correction over the groups (one family of tests per
-    configuration: "is it worse somewhere?"). A group measured at or above the bar counts as
-    a test that is not rejected (p = 1)."""
+    configuration: "is it worse somewhere?"). ``right[g][c]``: configuration ``c``'s 0/1
+    results on group ``g``. A group measured at or above the bar is a test not rejected."""
+    names = sorted(right)
     dropped = set()
-    names = sorted(groups)
-    for c in range(len(results)):
-        if c == full:
-            continue
-        p = []
-        for g in names:
-            a = [float(results[c][j]["correct"]) for j in groups[g]]
-            b = [float(results[full][j]["correct"]) for j in groups[g]]
-            below = sum(a) < ratio * sum(b) - 1e-9
-            p.append(mcnemar(b, a) if below else 1.0)
-        dropped |= {(g, c) for g, r in zip(names, holm(p)) if r}
+    for c in range(len(right[names[0]])):
+        if c != full:
+            p = [below_pvalue(right[g][c], right[g][full], ratio) for g in names]
+            dropped |= {(g, c) for g, r in zip(names, holm(p)) if r}
     return dropped
 
 

@@ -388,29 +388,34 @@ class WallLedger:
 
 
 def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
-                  progress: bool = True, overrides: dict | None = None) -> dict:
+                  progress: bool = True, overrides: dict | None = None,
+                  reuse_from: str | Path | None = None) -> dict:
     """Run the synthetic recipe into ``out``; returns (and writes) ``out/report.json``.
 
     ``overrides`` is merged over the recipe (after ``quick``): tests shrink it to seconds.
+    ``reuse_from``: a finished run whose trained models ``out`` starts from (`reuse_training`;
+    only the adaptive part of the recipe may differ).
     """
     from visor_vllm.checkpoints.convert import convert
     from visor_vllm.model.config import get_preset
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
     from visor_vllm.training.evaluate import evaluate
     from visor_vllm.training.labels import LABEL_TESTS, RULES
-    from visor_vllm.training.search import TESTS
+    from visor_vllm.training.stats import TESTS
 
     cfg = recipe_config(quick, overrides)
     if seed is not None:
         cfg["seed"] = seed
     seed = cfg["seed"]
-    if cfg.get("labels", {}).get("rule", "family") not in RULES:  # fail now, not after training
-        raise RecipeError(f"labels.rule is one of {RULES}, got {cfg['labels']['rule']!r}")
-    if cfg.get("labels", {}).get("test", "paired") not in LABEL_TESTS:
-        raise RecipeError(f"labels.test is one of {LABEL_TESTS}, got {cfg['labels']['test']!r}")
-    if cfg.get("search", {}).get("test", "paired") not in TESTS:
-        raise RecipeError(f"search.test is one of {TESTS}, got {cfg['search']['test']!r}")
+    for section, key, default, allowed in (("labels", "rule", "family", RULES),
+                                           ("labels", "test", "paired", LABEL_TESTS),
+                                           ("search", "test", "paired", TESTS)):
+        value = cfg.get(section, {}).get(key, default)
+        if value not in allowed:  # fail now, not after training
+            raise RecipeError(f"{section}.{key} is one of {allowed}, got {value!r}")
     out = Path(out)
+    if reuse_from is not None and not (out / "reused_training.json").exists():
+        reuse_training(reuse_from, out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     wall: dict[str, float] = {}
     ledger = WallLedger(out)

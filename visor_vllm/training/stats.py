@@ -11,6 +11,8 @@ What.
   App. G's 99 % rule).
 * `significantly_better(a, b, margin)` -- A beats B by more than ``margin`` as measured *and*
   significantly (the viable-configuration search).
+* `below_pvalue(a, b, ratio)` -- the p-value behind `significantly_below` (1.0 where A meets
+  the bar), for tests corrected over many groups.
 * `holm(pvalues)` -- Holm's step-down rejections at family-wise level ``alpha``: which of m
   tests stay significant once all m are counted (pseudo-labels' ``test="holm"``).
 
@@ -73,11 +75,17 @@ def mcnemar(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(math.comb(n, k) for k in range(a_only, n + 1)) / 2 ** n
 
 
+def below_pvalue(a: Sequence[float], b: Sequence[float], ratio: float = 0.99) -> float:
+    """McNemar's p that B beats A where A is below ``ratio`` x B's accuracy as measured; 1.0
+    where it is not (no test: the bar is met)."""
+    _discordant(a, b)
+    return mcnemar(b, a) if sum(a) < ratio * sum(b) - 1e-9 else 1.0
+
+
 def significantly_below(a: Sequence[float], b: Sequence[float], ratio: float = 0.99,
                         alpha: float = ALPHA) -> bool:
     """A's accuracy is below ``ratio`` x B's, and B beats A significantly (see footguns)."""
-    _discordant(a, b)
-    return sum(a) < ratio * sum(b) - 1e-9 and mcnemar(b, a) < alpha
+    return below_pvalue(a, b, ratio) < alpha
 
 
 def significantly_better(a: Sequence[float], b: Sequence[float], margin: float = 0.0,

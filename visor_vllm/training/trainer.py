@@ -232,7 +232,7 @@ def param_groups(step_module, spec: StageSpec) -> list[dict]:
     """AdamW groups by name: the recipe's weight decay, none on the stage-1 embedding (a decayed
     row would move without a gradient; stage 1 trains only the routing token's row, unless
     ``train_language_model``)."""
-    rows_only = spec.kind == "stage1" and not spec.train_language_model
+    rows_only = bool(getattr(step_module, "trainable_rows", ()))
     decay, keep = [], []
     for name, p in step_module.named_parameters():
         if p.requires_grad:
