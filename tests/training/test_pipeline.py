@@ -154,9 +154,24 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     png = next((tmp_path / "s" / "seed-0" / "data" / "images").iterdir())
     assert png.stat().st_ino == (tmp_path / "h" / "seed-0" / "data" / "images" / png.name
                                  ).stat().st_ino  # hard links: 100k images are not copied
-    with pytest.raises(ValueError, match=r"stage2\.steps: 4 there, 5 here.*only eval, search"):
+    # a stage-2 change (here: longer, distilling the dense model) reuses data and the dense
+    # model and retrains VISOR's stages only
+    longer = {**TINY, "stage2": {**TINY["stage2"], "steps": 5, "distill": 0.5}}
+    re2 = run_seeds(tmp_path / "v", [1], quick=True, serve=False, progress=False,
+                    overrides=longer, reuse_from=tmp_path / "s")
+    rep = json.loads((tmp_path / "v" / "seed-1" / "report.json").read_text())
+    assert rep["reused_training"]["outputs"] == ["data", "dense-init", "dense-run", "visor-init"]
+    assert rep["dense"] == src["dense"] and "visor" in rep["wall_seconds"]
+    assert not {"data", "encoder", "convert"} & set(rep["wall_seconds"])
+    assert len(rep["loss_curve"]["stage2"]) == 5 and len(src["loss_curve"]["stage2"]) == 4
+    trained = (tmp_path / "v" / "seed-1" / "visor-run" / "recipe.yaml").read_text()
+    assert "distill: 0.5" in trained and "dense-run/dense/model" in trained  # the teacher
+    seconds = rep["reused_training"]["seconds_reused"]
+    assert seconds > 0 and re2["rows"][0]["wall_seconds"] == round(
+        rep["wall_seconds_cumulative"]["total"] + seconds, 1)
+    with pytest.raises(ValueError, match=r"dense\.steps: 3 there, 2 here.*only eval, search"):
         run_seeds(tmp_path / "x", [0], quick=True, serve=False, progress=False,
-                  overrides={**holm, "stage2": {**TINY["stage2"], "steps": 5}},
+                  overrides={**holm, "dense": {**TINY["dense"], "steps": 2}},
                   reuse_from=tmp_path / "s")
     with pytest.raises(ValueError, match="holds no finished run"):
         run_seeds(tmp_path / "x", [2], quick=True, serve=False, progress=False, overrides=holm,

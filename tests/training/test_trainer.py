@@ -172,3 +172,68 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, visor_ckpt_synth
     assert len(curve) == 2 and all(0 < loss < 100 for _, loss, _ in curve)
     state = json.loads((tmp_path / "bf16" / "stage2" / "model" / "trainer_state.json").read_text())
     assert state["accumulation"] == 2
+
+
+def test_the_teacher_reads_its_own_prompt_and_the_students_answers(visor_ckpt_synth, dense_ckpt,
+                                                                   synth_data):
+    """`teacher_batch` of a VISOR batch == the dense checkpoint's own encoding of the samples
+    (the routing tokens gone), and its answer tokens are the student's, in the same order."""
+    from visor_vllm.training.data import teacher_batch, with_layout
+
+    records = load_records(synth_data / "train.jsonl")[:6]
+    visor_enc, dense_enc = SampleEncoder(visor_ckpt_synth), SampleEncoder(dense_ckpt)
+    pad = visor_enc.tokenizer.pad_token_id
+    batch = collate([visor_enc.encode(r, synth_data) for r in records], pad)
+    model = load_model("stage2", visor_ckpt_synth)
+    route = model.config.routing_token_id
+    assert (batch.input_ids == route).any()
+    teach = teacher_batch(batch, route, pad)
+    own = collate([dense_enc.encode(r, synth_data) for r in records], pad)
+    assert torch.equal(teach.input_ids, own.input_ids) and torch.equal(teach.labels, own.labels)
+    assert torch.equal(teach.attention_mask, own.attention_mask)
+    lay = with_layout(batch, model.config).layout
+    assert torch.equal(teach.answers.target, lay.answers.target)
+
+
+def test_a_distilling_stage_trains_the_student_only(tmp_path, visor_ckpt_synth, dense_ckpt,
+                                                    synth_data):
+    """stage 2 with ``distill``: the loss adds the KL to the dense teacher's answers; the
+    teacher is neither trained nor saved; distill without a teacher is a named error."""
+    from visor_vllm.training.data import teacher_batch
+    from visor_vllm.training.model import (TrainingError, answer_logits, dense_hidden,
+                                           distill_loss, visor_hidden)
+    from visor_vllm.training.recipe import RecipeError, StageSpec
+
+    model = load_model("stage2", visor_ckpt_synth)
+    teacher = load_model("dense", dense_ckpt)
+    enc = SampleEncoder(visor_ckpt_synth)
+    pad = enc.tokenizer.pad_token_id
+    ds = EncodedDataset(load_records(synth_data / "train.jsonl"), enc, synth_data)
+    batch = collate([ds[i] for i in range(4)], pad)
+    batch.teacher = teacher_batch(batch, model.config.routing_token_id, pad)
+    with torch.no_grad():
+        plain, n = VisorTrainStep(model)(batch, [0, 2])
+        both, n2 = VisorTrainStep(model, teacher=teacher, distill=0.5)(batch, [0, 2])
+        t_hidden, _ = dense_hidden(teacher, batch.teacher)
+        t_logits = answer_logits(t_hidden, batch.teacher.answers, teacher.lm_head.weight)
+        hidden, lay = visor_hidden(model, batch, [0, 2])
+        kl = distill_loss(answer_logits(hidden, lay.answers, model.language_model.lm_head.weight),
+                          t_logits)
+    assert n == n2 and float(kl) > 0
+    torch.testing.assert_close(both, plain + 0.5 * kl)
+    assert float(distill_loss(t_logits, t_logits)) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(TrainingError, match="go together"):
+        VisorTrainStep(model, distill=0.5)
+    with pytest.raises(RecipeError, match="go together"):
+        StageSpec(kind="stage2", steps=1, lr=1e-3, distill=0.5)
+    with pytest.raises(RecipeError, match="VISOR stage option"):
+        StageSpec(kind="dense", steps=1, lr=1e-3, distill=0.5, teacher=str(dense_ckpt))
+    before = _weights(dense_ckpt)
+    recipe = tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "run",
+                         [{"kind": "stage2", "steps": 2, "lr": 1e-3, "batch_size": 4,
+                           "configs": "viable", "distill": 0.5, "teacher": str(dense_ckpt)}])
+    out = run(recipe, progress=False)
+    saved = _weights(out)
+    assert set(saved) == set(_weights(visor_ckpt_synth))  # the student's tensors, no teacher's
+    after = _weights(dense_ckpt)
+    assert all(torch.equal(before[k], after[k]) for k in before)

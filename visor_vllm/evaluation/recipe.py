@@ -162,8 +162,10 @@ def add_cli(subparsers) -> None:
                         "the table of `visor-vllm report`")
     p.add_argument("--reuse-training", default=None, metavar="FROM",
                    help="start from the trained models of finished run FROM (with --seeds: "
-                        "FROM/seed-N): only eval, search, labels, router and serve may differ, "
-                        "so another label rule costs minutes, not a training run")
+                        "FROM/seed-N): where only eval, search, labels, router and serve "
+                        "differ, every model is reused (another label rule costs minutes); "
+                        "where stage1 or stage2 differ too, data and the dense model are "
+                        "reused and VISOR's stages retrained; anything else is refused")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after training and offline evaluation (no vllm serve)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -5,8 +5,9 @@ states, per seed: which of the three findings held (judged on the served numbers
 served, on the offline ones otherwise: the report's own ``findings``), dense easy/hard with
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
-and hard, and the run's wall time (none for a run that reused another's training,
-``--reuse-training``: its models cost that run's minutes). Beside them, the router's bound
+and hard, and the run's wall time (``--reuse-training``: none for a run that reused every
+model, those were that run's minutes; for one that retrained VISOR on a reused dense model,
+its own plus the source's seconds for what it reused). Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
 vs max that any per-family choice of the served configurations needs to keep 99 % of max's
 accuracy on these same questions; above 0.7 the router target is out of reach of per-family
@@ -69,6 +70,17 @@ def _sources(report: dict) -> tuple[list[dict], dict, dict | None]:
     return table, dense, router
 
 
+def _wall_seconds(report: dict, reused: dict | None) -> float | None:
+    """The run's minutes: its own; plus the source's dense phases where it reused only those
+    (VISOR retrained); none where it reused every model (those minutes were the source's)."""
+    own = (report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}).get("total")
+    if not reused:
+        return own
+    if "seconds_reused" in reused and own is not None:
+        return round(own + reused["seconds_reused"], 1)
+    return None
+
+
 def seed_row(report: dict) -> dict:
     """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
     f = report.get("findings", {})
@@ -82,10 +94,7 @@ def seed_row(report: dict) -> dict:
            "dense_easy": dense.get("easy"), "dense_easy_ci": dense.get("easy_ci"),
            "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
-           # a run that reused another's training took that run's minutes too: no figure
-           "wall_seconds": None if reused else (
-               report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
-           ).get("total"),
+           "wall_seconds": _wall_seconds(report, reused),
            **({"reused_training": reused["from"]} if reused else {})}
     if router and full:
         fr = _flops(full)

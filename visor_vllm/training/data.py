@@ -330,6 +330,8 @@ class Batch:
     skipped: list[str] = field(default_factory=list)  # reasons of the samples collate dropped
     answers: AnswerIndex | None = None  # where `labels`' answer tokens are predicted (host-built)
     layout: BatchLayout | None = None   # VISOR's layout (`with_layout`); it owns the crops then
+    teacher: Batch | None = None        # the same samples as the dense teacher reads them
+                                        # (`teacher_batch`), for a distilling stage
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -342,7 +344,8 @@ class Batch:
                      f(self.pixel_values), self.image_sizes, self.images_per_sample,
                      self.meta, self.skipped,
                      None if self.answers is None else nested(self.answers),
-                     None if self.layout is None else nested(self.layout))
+                     None if self.layout is None else nested(self.layout),
+                     None if self.teacher is None else nested(self.teacher))
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """On ``device``; ``image_sizes`` stays on the host."""
@@ -384,6 +387,29 @@ def collate(samples: Sequence[Encoded | Skipped | None], pad_id: int) -> Batch |
     per = [0 if s.pixel_values is None else s.pixel_values.shape[0] for s in samples]
     return Batch(ids, mask, labels, pixel_values, image_sizes, per, [s.meta for s in samples],
                  skipped, AnswerIndex.from_labels(labels))
+
+
+def teacher_batch(batch: Batch, token_id: int, pad_id: int) -> Batch:
+    """``batch`` as the dense teacher reads it: every ``token_id`` (VISOR's routing token, which
+    the VISOR template appends after each question and LLaVA-OV's does not) dropped, the rows
+    re-padded on the right. Everything else is the dense model's own prompt, so the teacher's
+    answer tokens are the student's, in the same row-major order (``answers``).
+
+    Footgun: call it before `with_layout`, which drops ``pixel_values`` (the layout owns them).
+    """
+    keep = (batch.input_ids != token_id) & (batch.attention_mask > 0)   # [B, L]
+    n = keep.sum(1)                                                    # [B]
+    L = int(n.max())
+    dest = torch.cumsum(keep, 1) - 1                                   # [B, L] new position
+    b, j = keep.nonzero(as_tuple=True)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), L), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), L), dtype=torch.long)
+    ids[b, dest[b, j]] = batch.input_ids[b, j]
+    labels[b, dest[b, j]] = batch.labels[b, j]
+    mask[b, dest[b, j]] = 1
+    return Batch(ids, mask, labels, batch.pixel_values, batch.image_sizes,
+                 batch.images_per_sample, batch.meta, answers=AnswerIndex.from_labels(labels))
 
 
 def with_layout(batch: Batch | None, model_config) -> Batch | None:

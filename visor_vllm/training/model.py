@@ -159,14 +159,29 @@ def dense_hidden(model, batch: Batch):
 # Loss and accuracy on answer tokens only
 # ---------------------------------------------------------------------------------------------
 
-def answer_loss(hidden: torch.Tensor, answers: AnswerIndex, head_weight: torch.Tensor):
-    """``(sum of token cross-entropies, number of answer tokens)`` (transformers' shift).
+def answer_logits(hidden: torch.Tensor, answers: AnswerIndex, head_weight: torch.Tensor):
+    """fp32 logits ``[K, V]`` at the K positions that predict ``answers``' tokens.
 
     ``hidden [B, T, d]``; ``answers`` from the same rows; ``head_weight [V, d]`` (bias-free head).
     """
     h = hidden.flatten(0, 1).index_select(0, answers.pos)        # [K, d]
-    logits = F.linear(h, head_weight).float()                     # [K, V]
+    return F.linear(h, head_weight).float()                       # [K, V]
+
+
+def answer_loss(hidden: torch.Tensor, answers: AnswerIndex, head_weight: torch.Tensor):
+    """``(sum of token cross-entropies, number of answer tokens)`` (transformers' shift)."""
+    logits = answer_logits(hidden, answers, head_weight)          # [K, V]
     return F.cross_entropy(logits, answers.target, reduction="sum"), answers.count
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``sum over the K answer tokens of KL(teacher || student)`` (temperature 1); both
+    ``[K, V]`` logits of the same tokens in the same order."""
+    if student.shape != teacher.shape:
+        raise TrainingError(f"teacher and student disagree on the answer tokens: "
+                            f"{tuple(teacher.shape)} vs {tuple(student.shape)}")
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True,
+                    reduction="sum")
 
 
 def _answer_logits(hidden, labels, lm_head):
@@ -207,19 +222,32 @@ class VisorTrainStep(nn.Module):
 
     Applies `set_trainable` for ``stage`` (stage 1: the routing token's row is the only
     embedding row with a gradient, see the footguns).
+
+    ``teacher`` (a frozen dense LLaVA-OV) and ``distill`` > 0: the loss adds ``distill`` x
+    `distill_loss` against the teacher's answer logits on ``batch.teacher`` (the same samples
+    without the routing token, `visor_vllm.training.data.teacher_batch`). The teacher is kept
+    out of this module's parameters and state (an engine wraps, shards and saves the student
+    only); the caller puts it on the device.
     """
 
     def __init__(self, model: VisorForConditionalGeneration, stage: str = "stage2",
                  train_vision_tower: bool = False, gradient_checkpointing: bool = False,
-                 train_language_model: bool = False):
+                 train_language_model: bool = False, teacher: nn.Module | None = None,
+                 distill: float = 0.0):
         super().__init__()
         if stage not in ("stage1", "stage2"):
             raise TrainingError(f"VISOR trains stage1 or stage2, not {stage!r}")
+        if bool(distill) != (teacher is not None):
+            raise TrainingError("distill > 0 and a teacher go together")
         self.model, self.stage = model, stage
         self.gradient_checkpointing = gradient_checkpointing
         self.trainable = set_trainable(model, stage, train_vision_tower, train_language_model)
         new_only = stage == "stage1" and not train_language_model
         self.trainable_rows = (model.config.routing_token_id,) if new_only else ()
+        self.distill = distill
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: never trained or saved
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
 
     def forward(self, batch: Batch, sa_layers):
         hidden, lay = visor_hidden(self.model, batch, sa_layers, self.gradient_checkpointing,
@@ -227,7 +255,17 @@ class VisorTrainStep(nn.Module):
         head = self.model.language_model.lm_head.weight
         if self.trainable_rows:
             head = head.detach()
-        return answer_loss(hidden, lay.answers, head)
+        if self.teacher is None:
+            return answer_loss(hidden, lay.answers, head)
+        if batch.teacher is None:
+            raise TrainingError("a distilling stage needs batch.teacher (data.teacher_batch)")
+        logits = answer_logits(hidden, lay.answers, head)                        # [K, V]
+        with torch.no_grad():
+            t_hidden, _ = dense_hidden(self.teacher, batch.teacher)
+            t_logits = answer_logits(t_hidden, batch.teacher.answers,
+                                     self.teacher.lm_head.weight)                # [K, V]
+        ce = F.cross_entropy(logits, lay.answers.target, reduction="sum")
+        return ce + self.distill * distill_loss(logits, t_logits), lay.answers.count
 
 
 class DenseTrainStep(nn.Module):

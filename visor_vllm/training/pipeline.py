@@ -292,6 +292,8 @@ def _curve(stage_dir: Path) -> list[list[float]]:
 
 TRAINING_OUTPUTS = ("data", "dense-init", "dense-run", "visor-init", "visor-run")
 ADAPTIVE_KEYS = ("eval", "search", "labels", "router", "serve")  # what runs after training
+VISOR_STAGE_KEYS = ("stage1", "stage2")  # what only visor-run depends on
+DENSE_PHASES = ("data", "data_label", "encoder", "dense", "convert")  # what builds the rest
 
 
 def recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
@@ -311,15 +313,22 @@ def recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
 def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
     """Start run ``out`` of recipe ``cfg`` from the trained models of finished run ``src``.
 
-    What. Copies ``src``'s training outputs (`TRAINING_OUTPUTS`: data, the dense and VISOR
-    models, their states) into ``out``, so `run_synthetic` there skips every training stage and
-    reruns only the offline evaluation, search, pseudo-labels, router and serving: another label
-    rule or search test costs minutes instead of a training run. Writes
-    ``out/reused_training.json`` (the source and its wall seconds); the report carries it.
+    What. Copies ``src``'s training outputs into ``out`` so `run_synthetic` there skips what
+    they already hold:
 
-    Why refuse. Only the keys of `ADAPTIVE_KEYS` may differ (and the seed may not): a run whose
-    models came from another recipe would report that recipe's training under this one's name.
-    The recipe's ``quick`` part is compared as a whole for the same reason.
+    - only the `ADAPTIVE_KEYS` differ: every training output (`TRAINING_OUTPUTS`: data, the
+      dense and VISOR models, their states); only the offline evaluation, search,
+      pseudo-labels, router and serving rerun, so another label rule costs minutes;
+    - `VISOR_STAGE_KEYS` differ too: data, the dense model and the converted one, so a stage-1
+      or stage-2 change retrains only VISOR's stages (a third of a run's minutes).
+
+    Writes ``out/reused_training.json``: the source, the outputs taken (``outputs``), its wall
+    seconds and ``seconds_reused`` (the source's seconds that built them, `DENSE_PHASES`, when
+    VISOR is retrained: that run's minutes plus these are what the run would have cost alone).
+
+    Why refuse. Any other key (or the seed) differing is refused with the key named: a run
+    whose models came from another recipe would report that recipe's training under this one's
+    name. The recipe's ``quick`` part is compared as a whole for the same reason.
 
     Footgun. The images are hard links (100k PNGs), everything else is copied; nothing later
     writes into a finished training directory, so the source is never changed.
@@ -334,21 +343,26 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
     differ = [d for d in recipe_differences(have, cfg) if d.split(".")[0] not in ADAPTIVE_KEYS]
     if have.get("seed") != cfg.get("seed"):
         differ.insert(0, f"seed: {have.get('seed')!r} there, {cfg.get('seed')!r} here")
-    if differ:
+    retrain = bool(differ) and all(d.split(".")[0] in VISOR_STAGE_KEYS for d in differ)
+    if differ and not retrain:
         raise ValueError(f"{src} was trained with another recipe ({', '.join(differ)}); only "
-                         f"{', '.join(ADAPTIVE_KEYS)} may differ when reusing its training")
-    missing = [d for d in TRAINING_OUTPUTS if not (src / d).is_dir()]
+                         f"{', '.join(ADAPTIVE_KEYS + VISOR_STAGE_KEYS)} may differ when "
+                         "reusing its training (stage1, stage2: VISOR is retrained)")
+    outputs = TRAINING_OUTPUTS[:-1] if retrain else TRAINING_OUTPUTS
+    missing = [d for d in outputs if not (src / d).is_dir()]
     if missing:
         raise ValueError(f"{src} lacks {', '.join(missing)}: nothing to reuse")
     present = [d for d in TRAINING_OUTPUTS if (out / d).exists()]
     if present:
         raise ValueError(f"{out} already has {', '.join(present)}: reuse into a new directory")
     out.mkdir(parents=True, exist_ok=True)
-    for d in TRAINING_OUTPUTS:
+    for d in outputs:
         shutil.copytree(src / d, out / d, symlinks=True,
                         **({"copy_function": os.link} if d == "data" else {}))
-    marker = {"from": str(src.resolve()),
-              "wall_seconds": prev.get("wall_seconds_cumulative") or prev.get("wall_seconds")}
+    wall = prev.get("wall_seconds_cumulative") or prev.get("wall_seconds") or {}
+    marker = {"from": str(src.resolve()), "outputs": list(outputs), "wall_seconds": wall,
+              **({"seconds_reused": round(sum(wall.get(k, 0.0) for k in DENSE_PHASES), 1)}
+                 if retrain else {})}
     (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
     return out
 
@@ -450,8 +464,10 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         shutil.rmtree(visor_init, ignore_errors=True)
         phase("convert", lambda: convert(dense, visor_init, preset=get_preset("synthetic"),
                                          progress=False))
-    final = phase("visor", lambda: _train(visor_init, data, out / "visor-run",
-                                          [cfg["stage1"], cfg["stage2"]], cfg))
+    # a stage that distils (`distill` > 0) reads the dense model above as its teacher
+    stages = [{**cfg[k], "teacher": str(dense)} if cfg[k].get("distill") else cfg[k]
+              for k in ("stage1", "stage2")]
+    final = phase("visor", lambda: _train(visor_init, data, out / "visor-run", stages, cfg))
     test = data / f"{cfg['eval'].get('split', 'test')}.jsonl"
     bs = cfg["eval"].get("batch_size", 128)
     n_eval = cfg["eval"].get("max_samples")

@@ -74,6 +74,9 @@ class StageSpec:
     train_vision_tower: bool = False
     train_language_model: bool = False      # stage1 only: train the LLM too (not the paper's)
     gradient_checkpointing: bool = False
+    distill: float = 0.0                    # VISOR stages: + distill * KL(teacher || VISOR) on
+    teacher: str | None = None              # the answer tokens; the teacher: a dense LLaVA-OV
+                                            # checkpoint (not the paper's)
     name: str | None = None                 # output subdirectory; default: kind
 
     def __post_init__(self):
@@ -93,6 +96,14 @@ class StageSpec:
         if self.train_language_model and self.kind != "stage1":
             raise RecipeError(f"stage {self.kind}: train_language_model is a stage1 option "
                               f"({self.kind} always trains the language model)")
+        if self.distill < 0:
+            raise RecipeError(f"stage {self.kind}: distill is a weight >= 0, got {self.distill}")
+        if self.distill and self.kind == "dense":
+            raise RecipeError("stage dense: distill is a VISOR stage option (the dense model is "
+                              "the teacher)")
+        if bool(self.distill) != (self.teacher is not None):
+            raise RecipeError(f"stage {self.kind}: distill > 0 and teacher (a dense LLaVA-OV "
+                              "checkpoint) go together")
         self.name = self.name or self.kind
 
     def accumulation(self, processes: int) -> tuple[int, int]:

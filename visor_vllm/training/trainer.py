@@ -42,6 +42,7 @@ Footguns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -55,7 +56,8 @@ import torch
 from visor_vllm import envs
 from visor_vllm.host_sync import HostSyncDetector, no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
-                                      default_image_folder, load_records, with_layout)
+                                      default_image_folder, load_records, teacher_batch,
+                                      with_layout)
 from visor_vllm.training.engines import make_engine, tune_host_allocator
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
 from visor_vllm.training.recipe import StageSpec, TrainRecipe
@@ -224,8 +226,9 @@ def step_module_for(model, spec: StageSpec):
     """The stage's `VisorTrainStep` / `DenseTrainStep` (it freezes what the stage won't train)."""
     if spec.kind == "dense":
         return DenseTrainStep(model, spec.train_vision_tower, spec.gradient_checkpointing)
+    teacher = load_model("dense", spec.teacher) if spec.distill else None
     return VisorTrainStep(model, spec.kind, spec.train_vision_tower, spec.gradient_checkpointing,
-                          spec.train_language_model)
+                          spec.train_language_model, teacher, spec.distill)
 
 
 def param_groups(step_module, spec: StageSpec) -> list[dict]:
@@ -295,6 +298,8 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     micro, accum = spec.accumulation(engine.world)
     module = engine.prepare(step_module, param_groups(step_module, spec), spec.lr, micro, accum,
                             spec.max_grad_norm)
+    if getattr(step_module, "teacher", None) is not None:
+        step_module.teacher.to(engine.device)  # frozen, whole on every rank (not prepared)
     params = engine.params
     sched = torch.optim.lr_scheduler.LambdaLR(engine.raw_opt, lr_lambda(spec))
     state = TrainerState(sched)
@@ -324,7 +329,9 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     host_syncs = 0
     loader = iter(torch.utils.data.DataLoader(
         ds, batch_sampler=_MicroBatches(sampler, state.step, spec.steps, rank, world, micro, accum),
-        collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config),
+        collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config,
+                                     teacher_token=model_config.routing_token_id
+                                     if spec.distill else None),
         num_workers=recipe.data.num_workers,
         pin_memory=engine.device.type == "cuda",  # Batch.pin_memory: non_blocking copies
         prefetch_factor=2 * accum if recipe.data.num_workers else None))
@@ -389,10 +396,12 @@ def _scalar(x: float, device: torch.device) -> torch.Tensor:
     return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
-def _collate(items, pad: int, layout_config):
-    """DataLoader collate: the padded batch, VISOR's layout built here (off the step), and the
-    reasons of the samples dropped."""
+def _collate(items, pad: int, layout_config, teacher_token: int | None = None):
+    """DataLoader collate: the padded batch, VISOR's layout built here (off the step), the
+    teacher's view of it where the stage distils, and the reasons of the samples dropped."""
     batch = collate(items, pad)
+    if batch is not None and teacher_token is not None:
+        batch = dataclasses.replace(batch, teacher=teacher_batch(batch, teacher_token, pad))
     if layout_config is not None:
         batch = with_layout(batch, layout_config)
     return batch, [x.reason for x in items if isinstance(x, Skipped)]
