@@ -24,7 +24,10 @@ accuracy anchor); ``stage1`` trains only the new modules (cross-attention, conv,
 token's embedding row) on one configuration, or with ``train_language_model: true`` (not the
 paper's) what stage 2 trains, on that one configuration; ``stage2`` trains the whole model
 (vision tower if ``train_vision_tower``), one configuration per optimisation step drawn from
-``configs``.
+``configs``. Either VISOR stage may distil (not the paper's): ``distill: 1.0`` with
+``teacher: PATH`` (a dense LLaVA-OV checkpoint, e.g. the one VISOR was converted from) adds
+``distill`` x KL(teacher || VISOR) over the answer tokens to the loss; the teacher runs frozen
+beside the student (one more forward a step, in memory on every process, never saved).
 
 ``configs``: ``max`` -- the maximal configuration, i.e. every SA-capable layer (see below);
 ``min``; ``viable`` -- every configuration in the checkpoint's ``sa_configs``; or an explicit
