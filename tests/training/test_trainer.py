@@ -222,6 +222,11 @@ def test_a_distilling_stage_trains_the_student_only(tmp_path, visor_ckpt_synth, 
     assert n == n2 and float(kl) > 0
     torch.testing.assert_close(both, plain + 0.5 * kl)
     assert float(distill_loss(t_logits, t_logits)) == pytest.approx(0.0, abs=1e-4)
+    # KL(teacher || student) = sum_k p_t(k) (log p_t(k) - log p_s(k)), by hand: not reversed
+    s_, t_ = torch.tensor([[0.0, 1.0, 3.0]]), torch.tensor([[2.0, 0.0, 0.0]])
+    p_t, p_s = t_.softmax(-1), s_.softmax(-1)
+    assert float(distill_loss(s_, t_)) == pytest.approx(float((p_t * (p_t / p_s).log()).sum()))
+    assert float(distill_loss(t_, s_)) != pytest.approx(float(distill_loss(s_, t_)))
     with pytest.raises(TrainingError, match="go together"):
         VisorTrainStep(model, distill=0.5)
     with pytest.raises(RecipeError, match="go together"):
@@ -237,3 +242,10 @@ def test_a_distilling_stage_trains_the_student_only(tmp_path, visor_ckpt_synth, 
     assert set(saved) == set(_weights(visor_ckpt_synth))  # the student's tensors, no teacher's
     after = _weights(dense_ckpt)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the same first step without the teacher: its loss lacks the KL term (> 0)
+    plain = tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "plain",
+                        [{"kind": "stage2", "steps": 1, "lr": 1e-3, "batch_size": 4,
+                          "configs": "viable"}])
+    run(plain, progress=False)
+    first = [_curve(tmp_path / d / "stage2")[0] for d in ("run", "plain")]
+    assert first[0][2] == first[1][2] and first[0][1] > first[1][1] + 1e-3, first

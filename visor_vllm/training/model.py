@@ -227,7 +227,10 @@ class VisorTrainStep(nn.Module):
     `distill_loss` against the teacher's answer logits on ``batch.teacher`` (the same samples
     without the routing token, `visor_vllm.training.data.teacher_batch`). The teacher is kept
     out of this module's parameters and state (an engine wraps, shards and saves the student
-    only); the caller puts it on the device.
+    only); the caller puts it on the device. Footgun: the teacher's forward is transformers'
+    LLaVA-OV, which reads the device back (25 host reads a step on the tiny model, measured
+    with ``VISOR_CHECK_HOST_SYNC=count``; the student's own step has none), so a distilling
+    step is not host-sync free and ``VISOR_CHECK_HOST_SYNC=raise`` fails it.
     """
 
     def __init__(self, model: VisorForConditionalGeneration, stage: str = "stage2",
@@ -260,10 +263,12 @@ class VisorTrainStep(nn.Module):
         if batch.teacher is None:
             raise TrainingError("a distilling stage needs batch.teacher (data.teacher_batch)")
         logits = answer_logits(hidden, lay.answers, head)                        # [K, V]
+        tb = batch.teacher
+        if tb.input_ids.device != hidden.device:
+            tb = tb.to(hidden.device)
         with torch.no_grad():
-            t_hidden, _ = dense_hidden(self.teacher, batch.teacher)
-            t_logits = answer_logits(t_hidden, batch.teacher.answers,
-                                     self.teacher.lm_head.weight)                # [K, V]
+            t_hidden, _ = dense_hidden(self.teacher, tb)
+            t_logits = answer_logits(t_hidden, tb.answers, self.teacher.lm_head.weight)  # [K, V]
         ce = F.cross_entropy(logits, lay.answers.target, reduction="sum")
         return ce + self.distill * distill_loss(logits, t_logits), lay.answers.count
 

@@ -361,10 +361,21 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
                         **({"copy_function": os.link} if d == "data" else {}))
     wall = prev.get("wall_seconds_cumulative") or prev.get("wall_seconds") or {}
     marker = {"from": str(src.resolve()), "outputs": list(outputs), "wall_seconds": wall,
-              **({"seconds_reused": round(sum(wall.get(k, 0.0) for k in DENSE_PHASES), 1)}
-                 if retrain else {})}
+              **({"seconds_reused": _dense_seconds(prev)} if retrain else {})}
     (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
     return out
+
+
+def _dense_seconds(report: dict) -> float:
+    """Seconds the run that built ``report``'s data and dense model spent on them
+    (`DENSE_PHASES`), following a chain of reuses back to it."""
+    wall = report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
+    earlier = report.get("reused_training")
+    if earlier:
+        if "seconds_reused" in earlier:
+            return earlier["seconds_reused"]
+        wall = earlier.get("wall_seconds") or {}  # it reused every model: its source's phases
+    return round(sum(wall.get(k, 0.0) for k in DENSE_PHASES), 1)
 
 
 class WallLedger:
