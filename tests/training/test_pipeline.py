@@ -324,3 +324,17 @@ def test_variance_share_is_the_between_group_fraction():
     counts = torch.stack([(g == k).sum() for k in g.unique()])
     want = (counts[:, None] * (means - h.mean(0)).pow(2)).sum() / (h - h.mean(0)).pow(2).sum()
     assert abs(variance_share(h, g) - float(want)) < 1e-5
+
+
+def test_the_dense_minutes_of_a_chain_of_reuses_follow_back_to_their_run():
+    from visor_vllm.training.pipeline import _dense_seconds
+
+    trained = {"wall_seconds_cumulative": {"data": 10.0, "encoder": 5.0, "dense": 100.0,
+                                           "convert": 1.0, "visor": 50.0, "total": 170.0}}
+    assert _dense_seconds(trained) == 116.0
+    every_model = {"wall_seconds_cumulative": {"dense": 0.5, "search": 9.0},
+                   "reused_training": {"wall_seconds": trained["wall_seconds_cumulative"]}}
+    assert _dense_seconds(every_model) == 116.0
+    visor_again = {"wall_seconds_cumulative": {"dense": 0.5, "visor": 60.0},
+                   "reused_training": {"seconds_reused": 116.0, "wall_seconds": {"dense": 0.5}}}
+    assert _dense_seconds(visor_again) == 116.0
