@@ -25,7 +25,8 @@ token's embedding row) on one configuration, or with ``train_language_model: tru
 paper's) what stage 2 trains, on that one configuration; ``stage2`` trains the whole model
 (vision tower if ``train_vision_tower``), one configuration per optimisation step drawn from
 ``configs``. Either VISOR stage may distil (not the paper's): ``distill: 1.0`` with
-``teacher: PATH`` (a dense LLaVA-OV checkpoint, e.g. the one VISOR was converted from) adds
+``teacher: PATH`` (the dense LLaVA-OV checkpoint VISOR was converted from: the teacher reads
+VISOR's prompt without the routing token, which is its own prompt only for that one) adds
 ``distill`` x KL(teacher || VISOR) over the answer tokens to the loss; the teacher runs frozen
 beside the student (one more forward a step, in memory on every process, never saved).
 
