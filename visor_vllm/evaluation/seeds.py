@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from visor_vllm.training.labels import cheapest_mix
+from visor_vllm.training.pipeline import run_seconds
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -73,7 +74,7 @@ def _sources(report: dict) -> tuple[list[dict], dict, dict | None]:
 def _wall_seconds(report: dict, reused: dict | None) -> float | None:
     """The run's minutes: its own; plus the source's dense phases where it reused only those
     (VISOR retrained); none where it reused every model (those minutes were the source's)."""
-    own = (report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}).get("total")
+    own = run_seconds(report).get("total")
     if not reused:
         return own
     if "seconds_reused" in reused and own is not None:

@@ -260,17 +260,22 @@ class VisorTrainStep(nn.Module):
             head = head.detach()
         if self.teacher is None:
             return answer_loss(hidden, lay.answers, head)
-        if batch.teacher is None:
-            raise TrainingError("a distilling stage needs batch.teacher (data.teacher_batch)")
         logits = answer_logits(hidden, lay.answers, head)                        # [K, V]
+        loss = F.cross_entropy(logits, lay.answers.target, reduction="sum")     # answer_loss's
+        return loss + self.distill * distill_loss(logits, self._teacher_logits(batch)), \
+            lay.answers.count
+
+    @torch.no_grad()
+    def _teacher_logits(self, batch: Batch) -> torch.Tensor:
+        """The frozen teacher's fp32 logits ``[K, V]`` on ``batch.teacher``'s answer tokens."""
         tb = batch.teacher
-        if tb.input_ids.device != hidden.device:
-            tb = tb.to(hidden.device)
-        with torch.no_grad():
-            t_hidden, _ = dense_hidden(self.teacher, tb)
-            t_logits = answer_logits(t_hidden, tb.answers, self.teacher.lm_head.weight)  # [K, V]
-        ce = F.cross_entropy(logits, lay.answers.target, reduction="sum")
-        return ce + self.distill * distill_loss(logits, t_logits), lay.answers.count
+        if tb is None:
+            raise TrainingError("a distilling stage needs batch.teacher (data.teacher_batch)")
+        device = self.teacher.lm_head.weight.device
+        if tb.input_ids.device != device:
+            tb = tb.to(device)
+        hidden, _ = dense_hidden(self.teacher, tb)
+        return answer_logits(hidden, tb.answers, self.teacher.lm_head.weight)
 
 
 class DenseTrainStep(nn.Module):

@@ -359,17 +359,23 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
     for d in outputs:
         shutil.copytree(src / d, out / d, symlinks=True,
                         **({"copy_function": os.link} if d == "data" else {}))
-    wall = prev.get("wall_seconds_cumulative") or prev.get("wall_seconds") or {}
-    marker = {"from": str(src.resolve()), "outputs": list(outputs), "wall_seconds": wall,
+    marker = {"from": str(src.resolve()), "outputs": list(outputs),
+              "wall_seconds": run_seconds(prev),
               **({"seconds_reused": _dense_seconds(prev)} if retrain else {})}
     (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
     return out
 
 
+def run_seconds(report: dict) -> dict[str, float]:
+    """Seconds per phase of the run behind ``report``: every invocation's (`WallLedger`), or
+    this invocation's for a report written before the ledger existed."""
+    return report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
+
+
 def _dense_seconds(report: dict) -> float:
     """Seconds the run that built ``report``'s data and dense model spent on them
     (`DENSE_PHASES`), following a chain of reuses back to it."""
-    wall = report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
+    wall = run_seconds(report)
     earlier = report.get("reused_training")
     if earlier:
         if "seconds_reused" in earlier:
