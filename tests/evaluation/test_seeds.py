@@ -40,3 +40,22 @@ def test_row_without_a_served_histogram_has_no_bound():
     del report["router"]["served"]["sa_layers_histogram"]
     row = seed_row(report)
     assert row["router_bound_flops_vs_max"] is None and row["router_bound_choice"] is None
+
+
+def test_the_table_names_the_machines_the_seeds_ran_on():
+    zen1 = {"cpu": "AMD EPYC", "cpu_family": 23, "cpu_model": 1, "cpus": 2, "isa": "avx2"}
+    zen4 = {**zen1, "cpu_family": 25, "cpu_model": 17, "isa": "avx512"}
+    a, b = _served_report(0.55), _served_report(0.55)
+    a["hosts"] = b["hosts"] = [zen1]
+    rows = [seed_row(a), seed_row(b)]
+    assert rows[0]["hosts"] == ["AMD EPYC (x86 family 23 model 1), 2 CPUs, AVX2"]
+    assert markdown(rows, aggregate(rows)).endswith(
+        "Machine: AMD EPYC (x86 family 23 model 1), 2 CPUs, AVX2.")
+    b["hosts"], b["seed"] = [zen4], 4  # another machine: each seed says its own
+    b["reused_training"] = {"from": "elsewhere", "hosts": [zen1]}  # trained on Zen 1
+    rows = [seed_row(a), seed_row(b)]
+    text = markdown(rows, aggregate(rows))
+    assert "seed 3: AMD EPYC (x86 family 23 model 1), 2 CPUs, AVX2; seed 4: AMD EPYC (x86 " \
+           "family 23 model 1), 2 CPUs, AVX2 + AMD EPYC (x86 family 25 model 17)" in text
+    del a["hosts"]
+    assert seed_row(a)["hosts"] == []  # a report from before machines were recorded

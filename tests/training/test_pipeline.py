@@ -102,7 +102,7 @@ def test_whole_recipe_serves_and_evaluates(tmp_path):
     assert 0 < router["flop_savings_vs_dense"] < 1
     assert report["findings"]["source"] == "served"
     assert report["findings_offline"]["source"] == "offline"
-    assert "served_eval" in report["wall_seconds"]
+    assert "served_eval" in report["wall_seconds"] and report["hosts"]
     assert (tmp_path / "r" / "serve" / "visor.log").exists()
     assert (tmp_path / "r" / "serve" / "dense.log").exists()
 
@@ -150,6 +150,7 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     assert rep["wall_seconds"]["dense"] < 5 and not {"data", "encoder"} & set(rep["wall_seconds"])
     src = json.loads((tmp_path / "s" / "seed-1" / "report.json").read_text())
     assert rep["dense"] == src["dense"] and rep["configs"] == src["configs"]  # the same models
+    assert src["hosts"] and rep["reused_training"]["hosts"] == src["hosts"]  # trained there
     assert all(r["wall_seconds"] is None and r["reused_training"] for r in reused["rows"])
     png = next((tmp_path / "s" / "seed-0" / "data" / "images").iterdir())
     assert png.stat().st_ino == (tmp_path / "h" / "seed-0" / "data" / "images" / png.name
@@ -238,6 +239,28 @@ def test_wall_ledger_counts_each_invocation_once(tmp_path):
     second.add("total", 4.1)
     cum = second.cumulative()
     assert cum["total"] == 11.1 and cum["dense"] == 6.1 and cum["data"] == 3.0
+    # each invocation that ran a phase records its machine; one machine is listed once
+    hosts = second.hosts()
+    assert len(hosts) == 1 and hosts[0]["cpus"] >= 1 and "cpu_family" in hosts[0]
+    runs = json.loads((tmp_path / "wall_seconds.json").read_text())["invocations"]
+    assert all("host" in r for r in runs)
+    WallLedger(tmp_path)  # an invocation that ran nothing records no machine
+    for r in runs:  # a ledger written before machines were recorded
+        del r["host"]
+    (tmp_path / "wall_seconds.json").write_text(json.dumps({"invocations": runs}))
+    old = WallLedger(tmp_path)
+    assert old.hosts() == [] and old.cumulative() == cum
+
+
+def test_a_run_names_the_machines_of_the_runs_it_reused():
+    from visor_vllm.training.pipeline import run_hosts
+
+    zen1 = {"cpu": "AMD EPYC", "cpu_family": 23, "cpu_model": 1, "cpus": 2, "isa": "avx2"}
+    zen4 = {**zen1, "cpu_family": 25, "cpu_model": 17, "isa": "avx512"}
+    assert run_hosts({}) == [] and run_hosts({"hosts": [zen4]}) == [zen4]
+    # trained on Zen 1 (its reuse marker carries the source's machines), evaluated on Zen 4
+    assert run_hosts({"hosts": [zen4], "reused_training": {"hosts": [zen1]}}) == [zen1, zen4]
+    assert run_hosts({"hosts": [zen1], "reused_training": {"hosts": [zen1]}}) == [zen1]
 
 
 def test_encoder_pretraining_can_teach_each_cell_its_position():

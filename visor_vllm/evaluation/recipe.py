@@ -56,6 +56,7 @@ def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
     ledger.add("served_eval", served_s)
     ledger.add("total", served_s)
     report["wall_seconds_cumulative"] = ledger.cumulative()
+    report["hosts"] = ledger.hosts()
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -5,7 +5,8 @@ states, per seed: which of the three findings held (judged on the served numbers
 served, on the offline ones otherwise: the report's own ``findings``), dense easy/hard with
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
-and hard, and the run's wall time (``--reuse-training``: none for a run that reused every
+and hard, the machines it ran on (`visor_vllm.training.machine`; minutes and trained numbers
+both depend on the CPU), and the run's wall time (``--reuse-training``: none for a run that reused every
 model, those were that run's minutes; for one that retrained VISOR on a reused dense model,
 its own plus the source's seconds for what it reused). Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
@@ -31,7 +32,8 @@ import sys
 from pathlib import Path
 
 from visor_vllm.training.labels import cheapest_mix
-from visor_vllm.training.pipeline import run_seconds
+from visor_vllm.training.machine import label
+from visor_vllm.training.pipeline import run_hosts, run_seconds
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -96,6 +98,7 @@ def seed_row(report: dict) -> dict:
            "dense_hard": dense.get("hard"), "dense_hard_ci": dense.get("hard_ci"),
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
            "wall_seconds": _wall_seconds(report, reused),
+           "hosts": [label(h) for h in run_hosts(report)],
            **({"reused_training": reused["from"]} if reused else {})}
     if router and full:
         fr = _flops(full)
@@ -202,7 +205,17 @@ def markdown(rows: list[dict], agg: dict) -> str:
                  f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}; "
                  f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
                  f"{agg['router_target_reachable']}/{n}.")
+    lines.append(_hosts_line(rows))
     return "\n".join(lines)
+
+
+def _hosts_line(rows: list[dict]) -> str:
+    """Where the seeds ran: one line for one machine, else each seed's (a reused model's
+    machine first)."""
+    each = [" + ".join(r.get("hosts") or ["not recorded"]) for r in rows]
+    if len(set(each)) == 1:
+        return f"Machine: {each[0]}."
+    return "Machines: " + "; ".join(f"seed {r['seed']}: {h}" for r, h in zip(rows, each)) + "."
 
 
 def report(paths: list[str | Path]) -> dict:

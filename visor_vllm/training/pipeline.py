@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from visor_vllm.training import synthetic
+from visor_vllm.training import machine, synthetic
 from visor_vllm.training.data import prompt_lengths
 from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe
@@ -360,7 +360,7 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
         shutil.copytree(src / d, out / d, symlinks=True,
                         **({"copy_function": os.link} if d == "data" else {}))
     marker = {"from": str(src.resolve()), "outputs": list(outputs),
-              "wall_seconds": run_seconds(prev),
+              "wall_seconds": run_seconds(prev), "hosts": run_hosts(prev),
               **({"seconds_reused": _dense_seconds(prev)} if retrain else {})}
     (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
     return out
@@ -370,6 +370,17 @@ def run_seconds(report: dict) -> dict[str, float]:
     """Seconds per phase of the run behind ``report``: every invocation's (`WallLedger`), or
     this invocation's for a report written before the ledger existed."""
     return report.get("wall_seconds_cumulative") or report.get("wall_seconds") or {}
+
+
+def run_hosts(report: dict) -> list[dict]:
+    """The machines behind ``report``'s models and numbers: those of the runs whose training it
+    reused (followed back through a chain of reuses), then its own (`WallLedger.hosts`); none
+    for a report written before hosts were recorded."""
+    hosts = list((report.get("reused_training") or {}).get("hosts") or [])
+    for h in report.get("hosts") or []:
+        if machine.label(h) not in {machine.label(x) for x in hosts}:
+            hosts.append(h)
+    return hosts
 
 
 def _dense_seconds(report: dict) -> float:
@@ -389,8 +400,10 @@ class WallLedger:
 
     A report's ``wall_seconds`` is this invocation only: a resumed run would report just the
     remainder (a rerun of a finished run, seconds). ``cumulative()`` sums every invocation, lost
-    work of earlier attempts included, so a resumed seed still says what it cost. Footgun: a phase
-    interrupted mid-way is not recorded (it never finished).
+    work of earlier attempts included, so a resumed seed still says what it cost. Each
+    invocation that ran a phase also records its machine (``host``, `machine.describe`):
+    ``hosts()`` are the report's ``hosts``, since minutes and trained numbers both depend on it.
+    Footgun: a phase interrupted mid-way is not recorded (it never finished).
     """
 
     def __init__(self, out: Path):
@@ -402,15 +415,27 @@ class WallLedger:
         self.runs.append({})
 
     def add(self, name: str, seconds: float) -> None:
-        self.runs[-1][name] = round(self.runs[-1].get(name, 0.0) + seconds, 1)
+        run = self.runs[-1]
+        if "host" not in run:  # where this invocation's seconds were spent (`machine`)
+            run["host"] = machine.describe()
+        run[name] = round(run.get(name, 0.0) + seconds, 1)
         self.path.write_text(json.dumps({"invocations": self.runs}, indent=1) + "\n")
+
+    def hosts(self) -> list[dict]:
+        """The machines that ran a phase here (`machine.describe`), each once, in order; a
+        ledger older than this record has none."""
+        seen: dict[str, dict] = {}
+        for run in self.runs:
+            if isinstance(run.get("host"), dict):
+                seen.setdefault(machine.label(run["host"]), run["host"])
+        return list(seen.values())
 
     def cumulative(self) -> dict[str, float]:
         """Seconds per phase over every invocation; ``total``: each invocation's own total, or,
         for one that stopped early, the sum of the phases it finished."""
         out: dict[str, float] = {"total": 0.0}
         for run in self.runs:
-            phases = {k: v for k, v in run.items() if k != "total"}
+            phases = {k: v for k, v in run.items() if k not in ("total", "host")}
             for k, v in phases.items():
                 out[k] = round(out.get(k, 0.0) + v, 1)
             done = run["total"] if "total" in run else sum(phases.values())
@@ -527,6 +552,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         "note": ("quick run: a plumbing check; the effects need the full budget" if quick
                  else "full recipe"),
         "wall_seconds": wall, "wall_seconds_cumulative": ledger.cumulative(),
+        "hosts": ledger.hosts(),
         "image_tokens": nv, "text_tokens": nt,
         "loss_curve": {"dense": _curve(out / "dense-run" / "dense"),
                        "stage1": _curve(out / "visor-run" / cfg["stage1"].get("name", "stage1")),
