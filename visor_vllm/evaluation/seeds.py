@@ -6,9 +6,9 @@ served, on the offline ones otherwise: the report's own ``findings``), dense eas
 their 95 % intervals, the router's accuracy as a fraction of the costliest configuration's and
 its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it spent on easy
 and hard, the machines it ran on (`visor_vllm.training.machine`; minutes and trained numbers
-both depend on the CPU), and the run's wall time (``--reuse-training``: none for a run that reused every
-model, those were that run's minutes; for one that retrained VISOR on a reused dense model,
-its own plus the source's seconds for what it reused). Beside them, the router's bound
+both depend on the CPU), and the run's wall time (``--reuse-training``: none for a run that
+reused every model, those were that run's minutes; for one that retrained VISOR on a reused
+dense model, its own plus the source's seconds for what it reused). Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
 vs max that any per-family choice of the served configurations needs to keep 99 % of max's
 accuracy on these same questions; above 0.7 the router target is out of reach of per-family
