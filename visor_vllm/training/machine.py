@@ -91,3 +91,12 @@ def label(d: dict | None) -> str:
     if d.get("gpu"):
         parts.append(d["gpu"])
     return ", ".join(parts)
+
+
+def distinct(hosts) -> list[dict]:
+    """``hosts`` (descriptions, None skipped) with each machine once, by `label`, in order."""
+    seen: dict[str, dict] = {}
+    for h in hosts:
+        if isinstance(h, dict):
+            seen.setdefault(label(h), h)
+    return list(seen.values())

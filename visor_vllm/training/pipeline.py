@@ -376,11 +376,8 @@ def run_hosts(report: dict) -> list[dict]:
     """The machines behind ``report``'s models and numbers: those of the runs whose training it
     reused (followed back through a chain of reuses), then its own (`WallLedger.hosts`); none
     for a report written before hosts were recorded."""
-    hosts = list((report.get("reused_training") or {}).get("hosts") or [])
-    for h in report.get("hosts") or []:
-        if machine.label(h) not in {machine.label(x) for x in hosts}:
-            hosts.append(h)
-    return hosts
+    return machine.distinct([*((report.get("reused_training") or {}).get("hosts") or []),
+                             *(report.get("hosts") or [])])
 
 
 def _dense_seconds(report: dict) -> float:
@@ -424,11 +421,7 @@ class WallLedger:
     def hosts(self) -> list[dict]:
         """The machines that ran a phase here (`machine.describe`), each once, in order; a
         ledger older than this record has none."""
-        seen: dict[str, dict] = {}
-        for run in self.runs:
-            if isinstance(run.get("host"), dict):
-                seen.setdefault(machine.label(run["host"]), run["host"])
-        return list(seen.values())
+        return machine.distinct(run.get("host") for run in self.runs)
 
     def cumulative(self) -> dict[str, float]:
         """Seconds per phase over every invocation; ``total``: each invocation's own total, or,
