@@ -72,3 +72,15 @@ def test_invalid_schedules_raise(kw, match):
 def test_unknown_preset():
     with pytest.raises(VisorConfigError, match="visor-0.5b"):
         get_preset("visor-7b")
+
+
+def test_the_synthetic_presets_share_their_llava_part_and_differ_in_schedule():
+    from visor_vllm.checkpoints.build import llava_onevision_config
+
+    a, b = get_preset("synthetic"), get_preset("synthetic-5sa")
+    assert llava_onevision_config(a).to_dict() == llava_onevision_config(b).to_dict()
+    assert a.sa_configs == [[0], [0, 2], [0, 4], [0, 6], [0, 2, 4], [0, 2, 6], [0, 4, 6],
+                            [0, 2, 4, 6]]  # unchanged: cheapest first
+    assert b.cross_layers == [1, 4, 7] and b.optional_sa_layers == [2, 3, 5, 6]
+    assert len(b.sa_configs) == 16 and b.sa_configs[-1] == [0, 2, 3, 5, 6]
+    assert [len(c) for c in b.sa_configs] == sorted(len(c) for c in b.sa_configs)

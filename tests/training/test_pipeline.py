@@ -170,6 +170,18 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     seconds = rep["reused_training"]["seconds_reused"]
     assert seconds > 0 and re2["rows"][0]["wall_seconds"] == round(
         rep["wall_seconds_cumulative"]["total"] + seconds, 1)
+    # another VISOR schedule on the same dense model: converted again, both stages retrained
+    five = {**TINY, "preset": "synthetic-5sa"}
+    run_seeds(tmp_path / "p", [1], quick=True, serve=False, progress=False, overrides=five,
+              reuse_from=tmp_path / "s")
+    rep = json.loads((tmp_path / "p" / "seed-1" / "report.json").read_text())
+    assert rep["reused_training"]["outputs"] == ["data", "dense-init", "dense-run"]
+    assert rep["dense"] == src["dense"] and {"convert", "visor"} <= set(rep["wall_seconds"])
+    assert not {"data", "encoder"} & set(rep["wall_seconds"])
+    assert len(rep["configs"]) == 16 and max(r["n_sa"] for r in rep["configs"]) == 5
+    assert json.loads((tmp_path / "p" / "seed-1" / "visor" / "config.json").read_text()
+                      )["layer_types"][2:4] == ["self", "self"]
+    assert rep["reused_training"]["seconds_reused"] < seconds  # the conversion is not reused
     with pytest.raises(ValueError, match=r"dense\.steps: 3 there, 2 here.*only eval, search"):
         run_seeds(tmp_path / "x", [0], quick=True, serve=False, progress=False,
                   overrides={**holm, "dense": {**TINY["dense"], "steps": 2}},
@@ -189,6 +201,9 @@ def test_an_unknown_label_rule_fails_before_any_work(tmp_path):
     with pytest.raises(RecipeError, match="labels.test is one of"):
         run_synthetic(tmp_path / "r", quick=True, progress=False,
                       overrides={**TINY, "labels": {"test": "bonferroni"}})
+    with pytest.raises(RecipeError, match="preset is one of"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "preset": "tiny"})
     with pytest.raises(RecipeError, match="search.test is one of"):
         run_synthetic(tmp_path / "r", quick=True, progress=False,
                       overrides={**TINY, "search": {"test": "holm"}})

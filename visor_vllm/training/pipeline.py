@@ -293,6 +293,8 @@ def _curve(stage_dir: Path) -> list[list[float]]:
 TRAINING_OUTPUTS = ("data", "dense-init", "dense-run", "visor-init", "visor-run")
 ADAPTIVE_KEYS = ("eval", "search", "labels", "router", "serve")  # what runs after training
 VISOR_STAGE_KEYS = ("stage1", "stage2")  # what only visor-run depends on
+CONVERSION_KEYS = ("preset",)  # what visor-init depends on (and visor-run through it)
+SYNTHETIC_PRESETS = ("synthetic", "synthetic-5sa")  # one LLaVA-OV part, two VISOR schedules
 DENSE_PHASES = ("data", "data_label", "encoder", "dense", "convert")  # what builds the rest
 
 
@@ -320,7 +322,9 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
       dense and VISOR models, their states); only the offline evaluation, search,
       pseudo-labels, router and serving rerun, so another label rule costs minutes;
     - `VISOR_STAGE_KEYS` differ too: data, the dense model and the converted one, so a stage-1
-      or stage-2 change retrains only VISOR's stages (a third of a run's minutes).
+      or stage-2 change retrains only VISOR's stages (a third of a run's minutes);
+    - `CONVERSION_KEYS` (the VISOR ``preset``) differ too: data and the dense model; the
+      conversion reruns (seconds) and both VISOR stages retrain.
 
     Writes ``out/reused_training.json``: the source, the outputs taken (``outputs``), its wall
     seconds and ``seconds_reused`` (the source's seconds that built them, `DENSE_PHASES`, when
@@ -340,15 +344,18 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
         raise ValueError(f"{src} holds no finished run (its report.json: {e})") from e
     # a key added to the recipe after that run takes its default (see run_seeds)
     have = recipe_config(bool(prev.get("quick")), prev.get("recipe_config") or {})
-    differ = [d for d in recipe_differences(have, cfg) if d.split(".")[0] not in ADAPTIVE_KEYS]
+    differ = [d for d in recipe_differences(have, cfg) if _key(d) not in ADAPTIVE_KEYS]
     if have.get("seed") != cfg.get("seed"):
         differ.insert(0, f"seed: {have.get('seed')!r} there, {cfg.get('seed')!r} here")
-    retrain = bool(differ) and all(d.split(".")[0] in VISOR_STAGE_KEYS for d in differ)
-    if differ and not retrain:
+    keys = {_key(d) for d in differ}
+    if not keys <= set(VISOR_STAGE_KEYS + CONVERSION_KEYS):
         raise ValueError(f"{src} was trained with another recipe ({', '.join(differ)}); only "
-                         f"{', '.join(ADAPTIVE_KEYS + VISOR_STAGE_KEYS)} may differ when "
-                         "reusing its training (stage1, stage2: VISOR is retrained)")
-    outputs = TRAINING_OUTPUTS[:-1] if retrain else TRAINING_OUTPUTS
+                         f"{', '.join(ADAPTIVE_KEYS + VISOR_STAGE_KEYS + CONVERSION_KEYS)} may "
+                         "differ when reusing its training (stage1, stage2: VISOR is "
+                         "retrained; preset: converted again too)")
+    retrain = bool(keys)
+    outputs = (TRAINING_OUTPUTS[:-2] if keys & set(CONVERSION_KEYS) else
+               TRAINING_OUTPUTS[:-1] if retrain else TRAINING_OUTPUTS)
     missing = [d for d in outputs if not (src / d).is_dir()]
     if missing:
         raise ValueError(f"{src} lacks {', '.join(missing)}: nothing to reuse")
@@ -361,9 +368,15 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
                         **({"copy_function": os.link} if d == "data" else {}))
     marker = {"from": str(src.resolve()), "outputs": list(outputs),
               "wall_seconds": run_seconds(prev), "hosts": run_hosts(prev),
-              **({"seconds_reused": _dense_seconds(prev)} if retrain else {})}
+              **({"seconds_reused": _dense_seconds(prev, "visor-init" in outputs)}
+                 if retrain else {})}
     (out / "reused_training.json").write_text(json.dumps(marker, indent=1) + "\n")
     return out
+
+
+def _key(difference: str) -> str:
+    """The top-level recipe key of a `recipe_differences` line ("stage2.steps: ..." -> "stage2")."""
+    return difference.split(":")[0].split(".")[0]
 
 
 def run_seconds(report: dict) -> dict[str, float]:
@@ -380,16 +393,17 @@ def run_hosts(report: dict) -> list[dict]:
                              *(report.get("hosts") or [])])
 
 
-def _dense_seconds(report: dict) -> float:
+def _dense_seconds(report: dict, converted: bool = True) -> float:
     """Seconds the run that built ``report``'s data and dense model spent on them
-    (`DENSE_PHASES`), following a chain of reuses back to it."""
+    (`DENSE_PHASES`; without ``convert`` when the conversion is not reused), following a
+    chain of reuses back to it."""
     wall = run_seconds(report)
     earlier = report.get("reused_training")
     if earlier:
         if "seconds_reused" in earlier:
             return earlier["seconds_reused"]
         wall = earlier.get("wall_seconds") or {}  # it reused every model: its source's phases
-    return round(sum(wall.get(k, 0.0) for k in DENSE_PHASES), 1)
+    return round(sum(wall.get(k, 0.0) for k in DENSE_PHASES if converted or k != "convert"), 1)
 
 
 class WallLedger:
@@ -462,6 +476,9 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         value = cfg.get(section, {}).get(key, default)
         if value not in allowed:  # fail now, not after training
             raise RecipeError(f"{section}.{key} is one of {allowed}, got {value!r}")
+    preset = cfg.get("preset", "synthetic")
+    if preset not in SYNTHETIC_PRESETS:
+        raise RecipeError(f"preset is one of {SYNTHETIC_PRESETS}, got {preset!r}")
     out = Path(out)
     if reuse_from is not None and not (out / "reused_training.json").exists():
         reuse_training(reuse_from, out, cfg)
@@ -497,7 +514,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     visor_init = out / "visor-init"
     if not (visor_init / "config.json").exists():
         shutil.rmtree(visor_init, ignore_errors=True)
-        phase("convert", lambda: convert(dense, visor_init, preset=get_preset("synthetic"),
+        phase("convert", lambda: convert(dense, visor_init, preset=get_preset(preset),
                                          progress=False))
     # a stage that distils (`distill` > 0) reads the dense model above as its teacher
     stages = [{**cfg[k], "teacher": str(dense)} if cfg[k].get("distill") else cfg[k]
@@ -510,7 +527,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     ev["dense"] = phase("eval_dense", lambda: evaluate(dense, test, batch_size=bs,
                                                        max_samples=n_eval))["dense"]
     s1 = out / "visor-run" / cfg["stage1"].get("name", "stage1") / "model"
-    vcfg = get_preset("synthetic")
+    vcfg = get_preset(preset)
     cheapest, costliest = vcfg.sa_configs[0], vcfg.sa_configs[-1]
     ev["converted"] = phase("eval_converted", lambda: evaluate(
         visor_init, test, [cheapest, costliest], bs, n_eval))["configs"]
