@@ -11,7 +11,8 @@ Phases, each writing under ``--out DIR`` (a rerun resumes: finished phases are k
    SigLIP-400M: good features, no cross-cell reasoning, which stays the LLM's job.
 3. ``dense/`` -- transformers' LLaVA-OneVision trained on the task (the accuracy anchor), with the
    same trainer (`visor_vllm.training.trainer`) and recipe format as VISOR.
-4. ``visor-init/`` -- ``visor-vllm convert`` of the dense model (CA o_proj and conv at zero,
+4. ``visor-init/`` -- ``visor-vllm convert`` of the dense model to the recipe's ``preset``
+   (`SYNTHETIC_PRESETS`: one LLaVA-OV part, two layer schedules; CA o_proj and conv at zero,
    router biased to the costliest configuration).
 5. ``visor/stage1``, ``visor/stage2`` -- the two stages (paper Sec. 4.2.3, 5.1).
 6. offline evaluation of dense and of VISOR under every configuration on the test split;
