@@ -7,3 +7,31 @@ def visor_ckpt(tmp_path_factory):
     from visor_vllm.testing import write_random_tiny_checkpoint
 
     return write_random_tiny_checkpoint(tmp_path_factory.mktemp("visor-tiny"))
+
+
+# -- the equivalence suite's engine, its batched run and the reference: one each per session ----
+# test_vllm_vs_reference and test_model_runner_v2 both compare against them; module fixtures
+# started the engine (and ran the batch) twice.
+
+@pytest.fixture(scope="session")
+def llm(visor_ckpt):
+    from .test_vllm_vs_reference import engine
+
+    llm = engine(visor_ckpt)
+    yield llm
+    llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit after pytest closed stdout
+
+
+@pytest.fixture(scope="session")
+def reference(visor_ckpt):
+    from visor_vllm.checkpoints.files import load_processor
+    from visor_vllm.model.reference import VisorForConditionalGeneration
+
+    return VisorForConditionalGeneration.from_pretrained(str(visor_ckpt)), load_processor(visor_ckpt)
+
+
+@pytest.fixture(scope="session")
+def batched(llm):
+    from .test_vllm_vs_reference import CASES, run
+
+    return run(llm, list(CASES))

@@ -3,7 +3,8 @@
 What. ``python -m tests.engine.run_cases CKPT OUT.json [--compiled] [--mode M]``:
 * ``cases`` (default): the engine of `test_vllm_vs_reference.llm` (or without
   ``enforce_eager``) runs every case of ``CASES`` batched in one ``generate``, then each case
-  alone: ``{"runner": module, "batched": {name: out}, "alone": {name: out}}`` with
+  alone (``--alone a,b``: only those): ``{"runner": module, "batched": {name: out},
+  "alone": {name: out}}`` with
   ``out = {"token_ids": [...], "logprobs": [{token: logprob}, ...]}``.
 * ``preemption``: `test_preemption`'s contended engine (compiled, a cut KV pool) and its
   uncontended eager runs: ``{"runner", "contended", "alone", "preempted"}``.
@@ -63,15 +64,16 @@ def tensor_parallel(ckpt: str, compiled: bool) -> dict:
     return {"tp2": tokens(ckpt, 2, Env, enforce_eager=not compiled), "tp1": tokens(ckpt, 1, Env)}
 
 
-def cases(ckpt: str, compiled: bool) -> dict:
-    """`test_vllm_vs_reference`'s engine and cases: all batched, then each alone."""
+def cases(ckpt: str, compiled: bool, alone: list[str] | None = None) -> dict:
+    """`test_vllm_vs_reference`'s engine and cases: all batched, then each of ``alone`` (default:
+    every case) alone."""
     from .test_vllm_vs_reference import CASES, engine, run
 
     llm = engine(ckpt, enforce_eager=not compiled)
     try:
         return {"runner": llm.collective_rpc(runner_module, timeout=120)[0],
                 "batched": {n: dump(o) for n, o in run(llm, list(CASES)).items()},
-                "alone": {n: dump(run(llm, [n])[n]) for n in CASES}}
+                "alone": {n: dump(run(llm, [n])[n]) for n in (alone or CASES)}}
     finally:
         llm.llm_engine.engine_core.shutdown()
 
@@ -82,13 +84,14 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--compiled", action="store_true", help="no enforce_eager (torch.compile)")
     p.add_argument("--mode", choices=["cases", "preemption", "tp"], default="cases")
+    p.add_argument("--alone", default="", help="cases: which cases run alone (default: all)")
     p.add_argument("--prompts", type=int, default=16, help="preemption: how many prompts")
     p.add_argument("--max-tokens", type=int, default=160, help="preemption: tokens per prompt")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # runner_module
     if args.mode == "cases":
-        result = cases(args.ckpt, args.compiled)
+        result = cases(args.ckpt, args.compiled, [n for n in args.alone.split(",") if n])
     elif args.mode == "preemption":
         result = preemption(args.ckpt, args.prompts, args.max_tokens)
     else:

@@ -1,7 +1,8 @@
 """vLLM's VISOR equals the reference model: tokens and logprobs, per configuration and batched.
 
-One in-process engine (tiny checkpoint, fp32, CPU) serves every case in a single batch; each case
-then runs alone again. The reference is teacher-forced on vLLM's tokens, so a near-tie between
+One engine (tiny checkpoint, fp32, CPU; the session's ``llm`` of ``conftest.py``, which the MRV2
+module compares against too) serves every case in a single batch; each case then runs alone
+again. The reference is teacher-forced on vLLM's tokens, so a near-tie between
 two tokens (random tiny weights) cannot make the comparison flaky: a token vLLM picked must be
 the reference's argmax or within ``TIE`` of it, and its logprob must agree to ``ATOL``.
 """
@@ -64,21 +65,6 @@ def engine(visor_ckpt, enforce_eager: bool = True):
                limit_mm_per_prompt={"image": 2}, seed=0)
 
 
-@pytest.fixture(scope="module")
-def llm(visor_ckpt):
-    llm = engine(visor_ckpt)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit after pytest closed stdout
-
-
-@pytest.fixture(scope="module")
-def reference(visor_ckpt):
-    from visor_vllm.checkpoints.files import load_processor
-    from visor_vllm.model.reference import VisorForConditionalGeneration
-
-    return VisorForConditionalGeneration.from_pretrained(str(visor_ckpt)), load_processor(visor_ckpt)
-
-
 def run(llm, names):
     from vllm import SamplingParams
 
@@ -90,11 +76,6 @@ def run(llm, names):
                                      extra_args=extra, ignore_eos=True))
     outs = llm.generate(prompts, params, use_tqdm=False)
     return {n: o.outputs[0] for n, o in zip(names, outs)}
-
-
-@pytest.fixture(scope="module")
-def batched(llm):
-    return run(llm, list(CASES))
 
 
 def check_against_reference(reference, name, out):
