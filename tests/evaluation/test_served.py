@@ -46,7 +46,9 @@ def test_eval_through_the_server(tmp_path_factory, data):
 
     dense = build_tiny_llava_onevision(tmp_path_factory.mktemp("dn") / "c", preset="synthetic",
                                        extra_corpus=corpus())
-    ckpt = convert(dense, tmp_path_factory.mktemp("vs") / "c", preset="synthetic",
+    # the five-SA schedule (16 configurations, adjacent SA layers): the recipe's default one is
+    # served by tests/training (test_pipeline's whole recipe, test_serve_trained)
+    ckpt = convert(dense, tmp_path_factory.mktemp("vs") / "c", preset="synthetic-5sa",
                    init="random", progress=False)
     out = tmp_path_factory.mktemp("res") / "eval.json"
     with serving(tmp_path_factory, ckpt=ckpt) as (base, log):
@@ -55,9 +57,10 @@ def test_eval_through_the_server(tmp_path_factory, data):
                          str(out)]) == 0
     res = json.loads(out.read_text())
     names = [p["budget"] for p in res["passes"]]
-    assert names[:2] == ["min", "max"] and "sa:1,3,5,7" in names and names[-1] == "auto"
+    assert names[:2] == ["min", "max"] and "sa:1,3,4,6,7" in names and names[-1] == "auto"
+    assert len(names) == 2 + 16 + 1  # min, max, every configuration, auto
     by = {p["budget"]: p for p in res["passes"]}
     assert 0 < by["min"]["flops_vs_dense"] < by["max"]["flops_vs_dense"] < 1
-    assert by["min"]["mean_sa_layers"]["easy"] == 1 and by["max"]["mean_sa_layers"]["hard"] == 4
+    assert by["min"]["mean_sa_layers"]["easy"] == 1 and by["max"]["mean_sa_layers"]["hard"] == 5
     assert set(by["min"]["groups"]) == {"easy", "hard"}
     assert all(0 <= p["accuracy"] <= 1 and p["requests"] == 16 for p in res["passes"])
