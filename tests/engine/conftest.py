@@ -11,15 +11,35 @@ def visor_ckpt(tmp_path_factory):
 
 # -- the equivalence suite's engine, its batched run and the reference: one each per session ----
 # test_vllm_vs_reference and test_model_runner_v2 both compare against them; module fixtures
-# started the engine (and ran the batch) twice.
+# started the engine (and ran the batch) twice. The engine (a core process, a 1 GiB KV cache)
+# is shut down after the last collected test that uses it, not at the session's end.
+
+_LLM: dict = {}  # "engine": the live LLM, "last": the node id of its last user
+
+
+def _shutdown_llm() -> None:
+    llm = _LLM.pop("engine", None)
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit after pytest closed stdout
+
+
+def pytest_collection_modifyitems(config, items):
+    users = [i.nodeid for i in items if {"llm", "batched"} & set(getattr(i, "fixturenames", ()))]
+    _LLM["last"] = users[-1] if users else None
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if item.nodeid == _LLM.get("last"):
+        _shutdown_llm()
+
 
 @pytest.fixture(scope="session")
 def llm(visor_ckpt):
     from .test_vllm_vs_reference import engine
 
-    llm = engine(visor_ckpt)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()  # now, not at interpreter exit after pytest closed stdout
+    _LLM["engine"] = engine(visor_ckpt)
+    yield _LLM["engine"]
+    _shutdown_llm()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,14 @@
 """Run an engine test's workload in a fresh engine in *this* process; write the outputs as JSON.
 
 What. ``python -m tests.engine.run_cases CKPT OUT.json [--compiled] [--mode M]``:
-* ``cases`` (default): the engine of `test_vllm_vs_reference.llm` (or without
-  ``enforce_eager``) runs every case of ``CASES`` batched in one ``generate``, then each case
+* ``cases`` (default): the engine of the equivalence suite (`test_vllm_vs_reference.engine`,
+  or without ``enforce_eager``) runs every case of ``CASES`` batched in one ``generate``, then each case
   alone (``--alone a,b``: only those): ``{"runner": module, "batched": {name: out},
   "alone": {name: out}}`` with
   ``out = {"token_ids": [...], "logprobs": [{token: logprob}, ...]}``.
-* ``preemption``: `test_preemption`'s contended engine (compiled, a cut KV pool) and its
-  uncontended eager runs: ``{"runner", "contended", "alone", "preempted"}``.
+* ``preemption``: `test_preemption`'s contended engine (compiled, a cut KV pool), then each
+  prompt alone in an eager engine (the slow MRV2 test's reference; `test_preemption` itself
+  now compares with one uncontended batch): ``{"runner", "contended", "alone", "preempted"}``.
 * ``tp``: `test_tensor_parallel`'s cases at tensor parallel 2 (eager or ``--compiled``) and 1:
   ``{"tp2", "tp1"}`` (which runner each engine used is in the log: "Using V2 Model Runner").
 

@@ -1,4 +1,4 @@
-"""A preempted VISOR request re-derives its configuration: the same tokens as when run alone.
+"""A preempted VISOR request re-derives its configuration: the same tokens as uncontended.
 
 The KV pool is cut so that sixteen long image requests fit at admission but not while they all
 decode; vLLM then preempts (recompute) and later re-prefills a request from its prompt plus

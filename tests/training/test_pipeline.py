@@ -181,7 +181,13 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     assert len(rep["configs"]) == 16 and max(r["n_sa"] for r in rep["configs"]) == 5
     assert json.loads((tmp_path / "p" / "seed-1" / "visor" / "config.json").read_text()
                       )["layer_types"][2:4] == ["self", "self"]
-    assert rep["reused_training"]["seconds_reused"] < seconds  # the conversion is not reused
+    conv = src["wall_seconds_cumulative"].get("convert", 0.0)  # the conversion is not reused
+    assert abs(rep["reused_training"]["seconds_reused"] - (seconds - conv)) < 0.15
+    from visor_vllm.training.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="another layer schedule"):  # nor resumed as another
+        run_synthetic(tmp_path / "p" / "seed-1", quick=True, seed=1, progress=False,
+                      overrides=TINY)
     with pytest.raises(ValueError, match=r"dense\.steps: 3 there, 2 here.*only eval, search"):
         run_seeds(tmp_path / "x", [0], quick=True, serve=False, progress=False,
                   overrides={**holm, "dense": {**TINY["dense"], "steps": 2}},

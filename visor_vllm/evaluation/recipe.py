@@ -166,7 +166,8 @@ def add_cli(subparsers) -> None:
                         "FROM/seed-N): where only eval, search, labels, router and serve "
                         "differ, every model is reused (another label rule costs minutes); "
                         "where stage1 or stage2 differ too, data and the dense model are "
-                        "reused and VISOR's stages retrained; anything else is refused")
+                        "reused and VISOR's stages retrained; where preset differs, VISOR is "
+                        "converted again too; anything else is refused")
     p.add_argument("--no-serve", action="store_true",
                    help="stop after training and offline evaluation (no vllm serve)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -375,6 +375,22 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
     return out
 
 
+def _check_schedule(visor_init: Path, preset: str) -> None:
+    """Refuse to resume ``visor_init`` (and the stages trained from it) under another preset:
+    the conversion would be kept and evaluated as the new schedule."""
+    from visor_vllm.model.config import get_preset
+
+    path = visor_init / "config.json"
+    if not path.exists():
+        return
+    have = json.loads(path.read_text())
+    want = get_preset(preset)
+    if (have.get("layer_types"), have.get("sa_configs")) != (want.layer_types, want.sa_configs):
+        raise RecipeError(f"{visor_init} was converted to another layer schedule than preset "
+                          f"{preset!r} ({have.get('layer_types')}); resume it with its own "
+                          "preset, or start a new directory (--reuse-training keeps the dense model)")
+
+
 def _key(difference: str) -> str:
     """The top-level recipe key of a `recipe_differences` line ("stage2.steps: ..." -> "stage2")."""
     return difference.split(":")[0].split(".")[0]
@@ -457,8 +473,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     """Run the synthetic recipe into ``out``; returns (and writes) ``out/report.json``.
 
     ``overrides`` is merged over the recipe (after ``quick``): tests shrink it to seconds.
-    ``reuse_from``: a finished run whose trained models ``out`` starts from (`reuse_training`;
-    only the adaptive part of the recipe may differ).
+    ``reuse_from``: a finished run whose trained models ``out`` starts from (`reuse_training`
+    says which recipe keys may differ and what is retrained then).
     """
     from visor_vllm.checkpoints.convert import convert
     from visor_vllm.model.config import get_preset
@@ -513,6 +529,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     dense = phase("dense", lambda: _train(dense_init, data, out / "dense-run",
                                           [cfg["dense"]], cfg))
     visor_init = out / "visor-init"
+    _check_schedule(visor_init, preset)
     if not (visor_init / "config.json").exists():
         shutil.rmtree(visor_init, ignore_errors=True)
         phase("convert", lambda: convert(dense, visor_init, preset=get_preset(preset),

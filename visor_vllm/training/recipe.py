@@ -40,7 +40,8 @@ keeps the viable subsets. A VISOR config can only run SA on SA-capable layers, a
 schedule makes a layer SA-capable exactly when some viable configuration uses it. So ``max``
 is the union of the viable configurations: for ``visor-0.5b`` that is Appendix A's costliest,
 1-based ``[1, 4, 7, 10, 16, 19, 22]`` (7 of the 8 grid slots: no configuration the paper kept
-uses layer 13, so stage 1 does not train it either); for ``synthetic`` it is ``[0, 2, 4, 6]``.
+uses layer 13, so stage 1 does not train it either); for ``synthetic`` it is ``[0, 2, 4, 6]``,
+for ``synthetic-5sa`` ``[0, 2, 3, 5, 6]``.
 
 Footguns. ``batch_size`` is the *global* batch (samples per optimizer step);
 ``micro_batch_size`` is per process and micro-step; gradient accumulation is derived
