@@ -375,19 +375,17 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
     return out
 
 
-def _check_schedule(visor_init: Path, preset: str) -> None:
-    """Refuse to resume ``visor_init`` (and the stages trained from it) under another preset:
-    the conversion would be kept and evaluated as the new schedule."""
-    from visor_vllm.model.config import get_preset
-
+def _check_schedule(visor_init: Path, want) -> None:
+    """Refuse to resume ``visor_init`` (and the stages trained from it) under another preset
+    (``want``, its `VisorConfig`): the conversion would be kept and evaluated as the new
+    schedule."""
     path = visor_init / "config.json"
     if not path.exists():
         return
     have = json.loads(path.read_text())
-    want = get_preset(preset)
     if (have.get("layer_types"), have.get("sa_configs")) != (want.layer_types, want.sa_configs):
-        raise RecipeError(f"{visor_init} was converted to another layer schedule than preset "
-                          f"{preset!r} ({have.get('layer_types')}); resume it with its own "
+        raise RecipeError(f"{visor_init} was converted to another layer schedule than this "
+                          f"preset's ({have.get('layer_types')}); resume it with its own "
                           "preset, or start a new directory (--reuse-training keeps the dense model)")
 
 
@@ -487,15 +485,16 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     if seed is not None:
         cfg["seed"] = seed
     seed = cfg["seed"]
-    for section, key, default, allowed in (("labels", "rule", "family", RULES),
-                                           ("labels", "test", "paired", LABEL_TESTS),
-                                           ("search", "test", "paired", TESTS)):
-        value = cfg.get(section, {}).get(key, default)
+    for name, default, allowed in (("labels.rule", "family", RULES),
+                                   ("labels.test", "paired", LABEL_TESTS),
+                                   ("search.test", "paired", TESTS),
+                                   ("preset", "synthetic", SYNTHETIC_PRESETS)):
+        *section, key = name.split(".")
+        value = (cfg.get(section[0], {}) if section else cfg).get(key, default)
         if value not in allowed:  # fail now, not after training
-            raise RecipeError(f"{section}.{key} is one of {allowed}, got {value!r}")
+            raise RecipeError(f"{name} is one of {allowed}, got {value!r}")
     preset = cfg.get("preset", "synthetic")
-    if preset not in SYNTHETIC_PRESETS:
-        raise RecipeError(f"preset is one of {SYNTHETIC_PRESETS}, got {preset!r}")
+    vcfg = get_preset(preset)
     out = Path(out)
     if reuse_from is not None and not (out / "reused_training.json").exists():
         reuse_training(reuse_from, out, cfg)
@@ -529,10 +528,10 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     dense = phase("dense", lambda: _train(dense_init, data, out / "dense-run",
                                           [cfg["dense"]], cfg))
     visor_init = out / "visor-init"
-    _check_schedule(visor_init, preset)
+    _check_schedule(visor_init, vcfg)
     if not (visor_init / "config.json").exists():
         shutil.rmtree(visor_init, ignore_errors=True)
-        phase("convert", lambda: convert(dense, visor_init, preset=get_preset(preset),
+        phase("convert", lambda: convert(dense, visor_init, preset=preset,
                                          progress=False))
     # a stage that distils (`distill` > 0) reads the dense model above as its teacher
     stages = [{**cfg[k], "teacher": str(dense)} if cfg[k].get("distill") else cfg[k]
@@ -545,7 +544,6 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     ev["dense"] = phase("eval_dense", lambda: evaluate(dense, test, batch_size=bs,
                                                        max_samples=n_eval))["dense"]
     s1 = out / "visor-run" / cfg["stage1"].get("name", "stage1") / "model"
-    vcfg = get_preset(preset)
     cheapest, costliest = vcfg.sa_configs[0], vcfg.sa_configs[-1]
     ev["converted"] = phase("eval_converted", lambda: evaluate(
         visor_init, test, [cheapest, costliest], bs, n_eval))["configs"]
