@@ -59,3 +59,22 @@ def test_the_table_names_the_machines_the_seeds_ran_on():
            "family 23 model 1), 2 CPUs, AVX2 + AMD EPYC (x86 family 25 model 17)" in text
     del a["hosts"]
     assert seed_row(a)["hosts"] == []  # a report from before machines were recorded
+
+
+def test_the_table_says_whether_the_seeds_share_a_recipe():
+    from visor_vllm.training.pipeline import recipe_config
+
+    a, b = _served_report(0.55), _served_report(0.55)
+    assert "Recipe: not recorded." in markdown([seed_row(a)], aggregate([seed_row(a)]))
+    five = recipe_config(overrides={"preset": "synthetic-5sa", "seed": 3})
+    a["recipe_config"], b["recipe_config"], b["seed"] = five, {**five, "seed": 4}, 4
+    rows = [seed_row(a), seed_row(b)]
+    assert rows[0]["preset"] == "synthetic-5sa"
+    assert "Recipe: the same on every seed (preset synthetic-5sa)." in markdown(rows, aggregate(rows))
+    # a run from before the preset key: it takes the key's default, so it is named as differing
+    older = {k: v for k, v in five.items() if k != "preset"}
+    b["recipe_config"] = {**older, "seed": 4, "stage2": {**older["stage2"], "steps": 2500}}
+    rows = [seed_row(a), seed_row(b)]
+    assert rows[1]["preset"] == "synthetic"
+    assert ("Recipes differ from seed 3's (preset synthetic-5sa): seed 4: preset='synthetic', "
+            "stage2.steps=2500.") in markdown(rows, aggregate(rows))

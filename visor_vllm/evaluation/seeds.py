@@ -15,7 +15,10 @@ accuracy on these same questions; above 0.7 the router target is out of reach of
 routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
 (and those whose bound is within the target) and the range of the router's ratios; `markdown`
 prints both as docs/training.md's table; `points` keeps every seed's accuracy-vs-FLOPs points
-for ``visor-vllm plot seeds``.
+for ``visor-vllm plot seeds``. Runs given together need not share a recipe (a five-seed
+campaign may join runs from several directories): each row carries its ``recipe`` (the run's
+``recipe_config``, a key added to the recipe since taking its default) and ``preset``, and the
+table's recipe line names every value in which a seed's recipe differs from the first seed's.
 
 The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
 seed that misses one is reported as missing it.
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from visor_vllm.training.labels import cheapest_mix
 from visor_vllm.training.machine import label
-from visor_vllm.training.pipeline import run_hosts, run_seconds
+from visor_vllm.training.pipeline import recipe_config, run_hosts, run_seconds
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -84,9 +87,18 @@ def _wall_seconds(report: dict, reused: dict | None) -> float | None:
     return None
 
 
+def _recipe(report: dict) -> dict | None:
+    """The recipe the run used, keys added since then at their defaults (as `reuse_training`
+    reads an older run); none for a report without one (hand-made, or older than the key)."""
+    if not report.get("recipe_config"):
+        return None
+    return recipe_config(bool(report.get("quick")), report["recipe_config"])
+
+
 def seed_row(report: dict) -> dict:
     """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
     f = report.get("findings", {})
+    recipe = _recipe(report)
     table, dense, router = _sources(report)
     reused = report.get("reused_training")
     full = max(table, key=lambda r: (r["n_sa"], _flops(r) or 0)) if table else None
@@ -99,6 +111,7 @@ def seed_row(report: dict) -> dict:
            "hard_by_sa_layers": f.get("hard_accuracy_by_number_of_sa_layers"),
            "wall_seconds": _wall_seconds(report, reused),
            "hosts": [label(h) for h in run_hosts(report)],
+           "preset": recipe.get("preset") if recipe else None, "recipe": recipe,
            **({"reused_training": reused["from"]} if reused else {})}
     if router and full:
         fr = _flops(full)
@@ -205,8 +218,41 @@ def markdown(rows: list[dict], agg: dict) -> str:
                  f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}; "
                  f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
                  f"{agg['router_target_reachable']}/{n}.")
+    lines.append(_recipe_line(rows))
     lines.append(_hosts_line(rows))
     return "\n".join(lines)
+
+
+def _flat(d: dict, where: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{where}{k}.") if isinstance(v, dict) else {where + k: v})
+    return out
+
+
+def _recipe_line(rows: list[dict]) -> str:
+    """One recipe, or each seed's values that differ from the first recorded one (the seed
+    aside)."""
+    known = [r for r in rows if r.get("recipe")]
+    if not known:
+        return "Recipe: not recorded." if rows else ""
+    base, notes = known[0], []
+    first = _flat(base["recipe"])
+    for r in rows:
+        if r is base:
+            continue
+        if not r.get("recipe"):
+            notes.append(f"seed {r['seed']}: not recorded")
+            continue
+        f = _flat(r["recipe"])
+        diff = [f"{k}={f.get(k)!r}" for k in sorted(set(first) | set(f))
+                if k != "seed" and f.get(k) != first.get(k)]
+        if diff:
+            notes.append(f"seed {r['seed']}: " + ", ".join(diff))
+    if not notes:
+        return f"Recipe: the same on every seed (preset {base['preset']})."
+    return (f"Recipes differ from seed {base['seed']}'s (preset {base['preset']}): "
+            + "; ".join(notes) + ".")
 
 
 def _hosts_line(rows: list[dict]) -> str:
