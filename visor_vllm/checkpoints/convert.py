@@ -55,7 +55,8 @@ import torch
 from visor_vllm.checkpoints.files import (CheckpointError, chat_template, load_state_dict,
                                           save_state_dict, template_style,
                                           write_generation_config, write_processor_files)
-from visor_vllm.model.config import SPECIAL_TOKENS, VisorConfig, get_preset, special_tokens
+from visor_vllm.model.config import (PRESETS, SPECIAL_TOKENS, VisorConfig, get_preset,
+                                      special_tokens)
 
 INITS = ("converter", "random")
 HUB_EMBED = "language_model.model.embed_tokens.weight"
@@ -512,7 +513,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("src", help="LLaVA-OneVision dir (llava-hf layout, e.g. "
                                "llava-onevision-qwen2-0.5b-ov-hf)")
     p.add_argument("dst", help="new (or empty) output dir")
-    p.add_argument("--preset", default="visor-0.5b", help="VISOR preset (visor-0.5b, visor-1.5b, tiny)")
+    p.add_argument("--preset", default="visor-0.5b", help=f"VISOR preset ({', '.join(PRESETS)})")
     p.set_defaults(func=_cli_convert)
 
 

@@ -222,7 +222,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("input", nargs="?", type=Path,
                    help="JSON file (heatmap, routing, accuracy, bench); not for flops")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--preset", help="flops: a preset (visor-0.5b, visor-1.5b, tiny)")
+    from visor_vllm.model.config import PRESETS
+
+    p.add_argument("--preset", help=f"flops: a preset ({', '.join(PRESETS)})")
     p.add_argument("--config", type=Path, help="flops: a checkpoint directory")
     p.add_argument("--text-tokens", type=int, default=64, help="flops: text tokens (default 64)")
     p.add_argument("--max-visual-tokens", type=int, default=8748, help="flops: x range")

@@ -351,7 +351,7 @@ PRESETS = {"visor-0.5b": preset_0_5b, "visor-1.5b": preset_1_5b, "tiny": preset_
 
 
 def get_preset(name: str) -> VisorConfig:
-    """A fresh `VisorConfig` for a preset name (``visor-0.5b``, ``visor-1.5b``, ``tiny``, ``synthetic``)."""
+    """A fresh `VisorConfig` for a preset name (a key of `PRESETS`)."""
     try:
         return PRESETS[name]()
     except KeyError:

@@ -225,7 +225,9 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("flops", help="LLM FLOPs of VISOR vs. dense LLaVA-OneVision",
                               description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="visor-0.5b | visor-1.5b | tiny")
+    from visor_vllm.model.config import PRESETS
+
+    src.add_argument("--preset", help=" | ".join(PRESETS))
     src.add_argument("--config", metavar="PATH", help="checkpoint directory with config.json")
     p.add_argument("--image-tokens", type=int, required=True, help="what VISOR runs on")
     p.add_argument("--dense-image-tokens", type=int, default=None,
