@@ -78,3 +78,13 @@ def test_the_table_says_whether_the_seeds_share_a_recipe():
     assert rows[1]["preset"] == "synthetic"
     assert ("Recipes differ from seed 3's (preset synthetic-5sa): seed 4: preset='synthetic', "
             "stage2.steps=2500.") in markdown(rows, aggregate(rows))
+
+
+def test_offline_rows_are_not_counted_as_out_of_the_bounds_reach():
+    served, offline = _served_report(0.55), _served_report(0.55)
+    del offline["router"]["served"]["sa_layers_histogram"]  # as an offline run: no bound
+    rows = [seed_row(offline)]
+    assert "no per-family bound (it needs the served numbers)." in markdown(rows, aggregate(rows))
+    rows = [seed_row(served), seed_row(offline)]
+    assert ("within reach of a per-family router (bound <= 0.7) on 0/1 seeds with a bound "
+            "(1 not served).") in markdown(rows, aggregate(rows))

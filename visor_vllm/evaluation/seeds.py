@@ -174,6 +174,8 @@ def aggregate(rows: list[dict]) -> dict:
             "router_target_reachable": sum(r.get("router_bound_flops_vs_max") is not None
                                            and r["router_bound_flops_vs_max"] <= TARGET_FLOPS_VS_MAX
                                            for r in rows),
+            "router_bound_known": sum(r.get("router_bound_flops_vs_max") is not None
+                                      for r in rows),
             "router_accuracy_vs_max": spread("router_accuracy_vs_max"),
             "router_flops_vs_max": spread("router_flops_vs_max"),
             "router_flops_vs_dense": spread("router_flops_vs_dense"),
@@ -216,11 +218,21 @@ def markdown(rows: list[dict], agg: dict) -> str:
                  f"3 on {agg['finding3_held']}/{n}; all three on {agg['all_three_held']}/{n}. "
                  f"Router >= {TARGET_ACCURACY_RATIO:.0%} of max's accuracy at <= "
                  f"{TARGET_FLOPS_VS_MAX}x its FLOPs on {agg['router_target_held']}/{n}; "
-                 f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
-                 f"{agg['router_target_reachable']}/{n}.")
+                 + _reach(agg) + ".")
     lines.append(_recipe_line(rows))
     lines.append(_hosts_line(rows))
     return "\n".join(lines)
+
+
+def _reach(agg: dict) -> str:
+    """The bound's count, over the seeds that have one (served runs; an offline run has no
+    per-family question counts to weigh the configurations by)."""
+    known, n = agg.get("router_bound_known", agg["seeds"]), agg["seeds"]
+    if not known:
+        return "no per-family bound (it needs the served numbers)"
+    return (f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
+            f"{agg['router_target_reachable']}/{known}"
+            + ("" if known == n else f" seeds with a bound ({n - known} not served)"))
 
 
 def _flat(d: dict, where: str = "") -> dict:
