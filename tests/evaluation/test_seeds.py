@@ -84,7 +84,32 @@ def test_offline_rows_are_not_counted_as_out_of_the_bounds_reach():
     served, offline = _served_report(0.55), _served_report(0.55)
     del offline["router"]["served"]["sa_layers_histogram"]  # as an offline run: no bound
     rows = [seed_row(offline)]
-    assert "no per-family bound (it needs the served numbers)." in markdown(rows, aggregate(rows))
+    assert ("no per-family bound (it needs the served receipts or the run's data)."
+            in markdown(rows, aggregate(rows)))
     rows = [seed_row(served), seed_row(offline)]
     assert ("within reach of a per-family router (bound <= 0.7) on 0/1 seeds with a bound "
-            "(1 not served).") in markdown(rows, aggregate(rows))
+            "(1 without).") in markdown(rows, aggregate(rows))
+
+
+def test_an_offline_run_gets_its_bound_from_its_test_split(tmp_path):
+    import json
+
+    from visor_vllm.evaluation.seeds import offline_questions, report
+
+    rep = _served_report(0.55)
+    rep["findings"]["source"] = "offline"  # the offline numbers: configs/dense/router at top level
+    rep["configs"], rep["dense"] = rep["served"].pop("configs"), rep.pop("served")["dense"]
+    rep["router"] = {"offline": {k: v for k, v in rep["router"]["served"].items()
+                                 if k != "sa_layers_histogram"}}
+    rep["recipe_config"] = {"eval": {"split": "test", "max_samples": 150}}
+    run = tmp_path / "seed-3"
+    (run / "data").mkdir(parents=True)
+    (run / "report.json").write_text(json.dumps(rep))
+    lines = [{"family": f, "families": [f]} for f in ["colour_at", "largest"] * 100]
+    (run / "data" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert offline_questions(run, rep) == {"colour_at": 75, "largest": 75}  # the first 150
+    row = report([run])["rows"][0]
+    # as the served test's bound: min on colour_at, max on largest, 0.786x max
+    assert row["router_bound_flops_vs_max"] == pytest.approx(0.55 / 0.7, abs=1e-4)
+    assert row["router_bound_choice"] == {"colour_at": [1], "largest": [1, 3, 5, 7]}
+    assert offline_questions(tmp_path / "elsewhere", rep) is None

@@ -10,8 +10,9 @@ both depend on the CPU), and the run's wall time (``--reuse-training``: none for
 reused every model, those were that run's minutes; for one that retrained VISOR on a reused
 dense model, its own plus the source's seconds for what it reused). Beside them, the router's bound
 (``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
-vs max that any per-family choice of the served configurations needs to keep 99 % of max's
-accuracy on these same questions; above 0.7 the router target is out of reach of per-family
+vs max that any per-family choice of the evaluated configurations needs to keep 99 % of max's
+accuracy on these same questions (per-family question counts from the served receipts, or
+for an offline run from its ``data/<eval split>.jsonl``, `offline_questions`); above 0.7 the router target is out of reach of per-family
 routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
 (and those whose bound is within the target) and the range of the router's ratios; `markdown`
 prints both as docs/training.md's table; `points` keeps every seed's accuracy-vs-FLOPs points
@@ -32,6 +33,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from visor_vllm.training.labels import cheapest_mix
@@ -95,8 +97,28 @@ def _recipe(report: dict) -> dict | None:
     return recipe_config(bool(report.get("quick")), report["recipe_config"])
 
 
-def seed_row(report: dict) -> dict:
-    """One seed's line: findings, dense, router vs max and vs dense (see the module docstring)."""
+def offline_questions(run_dir: Path, report: dict) -> dict[str, int] | None:
+    """Questions per family of the split the run's offline evaluation read (its
+    ``data/<eval.split>.jsonl``, the first ``eval.max_samples`` samples); none where that file
+    is not there (a report copied away from its run)."""
+    ev = (_recipe(report) or {}).get("eval", {})
+    path = Path(run_dir) / "data" / f"{ev.get('split', 'test')}.jsonl"
+    if not path.is_file():
+        return None
+    counts: Counter = Counter()
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if ev.get("max_samples") is not None and i >= ev["max_samples"]:
+                break
+            if line.strip():
+                rec = json.loads(line)
+                counts.update(rec.get("families") or [rec["family"]])
+    return dict(counts)
+
+
+def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
+    """One seed's line: findings, dense, router vs max and vs dense (see the module docstring).
+    ``questions``: per-family question counts for the bound of an offline run."""
     f = report.get("findings", {})
     recipe = _recipe(report)
     table, dense, router = _sources(report)
@@ -125,7 +147,7 @@ def seed_row(report: dict) -> dict:
             "router_flops_vs_dense": router.get("flops_vs_dense"),
             "router_sa_layers_easy_hard": [(router.get("mean_sa_layers") or {}).get(g)
                                            for g in ("easy", "hard")]})
-        row.update(_bound(table, full, router))
+        row.update(_bound(table, full, router, None if f.get("source") == "served" else questions))
         row["router_target"] = bool(
             row["router_accuracy_vs_max"] is not None and row["router_flops_vs_max"] is not None
             and row["router_accuracy_vs_max"] >= TARGET_ACCURACY_RATIO
@@ -134,11 +156,13 @@ def seed_row(report: dict) -> dict:
     return row
 
 
-def _bound(table: list[dict], full: dict, router: dict) -> dict:
+def _bound(table: list[dict], full: dict, router: dict,
+           questions: dict[str, int] | None = None) -> dict:
     """The router's bound (module docstring). Questions per family come from the router's
-    served histogram (every question gets one receipt); none there (offline), no bound."""
+    served histogram (every question gets one receipt), else from ``questions`` (an offline
+    run's split); neither, no bound."""
     hist = router.get("sa_layers_histogram") or {}
-    questions = {f: sum(h.values()) for f, h in hist.items()}
+    questions = {f: sum(h.values()) for f, h in hist.items()} or questions or {}
     rows = [r for r in table if _flops(r) and set(r.get("families") or {}) >= set(questions)]
     if not questions or full not in rows or not _flops(full):
         return {"router_bound_flops_vs_max": None, "router_bound_choice": None}
@@ -225,14 +249,14 @@ def markdown(rows: list[dict], agg: dict) -> str:
 
 
 def _reach(agg: dict) -> str:
-    """The bound's count, over the seeds that have one (served runs; an offline run has no
-    per-family question counts to weigh the configurations by)."""
+    """The bound's count, over the seeds that have one (a run needs its per-family question
+    counts: served receipts, or its data split beside the report)."""
     known, n = agg.get("router_bound_known", agg["seeds"]), agg["seeds"]
     if not known:
-        return "no per-family bound (it needs the served numbers)"
+        return "no per-family bound (it needs the served receipts or the run's data)"
     return (f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
             f"{agg['router_target_reachable']}/{known}"
-            + ("" if known == n else f" seeds with a bound ({n - known} not served)"))
+            + ("" if known == n else f" seeds with a bound ({n - known} without)"))
 
 
 def _flat(d: dict, where: str = "") -> dict:
@@ -280,7 +304,7 @@ def report(paths: list[str | Path]) -> dict:
     """Rows, aggregate, points and the markdown table of every report under ``paths``."""
     files = find_reports(paths)
     reports = [json.loads(f.read_text()) for f in files]
-    rows = [seed_row(r) for r in reports]
+    rows = [seed_row(r, offline_questions(f.parent, r)) for f, r in zip(files, reports)]
     agg = aggregate(rows)
     return {"runs": [str(f.parent) for f in files], "rows": rows, "aggregate": agg,
             "points": [points(r) for r in reports], "markdown": markdown(rows, agg)}
