@@ -70,28 +70,35 @@ def test_the_table_says_whether_the_seeds_share_a_recipe():
     a["recipe_config"], b["recipe_config"], b["seed"] = five, {**five, "seed": 4}, 4
     rows = [seed_row(a), seed_row(b)]
     assert rows[0]["preset"] == "synthetic-5sa"
-    assert "Recipe: the same on every seed (preset synthetic-5sa)." in markdown(rows, aggregate(rows))
+    text = markdown(rows, aggregate(rows))
+    assert "Recipe: the same on every seed (preset synthetic-5sa)." in text
     # a run from before the preset key: it takes the key's default, so it is named as differing
     older = {k: v for k, v in five.items() if k != "preset"}
     b["recipe_config"] = {**older, "seed": 4, "stage2": {**older["stage2"], "steps": 2500}}
     rows = [seed_row(a), seed_row(b)]
     assert rows[1]["preset"] == "synthetic"
-    assert ("Recipes differ from seed 3's (preset synthetic-5sa): seed 4: preset='synthetic', "
-            "stage2.steps=2500.") in markdown(rows, aggregate(rows))
+    assert ("Recipe of seed 3 (preset synthetic-5sa); the others differ as follows: seed 4: "
+            "preset='synthetic', stage2.steps=2500.") in markdown(rows, aggregate(rows))
+    a["recipe_config"]["extra"] = None  # a key one run has (even null) and the other lacks
+    rows = [seed_row(a), seed_row(b)]
+    assert "seed 4: extra absent, preset=" in markdown(rows, aggregate(rows))
+    assert markdown([], aggregate([])) == "No seeds."
 
 
 def test_offline_rows_are_not_counted_as_out_of_the_bounds_reach():
     served, offline = _served_report(0.55), _served_report(0.55)
     del offline["router"]["served"]["sa_layers_histogram"]  # as an offline run: no bound
     rows = [seed_row(offline)]
-    assert ("no per-family bound (it needs the served receipts or the run's data)."
+    assert ("no per-family bound computed (it needs a router and the questions per family)."
             in markdown(rows, aggregate(rows)))
     rows = [seed_row(served), seed_row(offline)]
     assert ("within reach of a per-family router (bound <= 0.7) on 0/1 seeds with a bound "
-            "(1 without).") in markdown(rows, aggregate(rows))
+            "computed (1 without).") in markdown(rows, aggregate(rows))
+    # a served run's bound comes from its receipts only, never from counts passed for offline
+    assert seed_row(offline, {"colour_at": 100, "largest": 100})["router_bound_flops_vs_max"] is None
 
 
-def test_an_offline_run_gets_its_bound_from_its_test_split(tmp_path):
+def test_an_offline_run_gets_its_bound_from_its_own_split(tmp_path):
     import json
 
     from visor_vllm.evaluation.seeds import offline_questions, report
@@ -101,15 +108,23 @@ def test_an_offline_run_gets_its_bound_from_its_test_split(tmp_path):
     rep["configs"], rep["dense"] = rep["served"].pop("configs"), rep.pop("served")["dense"]
     rep["router"] = {"offline": {k: v for k, v in rep["router"]["served"].items()
                                  if k != "sa_layers_histogram"}}
-    rep["recipe_config"] = {"eval": {"split": "test", "max_samples": 150}}
+    rep["recipe_config"] = {"eval": {"split": "val", "max_samples": 150}}
     run = tmp_path / "seed-3"
     (run / "data").mkdir(parents=True)
     (run / "report.json").write_text(json.dumps(rep))
-    lines = [{"family": f, "families": [f]} for f in ["colour_at", "largest"] * 100]
-    (run / "data" / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lines = [json.dumps({"family": f, "families": [f]}) for f in ["colour_at", "largest"] * 100]
+    lines.insert(1, "")  # a blank line is no record (as `load_records` reads the split)
+    (run / "data" / "val.jsonl").write_text("\n".join(lines) + "\n")
     assert offline_questions(run, rep) == {"colour_at": 75, "largest": 75}  # the first 150
     row = report([run])["rows"][0]
     # as the served test's bound: min on colour_at, max on largest, 0.786x max
     assert row["router_bound_flops_vs_max"] == pytest.approx(0.55 / 0.7, abs=1e-4)
     assert row["router_bound_choice"] == {"colour_at": [1], "largest": [1, 3, 5, 7]}
+    # one question per record under its family, as the evaluation counts a multi-turn record
+    (run / "data" / "val.jsonl").write_text(json.dumps(
+        {"family": "mixed", "families": ["colour_at", "colour_at", "largest"]}) + "\n")
+    assert offline_questions(run, rep) == {"mixed": 1}
+    (run / "data" / "val.jsonl").write_text("{not json\n")  # unreadable: no bound, no failure
+    assert offline_questions(run, rep) is None and report([run])["rows"][0][
+        "router_bound_flops_vs_max"] is None
     assert offline_questions(tmp_path / "elsewhere", rep) is None

@@ -8,18 +8,22 @@ its FLOPs as a fraction of the costliest's and of dense, the mean SA layers it s
 and hard, the machines it ran on (`visor_vllm.training.machine`; minutes and trained numbers
 both depend on the CPU), and the run's wall time (``--reuse-training``: none for a run that
 reused every model, those were that run's minutes; for one that retrained VISOR on a reused
-dense model, its own plus the source's seconds for what it reused). Beside them, the router's bound
-(``router_bound_flops_vs_max``, `visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs
-vs max that any per-family choice of the evaluated configurations needs to keep 99 % of max's
-accuracy on these same questions (per-family question counts from the served receipts, or
-for an offline run from its ``data/<eval split>.jsonl``, `offline_questions`); above 0.7 the router target is out of reach of per-family
+dense model, its own plus the source's seconds for what it reused).
+
+Beside them, the router's bound (``router_bound_flops_vs_max``,
+`visor_vllm.training.labels.cheapest_mix`): the fewest FLOPs vs max that any per-family choice
+of the evaluated configurations needs to keep 99 % of max's accuracy on these same questions
+(questions per family from the served receipts, or for an offline run from its own data
+split, `offline_questions`); above 0.7 the router target is out of reach of per-family
 routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
-(and those whose bound is within the target) and the range of the router's ratios; `markdown`
-prints both as docs/training.md's table; `points` keeps every seed's accuracy-vs-FLOPs points
-for ``visor-vllm plot seeds``. Runs given together need not share a recipe (a five-seed
-campaign may join runs from several directories): each row carries its ``recipe`` (the run's
-``recipe_config``, a key added to the recipe since taking its default) and ``preset``, and the
-table's recipe line names every value in which a seed's recipe differs from the first seed's.
+(and those whose bound is within the target) and the range of the router's ratios;
+`markdown` prints both as docs/training.md's table; `points` keeps every seed's
+accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
+
+Runs given together need not share a recipe (a campaign may join runs from several
+directories): each row carries its ``recipe`` (the run's ``recipe_config``, a key added to the
+recipe since taking its default) and ``preset``, and the table's recipe line names every value
+in which a seed's recipe differs from the first recorded one.
 
 The findings and their tolerances are `visor_vllm.training.pipeline.findings`, unchanged: a
 seed that misses one is reported as missing it.
@@ -98,21 +102,27 @@ def _recipe(report: dict) -> dict | None:
 
 
 def offline_questions(run_dir: Path, report: dict) -> dict[str, int] | None:
-    """Questions per family of the split the run's offline evaluation read (its
-    ``data/<eval.split>.jsonl``, the first ``eval.max_samples`` samples); none where that file
-    is not there (a report copied away from its run)."""
+    """Questions per family of the split the run's offline evaluation read: its
+    ``data/<eval.split>.jsonl``, the first ``eval.max_samples`` non-blank records, one question
+    per record under its ``family`` (as `visor_vllm.training.evaluate.summarise` counts; a
+    multi-turn record is one question of family ``mixed``). None where that file is not there
+    (a report copied away from its run) or cannot be read: no bound, the report goes on.
+
+    Footgun: a record the evaluation skipped (too long for ``max_length``, image missing) is
+    still counted here; the synthetic recipe's prompts are a fifth of ``max_length``."""
     ev = (_recipe(report) or {}).get("eval", {})
     path = Path(run_dir) / "data" / f"{ev.get('split', 'test')}.jsonl"
-    if not path.is_file():
-        return None
+    limit = ev.get("max_samples")
     counts: Counter = Counter()
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if ev.get("max_samples") is not None and i >= ev["max_samples"]:
-                break
-            if line.strip():
-                rec = json.loads(line)
-                counts.update(rec.get("families") or [rec["family"]])
+    try:
+        with path.open() as f:
+            for line in f:
+                if limit is not None and sum(counts.values()) >= limit:
+                    break
+                if line.strip():
+                    counts[json.loads(line).get("family", "all")] += 1
+    except (OSError, ValueError, AttributeError):
+        return None
     return dict(counts)
 
 
@@ -222,6 +232,8 @@ def _yes(v) -> str:
 
 def markdown(rows: list[dict], agg: dict) -> str:
     """The per-seed table and the aggregate line (docs/training.md's format)."""
+    if not rows:
+        return "No seeds."
     head = ("| seed | 1: min = dense on easy | 2: hard rises with SA | 3: router | "
             "dense easy | dense hard | router acc / max | router FLOPs / max | "
             "bound FLOPs / max | SA layers easy / hard | minutes |")
@@ -253,10 +265,10 @@ def _reach(agg: dict) -> str:
     counts: served receipts, or its data split beside the report)."""
     known, n = agg.get("router_bound_known", agg["seeds"]), agg["seeds"]
     if not known:
-        return "no per-family bound (it needs the served receipts or the run's data)"
+        return "no per-family bound computed (it needs a router and the questions per family)"
     return (f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
             f"{agg['router_target_reachable']}/{known}"
-            + ("" if known == n else f" seeds with a bound ({n - known} without)"))
+            + ("" if known == n else f" seeds with a bound computed ({n - known} without)"))
 
 
 def _flat(d: dict, where: str = "") -> dict:
@@ -281,14 +293,15 @@ def _recipe_line(rows: list[dict]) -> str:
             notes.append(f"seed {r['seed']}: not recorded")
             continue
         f = _flat(r["recipe"])
-        diff = [f"{k}={f.get(k)!r}" for k in sorted(set(first) | set(f))
-                if k != "seed" and f.get(k) != first.get(k)]
+        keys = sorted((set(first) | set(f)) - {"seed"})
+        diff = [f"{k}={f[k]!r}" if k in f else f"{k} absent" for k in keys
+                if k not in f or k not in first or f[k] != first[k]]
         if diff:
             notes.append(f"seed {r['seed']}: " + ", ".join(diff))
     if not notes:
         return f"Recipe: the same on every seed (preset {base['preset']})."
-    return (f"Recipes differ from seed {base['seed']}'s (preset {base['preset']}): "
-            + "; ".join(notes) + ".")
+    return (f"Recipe of seed {base['seed']} (preset {base['preset']}); the others differ as "
+            "follows: " + "; ".join(notes) + ".")
 
 
 def _hosts_line(rows: list[dict]) -> str:
@@ -304,7 +317,8 @@ def report(paths: list[str | Path]) -> dict:
     """Rows, aggregate, points and the markdown table of every report under ``paths``."""
     files = find_reports(paths)
     reports = [json.loads(f.read_text()) for f in files]
-    rows = [seed_row(r, offline_questions(f.parent, r)) for f, r in zip(files, reports)]
+    rows = [seed_row(r, None if r.get("findings", {}).get("source") == "served"
+                     else offline_questions(f.parent, r)) for f, r in zip(files, reports)]
     agg = aggregate(rows)
     return {"runs": [str(f.parent) for f in files], "rows": rows, "aggregate": agg,
             "points": [points(r) for r in reports], "markdown": markdown(rows, agg)}
