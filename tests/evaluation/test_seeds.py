@@ -95,7 +95,8 @@ def test_offline_rows_are_not_counted_as_out_of_the_bounds_reach():
     assert ("within reach of a per-family router (bound <= 0.7) on 0/1 seeds with a bound "
             "computed (1 without).") in markdown(rows, aggregate(rows))
     # a served run's bound comes from its receipts only, never from counts passed for offline
-    assert seed_row(offline, {"colour_at": 100, "largest": 100})["router_bound_flops_vs_max"] is None
+    counts = {"colour_at": 100, "largest": 100}
+    assert seed_row(offline, counts)["router_bound_flops_vs_max"] is None
 
 
 def test_an_offline_run_gets_its_bound_from_its_own_split(tmp_path):
