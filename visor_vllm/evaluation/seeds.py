@@ -42,7 +42,9 @@ from pathlib import Path
 
 from visor_vllm.training.labels import cheapest_mix
 from visor_vllm.training.machine import label
-from visor_vllm.training.pipeline import recipe_config, run_hosts, run_seconds
+from visor_vllm.training.data import load_records
+from visor_vllm.training.pipeline import (ABSENT, recipe_config, recipe_value_differences,
+                                          run_hosts, run_seconds)
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -72,10 +74,15 @@ def _flops(row: dict) -> float | None:
     return row.get("flops_vs_dense", row.get("prefill_flops_vs_dense"))
 
 
+def _served(report: dict) -> bool:
+    """Whether the report's findings were judged on the served numbers."""
+    return report.get("findings", {}).get("source") == "served"
+
+
 def _sources(report: dict) -> tuple[list[dict], dict, dict | None]:
     """``(configurations, dense, router)`` as the report's findings judged them: the served
     numbers when the run served, the offline ones otherwise."""
-    served = report.get("findings", {}).get("source") == "served"
+    served = _served(report)
     table = report["served"]["configs"] if served else report.get("configs", [])
     dense = report["served"]["dense"] if served else report["dense"]
     router = (report.get("router") or {}).get("served" if served else "offline")
@@ -103,27 +110,23 @@ def _recipe(report: dict) -> dict | None:
 
 def offline_questions(run_dir: Path, report: dict) -> dict[str, int] | None:
     """Questions per family of the split the run's offline evaluation read: its
-    ``data/<eval.split>.jsonl``, the first ``eval.max_samples`` non-blank records, one question
-    per record under its ``family`` (as `visor_vllm.training.evaluate.summarise` counts; a
-    multi-turn record is one question of family ``mixed``). None where that file is not there
-    (a report copied away from its run) or cannot be read: no bound, the report goes on.
+    ``data/<eval.split>.jsonl`` read as `visor_vllm.training.evaluate.evaluate` reads it
+    (`load_records`, the first ``eval.max_samples``), one question per record under its
+    ``family`` (as `visor_vllm.training.evaluate.summarise` counts; a multi-turn record is one
+    question of family ``mixed``). None where that file is not there (a report copied away from
+    its run) or a record cannot be read: no bound, the report goes on.
 
     Footgun: a record the evaluation skipped (too long for ``max_length``, image missing) is
     still counted here; the synthetic recipe's prompts are a fifth of ``max_length``."""
     ev = (_recipe(report) or {}).get("eval", {})
     path = Path(run_dir) / "data" / f"{ev.get('split', 'test')}.jsonl"
-    limit = ev.get("max_samples")
-    counts: Counter = Counter()
     try:
-        with path.open() as f:
-            for line in f:
-                if limit is not None and sum(counts.values()) >= limit:
-                    break
-                if line.strip():
-                    counts[json.loads(line).get("family", "all")] += 1
-    except (OSError, ValueError, AttributeError):
+        records = load_records(path)[:ev.get("max_samples")]
+    except (OSError, ValueError):  # DataError: not there
         return None
-    return dict(counts)
+    if any(not isinstance(r, dict) or "_bad" in r for r in records):  # a line not JSON
+        return None
+    return dict(Counter(r.get("family", "all") for r in records))
 
 
 def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
@@ -157,7 +160,7 @@ def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
             "router_flops_vs_dense": router.get("flops_vs_dense"),
             "router_sa_layers_easy_hard": [(router.get("mean_sa_layers") or {}).get(g)
                                            for g in ("easy", "hard")]})
-        row.update(_bound(table, full, router, None if f.get("source") == "served" else questions))
+        row.update(_bound(table, full, router, None if _served(report) else questions))
         row["router_target"] = bool(
             row["router_accuracy_vs_max"] is not None and row["router_flops_vs_max"] is not None
             and row["router_accuracy_vs_max"] >= TARGET_ACCURACY_RATIO
@@ -263,7 +266,7 @@ def markdown(rows: list[dict], agg: dict) -> str:
 def _reach(agg: dict) -> str:
     """The bound's count, over the seeds that have one (a run needs its per-family question
     counts: served receipts, or its data split beside the report)."""
-    known, n = agg.get("router_bound_known", agg["seeds"]), agg["seeds"]
+    known, n = agg["router_bound_known"], agg["seeds"]
     if not known:
         return "no per-family bound computed (it needs a router and the questions per family)"
     return (f"within reach of a per-family router (bound <= {TARGET_FLOPS_VS_MAX}) on "
@@ -271,31 +274,21 @@ def _reach(agg: dict) -> str:
             + ("" if known == n else f" seeds with a bound computed ({n - known} without)"))
 
 
-def _flat(d: dict, where: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{where}{k}.") if isinstance(v, dict) else {where + k: v})
-    return out
-
-
 def _recipe_line(rows: list[dict]) -> str:
     """One recipe, or each seed's values that differ from the first recorded one (the seed
     aside)."""
     known = [r for r in rows if r.get("recipe")]
     if not known:
-        return "Recipe: not recorded." if rows else ""
+        return "Recipe: not recorded."
     base, notes = known[0], []
-    first = _flat(base["recipe"])
     for r in rows:
         if r is base:
             continue
         if not r.get("recipe"):
             notes.append(f"seed {r['seed']}: not recorded")
             continue
-        f = _flat(r["recipe"])
-        keys = sorted((set(first) | set(f)) - {"seed"})
-        diff = [f"{k}={f[k]!r}" if k in f else f"{k} absent" for k in keys
-                if k not in f or k not in first or f[k] != first[k]]
+        diff = [f"{k} absent" if here is ABSENT else f"{k}={here!r}"
+                for k, _, here in recipe_value_differences(base["recipe"], r["recipe"])]
         if diff:
             notes.append(f"seed {r['seed']}: " + ", ".join(diff))
     if not notes:
@@ -317,8 +310,8 @@ def report(paths: list[str | Path]) -> dict:
     """Rows, aggregate, points and the markdown table of every report under ``paths``."""
     files = find_reports(paths)
     reports = [json.loads(f.read_text()) for f in files]
-    rows = [seed_row(r, None if r.get("findings", {}).get("source") == "served"
-                     else offline_questions(f.parent, r)) for f, r in zip(files, reports)]
+    rows = [seed_row(r, None if _served(r) else offline_questions(f.parent, r))
+            for f, r in zip(files, reports)]
     agg = aggregate(rows)
     return {"runs": [str(f.parent) for f in files], "rows": rows, "aggregate": agg,
             "points": [points(r) for r in reports], "markdown": markdown(rows, agg)}

@@ -299,18 +299,30 @@ SYNTHETIC_PRESETS = ("synthetic", "synthetic-5sa")  # one LLaVA-OV part, two VIS
 DENSE_PHASES = ("data", "data_label", "encoder", "dense", "convert")  # what builds the rest
 
 
-def recipe_differences(have: dict, want: dict, where: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe configs (the seed aside)."""
+ABSENT = object()  # a key one recipe config lacks (`recipe_value_differences`)
+
+
+def recipe_value_differences(have: dict, want: dict, where: str = "") -> list[tuple]:
+    """``(dotted key, value there, value here)`` for every value that differs between two
+    recipe configs (the seed aside); a side that lacks the key has `ABSENT` there."""
     out = []
     for k in sorted(set(have) | set(want)):
         if not where and k == "seed":
             continue
-        a, b = have.get(k), want.get(k)
+        a, b = have.get(k, ABSENT), want.get(k, ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += recipe_differences(a, b, where + k + ".")
+            out += recipe_value_differences(a, b, where + k + ".")
         elif a != b:
-            out.append(f"{where}{k}: {a!r} there, {b!r} here")
+            out.append((where + k, a, b))
     return out
+
+
+def recipe_differences(have: dict, want: dict) -> list[str]:
+    """`recipe_value_differences` as lines ("stage2.steps: 1500 there, 2500 here"); a key one
+    side lacks reads as None there, and differs only from a value that is not None."""
+    none = lambda v: None if v is ABSENT else v  # noqa: E731
+    return [f"{k}: {none(a)!r} there, {none(b)!r} here"
+            for k, a, b in recipe_value_differences(have, want) if none(a) != none(b)]
 
 
 def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
