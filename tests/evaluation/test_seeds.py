@@ -129,3 +129,13 @@ def test_an_offline_run_gets_its_bound_from_its_own_split(tmp_path):
     assert offline_questions(run, rep) is None and report([run])["rows"][0][
         "router_bound_flops_vs_max"] is None
     assert offline_questions(tmp_path / "elsewhere", rep) is None
+
+
+def test_the_router_ratio_shows_its_paired_interval_when_the_run_kept_one():
+    report = _served_report(router_flops=0.55)
+    # 0.95 against max's 0.95; a run from before the interval shows the ratio alone
+    assert "| 1.0 |" in markdown([seed_row(report)], aggregate([seed_row(report)]))
+    report["router"]["served"]["accuracy_vs_max_ci"] = [0.9912, 1.0088]
+    row = seed_row(report)
+    assert row["router_accuracy_vs_max"] == 1.0 and row["router_accuracy_vs_max_ci"] == [0.9912, 1.0088]
+    assert "| 1.0000 [0.991, 1.009] |" in markdown([row], aggregate([row]))

@@ -43,6 +43,11 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     offline = report["router"]["offline"]
     assert set(offline["mean_sa_layers"]) == {"easy", "hard"} and 0 < offline["flops_vs_dense"] < 1
     assert "finding3_router_spends_on_hard_and_keeps_accuracy" in report["findings"]
+    # the router's accuracy over max's carries a paired interval (None if max got nothing right)
+    ci = report["findings"]["router_vs_costliest"]["accuracy_ratio_ci"]
+    assert ci == offline["accuracy_vs_max_ci"]
+    ratio = report["findings"]["router_vs_costliest"]["accuracy_ratio"]
+    assert ci is None if ratio is None else ci[0] - 1e-4 <= ratio <= ci[1] + 1e-4
     served = json.loads((tmp_path / "r" / "visor" / "config.json").read_text())
     assert served["sa_configs"] == viable  # DIR/visor is the routed checkpoint
     assert (tmp_path / "r" / "data" / "label.jsonl").read_text().count("\n") == 16
@@ -100,6 +105,7 @@ def test_whole_recipe_serves_and_evaluates(tmp_path):
     router = report["router"]["served"]
     assert set(router["mean_sa_layers"]) == {"easy", "hard"}
     assert 0 < router["flop_savings_vs_dense"] < 1
+    assert "accuracy_vs_max_ci" in router  # paired with max's pass (None if max got none right)
     assert report["findings"]["source"] == "served"
     assert report["findings_offline"]["source"] == "offline"
     assert "served_eval" in report["wall_seconds"] and report["hosts"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
+from visor_vllm.training.stats import ratio_interval
 from visor_vllm.training.pipeline import (WallLedger, findings, recipe_config, recipe_differences,
                                           run_synthetic)
 
@@ -113,7 +114,9 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
     report = {**report, "served": served}
     if "auto" in by:
         a = by["auto"]
+        full = max(table, key=lambda r: (r["n_sa"], r["flops_vs_dense"] or 0)) if table else None
         router = {**with_ci(a), "families": a["families"],
+                  "accuracy_vs_max_ci": _paired_ratio_ci(a, by[full["budget"]]) if full else None,
                   "mean_sa_layers": a["mean_sa_layers"] or {},
                   "flops_vs_dense": a["flops_vs_dense"],
                   "flop_savings_vs_dense": None if a["flops_vs_dense"] is None
@@ -127,6 +130,17 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
     if table:
         report["findings"] = findings(served["dense"], table, router, source="served")
     return report
+
+
+def _paired_ratio_ci(router: dict, full: dict) -> list[float] | None:
+    """The interval of the router's accuracy over ``full``'s on the questions both passes
+    answered (kept samples, joined by index); None without samples."""
+    theirs = {s["index"]: s["correct"] for s in full.get("samples", [])}
+    both = [(s["correct"], theirs[s["index"]]) for s in router.get("samples", [])
+            if s["index"] in theirs]
+    if not both:
+        return None
+    return ratio_interval([a for a, _ in both], [b for _, b in both])
 
 
 def _agreement(report: dict, visor: dict, dense: dict) -> dict:

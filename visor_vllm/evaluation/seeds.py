@@ -15,7 +15,10 @@ Beside them, the router's bound (``router_bound_flops_vs_max``,
 of the evaluated configurations needs to keep 99 % of max's accuracy on these same questions
 (questions per family from the served receipts, or for an offline run from its own data
 split, `offline_questions`); above 0.7 the router target is out of reach of per-family
-routing on that seed, whatever the labels. `aggregate` counts the seeds each finding held on
+routing on that seed, whatever the labels. The router's ratio to max carries its paired 95 %
+interval where the run kept one (`visor_vllm.training.stats.ratio_interval`; runs from before
+2026-12-06 did not): a seed at 98.5 % whose interval holds 99 % missed on noise the test
+questions cannot tell apart, which the table shows and the findings do not excuse. `aggregate` counts the seeds each finding held on
 (and those whose bound is within the target) and the range of the router's ratios;
 `markdown` prints both as docs/training.md's table; `points` keeps every seed's
 accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
@@ -155,6 +158,7 @@ def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
             "max_accuracy": full["accuracy"], "max_accuracy_ci": full.get("accuracy_ci"),
             "router_accuracy_vs_max": round(router["accuracy"] / full["accuracy"], 4)
             if full["accuracy"] else None,
+            "router_accuracy_vs_max_ci": router.get("accuracy_vs_max_ci"),  # paired, if kept
             "router_flops_vs_max": round(router["flops_vs_dense"] / fr, 4)
             if router.get("flops_vs_dense") is not None and fr else None,
             "router_flops_vs_dense": router.get("flops_vs_dense"),
@@ -225,6 +229,13 @@ def _ci(v, ci) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
 
 
+def _ratio(v, ci) -> str:
+    """A router ratio with its paired interval where the run kept one (older runs did not)."""
+    if v is None:
+        return "-"
+    return f"{v:.4f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else str(v)
+
+
 def _num(x) -> str:
     return "-" if x is None else str(x)
 
@@ -248,7 +259,8 @@ def markdown(rows: list[dict], agg: dict) -> str:
             f"| {r['seed']} | {_yes(r['finding1'])} | {_yes(r['finding2'])} | "
             f"{_yes(r['finding3'])} | {_ci(r['dense_easy'], r['dense_easy_ci'])} | "
             f"{_ci(r['dense_hard'], r['dense_hard_ci'])} | "
-            f"{_num(r.get('router_accuracy_vs_max'))} | {_num(r.get('router_flops_vs_max'))} | "
+            f"{_ratio(r.get('router_accuracy_vs_max'), r.get('router_accuracy_vs_max_ci'))} | "
+            f"{_num(r.get('router_flops_vs_max'))} | "
             f"{_num(r.get('router_bound_flops_vs_max'))} | {sa_txt} | "
             f"{'-' if r['wall_seconds'] is None else round(r['wall_seconds'] / 60, 1)} |")
     n = agg["seeds"]

@@ -628,7 +628,9 @@ def findings(dense: dict, table: list[dict], router: dict | None = None,
     ``dense``: ``{"easy", "hard"}``; ``table``: rows with ``n_sa``, ``easy``, ``hard``,
     ``accuracy`` and a FLOP ratio (``flops_vs_dense`` or ``prefill_flops_vs_dense``);
     ``router``: ``{"easy", "hard", "accuracy", "mean_sa_layers": {"easy", "hard"},
-    "flops_vs_dense"}`` of the ``auto`` budget, or None (finding 3 is then not judged).
+    "flops_vs_dense"}`` of the ``auto`` budget, or None (finding 3 is then not judged); its
+    optional ``accuracy_vs_max_ci`` (paired, `stats.ratio_interval`) is reported beside the
+    ratio and judges nothing.
     """
     def flops(r):
         return r.get("flops_vs_dense", r.get("prefill_flops_vs_dense"))
@@ -661,6 +663,7 @@ def findings(dense: dict, table: list[dict], router: dict | None = None,
             "accuracy": [router["accuracy"], full["accuracy"]],
             "accuracy_ratio": round(router["accuracy"] / full["accuracy"], 4)
             if full["accuracy"] else None,
+            "accuracy_ratio_ci": router.get("accuracy_vs_max_ci"),  # paired, same questions
             "flops_vs_dense": [router["flops_vs_dense"], flops(full)],
             "mean_sa_layers_easy_hard": [sa.get("easy"), sa.get("hard")]}
         out["finding3_router_spends_on_hard_and_keeps_accuracy"] = bool(
@@ -696,6 +699,7 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     from visor_vllm.training.labels import label_checkpoint
     from visor_vllm.training.router import route_data, train_router_on_data
     from visor_vllm.training.search import public, search, viable, write_configs
+    from visor_vllm.training.stats import ratio_interval
 
     sc, lc, rc = cfg.get("search", {}), cfg.get("labels", {}), cfg.get("router", {})
     found = phase("search", lambda: search(final, data / f"{sc.get('split', 'val')}.jsonl",
@@ -739,9 +743,17 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
         sa.setdefault(groups.get(rec["family"], "all"), []).append(len(layers))
         fl.append(prefill_flops(vcfg, nv, nt, layers) / dense_f)
     summary = summarise(routed_records, groups)  # the per-configuration table's rule
+    # the costliest configuration as `findings` picks it, on the same questions as the router
+    full = max(stage2_eval, key=lambda e: (len(e["sa_layers"]),
+                                           prefill_flops(vcfg, nv, nt, e["sa_layers"])))
+    full_rec = records[tuple(full["sa_layers"])]
     router = {"rule": rule, "label_accuracy": fit["sample_accuracy"],
               "token_accuracy": fit["token_accuracy"], "confusion": fit["confusion"],
               **with_ci(summary),
+              "accuracy_vs_max_ci": ratio_interval(
+                  [r["correct"] for r in routed_records],
+                  [full_rec[r["index"]]["correct"] for r in routed_records])
+              if routed_records else None,
               "mean_sa_layers": {g: sum(v) / len(v) for g, v in sorted(sa.items())},
               "flops_vs_dense": sum(fl) / max(len(fl), 1)}
     label_brief = {"rule": rule, "ratio": lab["ratio"], "test": lab["test"],

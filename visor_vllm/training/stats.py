@@ -15,6 +15,9 @@ What.
   the bar), for tests corrected over many groups.
 * `holm(pvalues)` -- Holm's step-down rejections at family-wise level ``alpha``: which of m
   tests stay significant once all m are counted (pseudo-labels' ``test="holm"``).
+* `ratio_interval(a, b)` -- the 95 % interval of A's accuracy over B's on the same questions
+  (the router's accuracy as a fraction of the maximal configuration's, the issue's 99 % target),
+  so a report says whether a seed missing 99 % is a miss the test questions can tell.
 
 Why. The 99 % rule compares accuracies a point apart on 300 questions whose standard error is
 ~2.9 points: a point estimate flips on noise (measured: ``colour_at``, ``shape_at``, ``exists``
@@ -35,6 +38,9 @@ Footguns.
   equal, margin on the measured difference). Neither corrects for testing many families and
   configurations at once: with 9 families a configuration has a 1-(0.95^9) = 37 % chance that
   some family looks significantly worse when none is. `holm` is that correction.
+* `ratio_interval` is the delta method on paired questions (the residuals ``a - R b``): fine at
+  the recipe's thousands of questions, too narrow at a few dozen. It is no test of the target:
+  the findings judge the measured ratio; the interval only says how far noise could move it.
 """
 
 from __future__ import annotations
@@ -106,3 +112,17 @@ def holm(pvalues: Sequence[float], alpha: float = ALPHA) -> list[bool]:
             break
         rejected[i] = True
     return rejected
+
+
+def ratio_interval(a: Sequence[float], b: Sequence[float], z: float = Z95) -> list[float] | None:
+    """The 95 % interval ``[lo, hi]`` of ``sum(a) / sum(b)`` for paired 0/1 results on the same
+    questions (delta method, footguns); None when B got nothing right."""
+    _discordant(a, b)
+    n, sb = len(a), sum(b)
+    if sb <= 0:
+        return None
+    r = sum(a) / sb
+    resid = [x - r * y for x, y in zip(a, b)]  # mean 0 by construction
+    var = sum(e * e for e in resid) / max(n - 1, 1)
+    half = z * math.sqrt(var / n) / (sb / n)
+    return [round(r - half, 4), round(r + half, 4)]
