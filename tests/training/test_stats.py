@@ -1,8 +1,8 @@
 """Intervals and paired tests (visor_vllm.training.stats) on cases with known answers."""
 
-import pytest
-
 import random
+
+import pytest
 
 from visor_vllm.training.stats import (holm, mcnemar, ratio_interval, significantly_below,
                                        significantly_better, wilson)

@@ -31,8 +31,8 @@ from visor_vllm.evaluation.launch import ServerError, served
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.stats import ratio_interval
-from visor_vllm.training.pipeline import (WallLedger, findings, recipe_config, recipe_differences,
-                                          run_synthetic)
+from visor_vllm.training.pipeline import (WallLedger, costliest, findings, recipe_config,
+                                          recipe_differences, run_synthetic)
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
@@ -114,9 +114,9 @@ def merge_served(report: dict, visor: dict, dense: dict) -> dict:
     report = {**report, "served": served}
     if "auto" in by:
         a = by["auto"]
-        full = max(table, key=lambda r: (r["n_sa"], r["flops_vs_dense"] or 0)) if table else None
         router = {**with_ci(a), "families": a["families"],
-                  "accuracy_vs_max_ci": _paired_ratio_ci(a, by[full["budget"]]) if full else None,
+                  "accuracy_vs_max_ci": _paired_ratio_ci(a, by[costliest(table)["budget"]])
+                  if table else None,
                   "mean_sa_layers": a["mean_sa_layers"] or {},
                   "flops_vs_dense": a["flops_vs_dense"],
                   "flop_savings_vs_dense": None if a["flops_vs_dense"] is None

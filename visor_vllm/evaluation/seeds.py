@@ -18,8 +18,9 @@ split, `offline_questions`); above 0.7 the router target is out of reach of per-
 routing on that seed, whatever the labels. The router's ratio to max carries its paired 95 %
 interval where the run kept one (`visor_vllm.training.stats.ratio_interval`; runs from before
 2026-12-06 did not): a seed at 98.5 % whose interval holds 99 % missed on noise the test
-questions cannot tell apart, which the table shows and the findings do not excuse. `aggregate` counts the seeds each finding held on
-(and those whose bound is within the target) and the range of the router's ratios;
+questions cannot tell apart, which the table shows and the findings do not excuse.
+`aggregate` counts the seeds each finding held on (and those whose bound is within the
+target) and the range of the router's ratios;
 `markdown` prints both as docs/training.md's table; `points` keeps every seed's
 accuracy-vs-FLOPs points for ``visor-vllm plot seeds``.
 
@@ -46,8 +47,9 @@ from pathlib import Path
 from visor_vllm.training.labels import cheapest_mix
 from visor_vllm.training.machine import label
 from visor_vllm.training.data import load_records
-from visor_vllm.training.pipeline import (ABSENT, recipe_config, recipe_value_differences,
-                                          run_hosts, run_seconds)
+from visor_vllm.training.pipeline import (ABSENT, costliest, recipe_config,
+                                          recipe_value_differences, row_flops, run_hosts,
+                                          run_seconds)
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -71,10 +73,6 @@ def find_reports(paths: list[str | Path]) -> list[Path]:
         else:
             raise ReportInputError(f"{p}: no report.json (nor seed-*/report.json) there")
     return out
-
-
-def _flops(row: dict) -> float | None:
-    return row.get("flops_vs_dense", row.get("prefill_flops_vs_dense"))
 
 
 def _served(report: dict) -> bool:
@@ -139,7 +137,7 @@ def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
     recipe = _recipe(report)
     table, dense, router = _sources(report)
     reused = report.get("reused_training")
-    full = max(table, key=lambda r: (r["n_sa"], _flops(r) or 0)) if table else None
+    full = costliest(table) if table else None
     row = {"seed": report.get("seed"), "source": f.get("source"),
            "finding1": f.get("finding1_cheapest_matches_dense_on_easy"),
            "finding2": f.get("finding2_hard_rises_with_sa_layers"),
@@ -152,7 +150,7 @@ def seed_row(report: dict, questions: dict[str, int] | None = None) -> dict:
            "preset": recipe.get("preset") if recipe else None, "recipe": recipe,
            **({"reused_training": reused["from"]} if reused else {})}
     if router and full:
-        fr = _flops(full)
+        fr = row_flops(full)
         row.update({
             "router_accuracy": router["accuracy"], "router_accuracy_ci": router.get("accuracy_ci"),
             "max_accuracy": full["accuracy"], "max_accuracy_ci": full.get("accuracy_ci"),
@@ -180,13 +178,13 @@ def _bound(table: list[dict], full: dict, router: dict,
     run's split); neither, no bound."""
     hist = router.get("sa_layers_histogram") or {}
     questions = {f: sum(h.values()) for f, h in hist.items()} or questions or {}
-    rows = [r for r in table if _flops(r) and set(r.get("families") or {}) >= set(questions)]
-    if not questions or full not in rows or not _flops(full):
+    rows = [r for r in table if row_flops(r) and set(r.get("families") or {}) >= set(questions)]
+    if not questions or full not in rows or not row_flops(full):
         return {"router_bound_flops_vs_max": None, "router_bound_choice": None}
-    b = cheapest_mix([_flops(r) for r in rows],
+    b = cheapest_mix([row_flops(r) for r in rows],
                      [{f: round(r["families"][f] * n) for f, n in questions.items()} for r in rows],
                      questions, rows.index(full), TARGET_ACCURACY_RATIO)
-    return {"router_bound_flops_vs_max": round(b["flops"] / _flops(full), 4),
+    return {"router_bound_flops_vs_max": round(b["flops"] / row_flops(full), 4),
             "router_bound_choice": {f: rows[c].get("sa_layers_1based", rows[c]["n_sa"])
                                     for f, c in sorted(b["choice"].items())}}
 
@@ -196,7 +194,7 @@ def points(report: dict) -> dict:
     numbers when the run served)."""
     table, dense, router = _sources(report)
     return {"seed": report.get("seed"),
-            "configs": [{"n_sa": r["n_sa"], "flops_vs_dense": _flops(r),
+            "configs": [{"n_sa": r["n_sa"], "flops_vs_dense": row_flops(r),
                          "accuracy": r["accuracy"]} for r in table],
             "router": None if not router else {"flops_vs_dense": router.get("flops_vs_dense"),
                                                "accuracy": router["accuracy"]},

@@ -576,7 +576,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
 
     adaptive = None
     if cfg.get("router", {}).get("enabled", True) and len(vcfg.sa_configs) > 1:
-        adaptive = _adaptive(out, data, final, test, ev["stage2"], cfg, phase, bs)
+        adaptive = _adaptive(out, data, final, test, ev["stage2"], table, cfg, phase, bs)
         routed = out / "visor-routed"
     else:
         routed = final
@@ -621,6 +621,18 @@ def _groups(entry: dict) -> dict:
             "accuracy": entry["accuracy"]}
 
 
+def row_flops(row: dict) -> float | None:
+    """A table row's FLOPs vs dense: served rows say ``flops_vs_dense``, offline ones
+    ``prefill_flops_vs_dense``."""
+    return row.get("flops_vs_dense", row.get("prefill_flops_vs_dense"))
+
+
+def costliest(table: list[dict]) -> dict:
+    """The maximal configuration's row, the one `findings` and the reports measure the router
+    against: the most SA layers, then the most FLOPs (the first of equals)."""
+    return max(table, key=lambda r: (r["n_sa"], row_flops(r) or 0))
+
+
 def findings(dense: dict, table: list[dict], router: dict | None = None,
              source: str = "offline") -> dict:
     """The paper's three findings, stated from the numbers (pure; offline or served ones).
@@ -632,14 +644,11 @@ def findings(dense: dict, table: list[dict], router: dict | None = None,
     optional ``accuracy_vs_max_ci`` (paired, `stats.ratio_interval`) is reported beside the
     ratio and judges nothing.
     """
-    def flops(r):
-        return r.get("flops_vs_dense", r.get("prefill_flops_vs_dense"))
-
     by_n: dict[int, list[float]] = {}
     for r in table:
         by_n.setdefault(r["n_sa"], []).append(r["hard"])
     hard_by_n = {n: round(sum(v) / len(v), 4) for n, v in sorted(by_n.items())}
-    cheapest = min(table, key=lambda r: (r["n_sa"], flops(r) or 0))
+    cheapest = min(table, key=lambda r: (r["n_sa"], row_flops(r) or 0))
     ns = sorted(hard_by_n)
     out = {
         "source": source,
@@ -657,21 +666,21 @@ def findings(dense: dict, table: list[dict], router: dict | None = None,
                       "configuration's, fewer FLOPs than it",
     }
     if router is not None:
-        full = max(table, key=lambda r: (r["n_sa"], flops(r) or 0))
+        full = costliest(table)
         sa = router["mean_sa_layers"]
         out["router_vs_costliest"] = {
             "accuracy": [router["accuracy"], full["accuracy"]],
             "accuracy_ratio": round(router["accuracy"] / full["accuracy"], 4)
             if full["accuracy"] else None,
             "accuracy_ratio_ci": router.get("accuracy_vs_max_ci"),  # paired, same questions
-            "flops_vs_dense": [router["flops_vs_dense"], flops(full)],
+            "flops_vs_dense": [router["flops_vs_dense"], row_flops(full)],
             "mean_sa_layers_easy_hard": [sa.get("easy"), sa.get("hard")]}
         out["finding3_router_spends_on_hard_and_keeps_accuracy"] = bool(
             sa.get("easy") is not None and sa.get("hard") is not None
             and sa["hard"] > sa["easy"]
             and router["accuracy"] >= 0.99 * full["accuracy"] - 1e-9
-            and router["flops_vs_dense"] is not None and flops(full) is not None
-            and router["flops_vs_dense"] < flops(full))
+            and router["flops_vs_dense"] is not None and row_flops(full) is not None
+            and router["flops_vs_dense"] < row_flops(full))
     return out
 
 
@@ -685,13 +694,15 @@ def _splits(data: Path) -> dict:
 
 
 def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[dict],
-              cfg: dict, phase, bs: int) -> dict:
+              table: list[dict], cfg: dict, phase, bs: int) -> dict:
     """Search on val, write the viable set, label the label split, train the router.
 
     Writes ``out/search.json``, ``out/visor-viable/``, ``out/labels.json`` and
     ``out/visor-routed/``; returns the report's ``search``, ``labels`` and offline ``router``.
     The router's offline accuracy on the test split reuses stage 2's per-sample records (the
-    routed checkpoint differs from stage 2's only in the router and the kept configurations).
+    routed checkpoint differs from stage 2's only in the router and the kept configurations);
+    ``table`` (the report's rows of those records) names the configuration it is measured
+    against (`costliest`).
     """
     from visor_vllm.model.config import VisorConfig
     from visor_vllm.model.flops import dense_prefill_flops, prefill_flops
@@ -743,10 +754,8 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
         sa.setdefault(groups.get(rec["family"], "all"), []).append(len(layers))
         fl.append(prefill_flops(vcfg, nv, nt, layers) / dense_f)
     summary = summarise(routed_records, groups)  # the per-configuration table's rule
-    # the costliest configuration as `findings` picks it, on the same questions as the router
-    full = max(stage2_eval, key=lambda e: (len(e["sa_layers"]),
-                                           prefill_flops(vcfg, nv, nt, e["sa_layers"])))
-    full_rec = records[tuple(full["sa_layers"])]
+    # the configuration `findings` measures the router against, on the router's questions
+    full_rec = records[tuple(costliest(table)["sa_layers"])]
     router = {"rule": rule, "label_accuracy": fit["sample_accuracy"],
               "token_accuracy": fit["token_accuracy"], "confusion": fit["confusion"],
               **with_ci(summary),
