@@ -9,7 +9,8 @@ import pytest
 
 from visor_vllm.training.pipeline import findings, run_synthetic
 
-TINY = {"data": {"n_train": 48, "n_val": 8, "n_test": 32, "n_label": 16}, "encoder": {"steps": 3},
+# the recipe's defaults (five SA-capable layers, nine families, 8 questions an image), tiny
+TINY = {"data": {"n_train": 48, "n_val": 18, "n_test": 36, "n_label": 18}, "encoder": {"steps": 3},
         "dense": {"steps": 3, "batch_size": 4}, "stage1": {"steps": 2, "batch_size": 4},
         "stage2": {"steps": 4, "batch_size": 4}, "eval": {"batch_size": 16},
         "router": {"steps": 20}, "serve": {"budgets": ["auto", "configs"], "max_samples": 16},
@@ -25,16 +26,16 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     lo, hi = report["dense"]["hard_ci"]
     assert lo <= report["dense"]["hard"] <= hi  # every accuracy carries its 95 % interval
     assert all(c["accuracy_ci"] and c["easy_ci"] for c in report["configs"])
-    assert report["search"]["test"] == "paired" and report["labels"]["test"] == "paired"
-    assert len(report["configs"]) == 8  # every configuration stage 2 trained
+    assert report["search"]["test"] == "paired" and report["labels"]["test"] == "point"
+    assert len(report["configs"]) == 16  # every configuration stage 2 trained
     flops = [c["prefill_flops_vs_dense"] for c in report["configs"]]
     assert flops[0] == min(flops) and flops[-1] == max(flops) < 1
     assert all(c["easy"] is not None and c["hard"] is not None for c in report["configs"])
     assert report["encoder"]["colour"] >= 0 and report["image_tokens"] == 36
     # adaptive inference: search on val -> viable set -> labels -> router, all in the report
     viable = report["search"]["viable"]
-    assert viable[0] == [0] and viable[-1] == [0, 2, 4, 6]
-    assert len(report["search"]["heatmap"]["rows"]) == 8
+    assert viable[0] == [0] and viable[-1] == [0, 2, 3, 5, 6]
+    assert len(report["search"]["heatmap"]["rows"]) == 16
     assert set(report["labels"]["family"]) == set(report["dense"]["families"])
     assert set(report["labels"]["pooled"]) == set(report["dense"]["families"])
     on_disk_labels = json.loads((tmp_path / "r" / "labels.json").read_text())
@@ -51,7 +52,7 @@ def test_recipe_runs_every_phase_and_reports(tmp_path):
     assert ci is None if ratio is None else abs((ci[0] + ci[1]) / 2 - ratio) < 2e-4
     served = json.loads((tmp_path / "r" / "visor" / "config.json").read_text())
     assert served["sa_configs"] == viable  # DIR/visor is the routed checkpoint
-    assert (tmp_path / "r" / "data" / "label.jsonl").read_text().count("\n") == 16
+    assert (tmp_path / "r" / "data" / "label.jsonl").read_text().count("\n") == 18
     # a rerun resumes: finished phases are not redone
     again = run_synthetic(tmp_path / "r", quick=True, progress=False, overrides=TINY)
     assert "dense" in again["wall_seconds"] and again["wall_seconds"]["dense"] < 5
@@ -137,16 +138,21 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     with pytest.raises(ValueError, match=r"stage2\.steps: 4 there, 5 here"):
         run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
                   overrides=other)
-    # a key added to the recipe after a run counts as its default, which keeps the old behaviour
+    # a key added to the recipe after a run counts as its value then (the old behaviour),
+    # also where today's default differs (pipeline.DEFAULTS_WHEN_ADDED)
     done = tmp_path / "s" / "seed-0" / "report.json"
-    prev = json.loads(done.read_text())
+    kept = done.read_text()
+    prev = json.loads(kept)
     del prev["recipe_config"]["encoder"]["position_table"], prev["recipe_config"]["chat_template"]
     done.write_text(json.dumps(prev))
-    assert run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
-                     overrides=TINY)["rows"] == result["rows"]
-    with pytest.raises(ValueError, match=r"encoder\.position_table: 0\.0 there, 1\.0 here"):
-        run_seeds(tmp_path / "s", [0, 1], quick=True, serve=False, progress=False,
-                  overrides={**TINY, "encoder": {**TINY.get("encoder", {}), "position_table": 1.0}})
+    with pytest.raises(ValueError, match=r"chat_template: 'chatml' there, 'compact' here, "
+                                         r"encoder\.position_table: 0\.0 there, 1\.0 here"):
+        run_seeds(tmp_path / "s", [0], quick=True, serve=False, progress=False, overrides=TINY)
+    old = {**TINY, "chat_template": "chatml", "encoder": {**TINY["encoder"], "position_table": 0.0}}
+    row = run_seeds(tmp_path / "s", [0], quick=True, serve=False, progress=False,
+                    overrides=old)["rows"][0]
+    assert row["recipe"]["chat_template"] == "chatml" and row["preset"] == "synthetic-5sa"
+    done.write_text(kept)
     # another label test on the same trained models: only the adaptive part reruns
     holm = {**TINY, "labels": {"test": "holm"}}
     reused = run_seeds(tmp_path / "h", [0, 1], quick=True, serve=False, progress=False,
@@ -178,16 +184,16 @@ def test_seeds_run_one_after_another_resume_and_report(tmp_path):
     assert seconds > 0 and re2["rows"][0]["wall_seconds"] == round(
         rep["wall_seconds_cumulative"]["total"] + seconds, 1)
     # another VISOR schedule on the same dense model: converted again, both stages retrained
-    five = {**TINY, "preset": "synthetic-5sa"}
-    run_seeds(tmp_path / "p", [1], quick=True, serve=False, progress=False, overrides=five,
+    four = {**TINY, "preset": "synthetic"}
+    run_seeds(tmp_path / "p", [1], quick=True, serve=False, progress=False, overrides=four,
               reuse_from=tmp_path / "s")
     rep = json.loads((tmp_path / "p" / "seed-1" / "report.json").read_text())
     assert rep["reused_training"]["outputs"] == ["data", "dense-init", "dense-run"]
     assert rep["dense"] == src["dense"] and {"convert", "visor"} <= set(rep["wall_seconds"])
     assert not {"data", "encoder"} & set(rep["wall_seconds"])
-    assert len(rep["configs"]) == 16 and max(r["n_sa"] for r in rep["configs"]) == 5
+    assert len(rep["configs"]) == 8 and max(r["n_sa"] for r in rep["configs"]) == 4
     assert json.loads((tmp_path / "p" / "seed-1" / "visor" / "config.json").read_text()
-                      )["layer_types"][2:4] == ["self", "self"]
+                      )["layer_types"][2:4] == ["self", "cross"]
     conv = src["wall_seconds_cumulative"].get("convert", 0.0)  # the conversion is not reused
     assert abs(rep["reused_training"]["seconds_reused"] - (seconds - conv)) < 0.15
     from visor_vllm.training.recipe import RecipeError
@@ -336,7 +342,7 @@ def test_encoder_position_table_is_a_frozen_row_plus_column_code():
     from visor_vllm.training import synthetic
     from visor_vllm.training.pipeline import load_recipe, pretrain_encoder
 
-    assert load_recipe()["encoder"]["position_table"] == 0.0
+    assert load_recipe()["encoder"]["position_table"] == 1.0
     shares = {}
     for scale in (0.0, 1.0):
         with tempfile.TemporaryDirectory() as d:
@@ -389,3 +395,27 @@ def test_the_dense_minutes_of_a_chain_of_reuses_follow_back_to_their_run():
     visor_again = {"wall_seconds_cumulative": {"dense": 0.5, "visor": 60.0},
                    "reused_training": {"seconds_reused": 116.0, "wall_seconds": {"dense": 0.5}}}
     assert _dense_seconds(visor_again) == 116.0
+
+
+def test_a_run_recorded_before_a_key_reads_as_its_value_then():
+    """A finished run's ``recipe_config`` that lacks a key ran with the key's value when it was
+    added (the old behaviour), not with today's default where the two differ."""
+    from visor_vllm.training.pipeline import DEFAULTS_WHEN_ADDED, recipe_config, recorded_config
+
+    today = recipe_config()
+    assert recorded_config(False, today) == today  # a run with every key reads as itself
+    old = {k: v for k, v in today.items() if k not in ("preset", "chat_template")}
+    old["labels"] = {k: v for k, v in today["labels"].items() if k != "test"}
+    old["encoder"] = {k: v for k, v in today["encoder"].items() if k != "position_table"}
+    old["data"] = {k: v for k, v in today["data"].items() if k != "families"}
+    got = recorded_config(False, old)
+    assert (got["preset"], got["chat_template"], got["labels"]["test"]) == (
+        "synthetic", "chatml", "paired")
+    assert got["encoder"]["position_table"] == 0.0 and got["data"]["families"] is None
+    assert got["data"]["turns"] == today["data"]["turns"]  # recorded: kept as it ran
+    assert recorded_config(False, {})["labels"]["ratio"] == today["labels"]["ratio"]
+    for dotted, then in DEFAULTS_WHEN_ADDED.items():  # listed only where the default moved
+        node = today
+        for k in dotted.split("."):
+            node = node[k]
+        assert node != then, dotted

@@ -32,7 +32,7 @@ from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.stats import ratio_interval
 from visor_vllm.training.pipeline import (WallLedger, costliest, findings, recipe_config,
-                                          recipe_differences, run_synthetic)
+                                          recipe_differences, recorded_config, run_synthetic)
 
 
 def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
@@ -210,9 +210,9 @@ def run_seeds(out: str | Path, seeds: list[int], quick: bool = False, serve: boo
                 raise ValueError(f"{run_dir} holds a {kind} run of seed {prev.get('seed')}; "
                                  f"this is a {'quick' if quick else 'full'} run of seed {seed}: "
                                  "give another OUT")
-            # a key added to the recipe after that run takes its default, which keeps the old
-            # behaviour (the rule for adding one), so older runs still resume and report
-            have = recipe_config(quick, prev.get("recipe_config", {}))
+            # a key added to the recipe after that run takes its default then, which keeps the
+            # old behaviour (the rule for adding one), so older runs still resume and report
+            have = recorded_config(quick, prev.get("recipe_config", {}))
             differ = recipe_differences(have, want)
             if differ:
                 raise ValueError(f"{run_dir} was run with another recipe ({', '.join(differ)}): "

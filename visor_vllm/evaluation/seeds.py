@@ -47,9 +47,8 @@ from pathlib import Path
 from visor_vllm.training.labels import cheapest_mix
 from visor_vllm.training.machine import label
 from visor_vllm.training.data import load_records
-from visor_vllm.training.pipeline import (ABSENT, costliest, recipe_config,
-                                          recipe_value_differences, row_flops, run_hosts,
-                                          run_seconds)
+from visor_vllm.training.pipeline import (ABSENT, costliest, recipe_value_differences,
+                                          recorded_config, row_flops, run_hosts, run_seconds)
 
 TARGET_ACCURACY_RATIO = 0.99   # the router keeps >= 99 % of the costliest configuration's ...
 TARGET_FLOPS_VS_MAX = 0.7      # ... at <= 0.7x its FLOPs (the synthetic-findings issue)
@@ -102,11 +101,12 @@ def _wall_seconds(report: dict, reused: dict | None) -> float | None:
 
 
 def _recipe(report: dict) -> dict | None:
-    """The recipe the run used, keys added since then at their defaults (as `reuse_training`
-    reads an older run); none for a report without one (hand-made, or older than the key)."""
+    """The recipe the run used, keys added since then at their defaults then
+    (`recorded_config`, as `reuse_training` reads an older run); none for a report without
+    one (hand-made, or older than the key)."""
     if not report.get("recipe_config"):
         return None
-    return recipe_config(bool(report.get("quick")), report["recipe_config"])
+    return recorded_config(bool(report.get("quick")), report["recipe_config"])
 
 
 def offline_questions(run_dir: Path, report: dict) -> dict[str, int] | None:

@@ -66,6 +66,32 @@ def recipe_config(quick: bool = False, overrides: dict | None = None,
     return _merge(load_recipe(name, quick), overrides or {})
 
 
+# A key is added to the recipe at a default that keeps the old behaviour, so a run recorded
+# before the key existed ran with that value. When a default changes later, the value it had
+# when its key was added goes here (dotted key -> value): such a run still reads as what it ran.
+DEFAULTS_WHEN_ADDED = {
+    "chat_template": "chatml",          # defaults changed 2026-12-06 (docs/training.md,
+    "preset": "synthetic",              # "The default recipe"); each key was recorded by
+    "encoder.position_table": 0.0,      # every run since the day it was added
+    "labels.test": "paired",
+    "data.families": None,
+}
+
+
+def recorded_config(quick: bool, recorded: dict) -> dict:
+    """The recipe a finished run used, from its report's ``recipe_config``: keys it lacks
+    take the value they had when added (`DEFAULTS_WHEN_ADDED`), else today's default."""
+    cfg = recipe_config(quick, recorded)
+    for dotted, value in DEFAULTS_WHEN_ADDED.items():
+        *parents, key = dotted.split(".")
+        have, node = recorded, cfg
+        for k in parents:
+            have, node = (have or {}).get(k), node.setdefault(k, {})
+        if not isinstance(have, dict) or key not in have:
+            node[key] = value
+    return cfg
+
+
 def overrides_from_sets(items: list[str], recipe: dict) -> dict:
     """``["stage2.steps=2500", "chat_template=compact"]`` -> nested overrides of ``recipe``.
 
@@ -355,8 +381,8 @@ def reuse_training(src: str | Path, out: str | Path, cfg: dict) -> Path:
         prev = json.loads((src / "report.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{src} holds no finished run (its report.json: {e})") from e
-    # a key added to the recipe after that run takes its default (see run_seeds)
-    have = recipe_config(bool(prev.get("quick")), prev.get("recipe_config") or {})
+    # a key added to the recipe after that run takes its value then (see run_seeds)
+    have = recorded_config(bool(prev.get("quick")), prev.get("recipe_config") or {})
     differ = [d for d in recipe_differences(have, cfg) if _key(d) not in ADAPTIVE_KEYS]
     if have.get("seed") != cfg.get("seed"):
         differ.insert(0, f"seed: {have.get('seed')!r} there, {cfg.get('seed')!r} here")
