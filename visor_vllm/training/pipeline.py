@@ -523,15 +523,14 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     if seed is not None:
         cfg["seed"] = seed
     seed = cfg["seed"]
-    for name, default, allowed in (("labels.rule", "family", RULES),
-                                   ("labels.test", "paired", LABEL_TESTS),
-                                   ("search.test", "paired", TESTS),
-                                   ("preset", "synthetic", SYNTHETIC_PRESETS)):
+    # the YAML has every key (overrides only change values): its defaults are the only ones
+    for name, allowed in (("labels.rule", RULES), ("labels.test", LABEL_TESTS),
+                          ("search.test", TESTS), ("preset", SYNTHETIC_PRESETS)):
         *section, key = name.split(".")
-        value = (cfg.get(section[0], {}) if section else cfg).get(key, default)
+        value = (cfg[section[0]] if section else cfg)[key]
         if value not in allowed:  # fail now, not after training
             raise RecipeError(f"{name} is one of {allowed}, got {value!r}")
-    preset = cfg.get("preset", "synthetic")
+    preset = cfg["preset"]
     vcfg = get_preset(preset)
     out = Path(out)
     if reuse_from is not None and not (out / "reused_training.json").exists():
@@ -754,7 +753,7 @@ def _adaptive(out: Path, data: Path, final: Path, test: Path, stage2_eval: list[
     lv, lt = prompt_lengths(viable_dir, label_data)
     lab = phase("labels", lambda: label_checkpoint(
         viable_dir, label_data, lc.get("ratio", 0.99), bs, lc.get("max_samples"),
-        lc.get("test", "paired"), flops_of=lambda layers: prefill_flops(vv, lv, lt, layers)))
+        lc["test"], flops_of=lambda layers: prefill_flops(vv, lv, lt, layers)))
     (out / "labels.json").write_text(json.dumps(lab) + "\n")
     rule = lc.get("rule", "family")
     per = dict(zip(lab["samples"], lab["per_sample"][rule]))
