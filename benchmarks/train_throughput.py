@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                          # visor-0.5b, the issue's table
     python benchmarks/train_throughput.py --preset synthetic --shapes 32x32 --phases train
     python benchmarks/train_throughput.py --preset tiny --shapes 2x40 --steps 2   # plumbing
+    python benchmarks/train_throughput.py --phases train --compile --warmup 4    # compiled blocks
 
 What it does. Builds dense LLaVA-OneVision of ``--preset`` with random weights (transformers'
 init) and converts it in memory (`copy_weights`, the converter's) into VISOR, then, in one
@@ -139,9 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every block of the training step, as the recipe key "
+                        "`compile: true` does (engines.compile_blocks); --warmup must cover "
+                        "the compilations")
     args = p.parse_args(argv)
 
-    from visor_vllm.training.engines import adamw, clip_grad_norm
+    from visor_vllm.training.engines import adamw, clip_grad_norm, compile_blocks
     from visor_vllm.training.model import (DenseTrainStep, VisorTrainStep, dense_hidden,
                                            visor_hidden)
 
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
                     step = VisorTrainStep(model, "stage2",
                                           gradient_checkpointing=args.checkpointing)
                     b, tokens = batch(files_v, side, n, tmp, cfg)
+                if args.compile:
+                    compile_blocks(step)
                 params = [q for q in model.parameters() if q.requires_grad]
                 opt = adamw([{"params": params}], 1e-5)
 

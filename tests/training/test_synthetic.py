@@ -105,3 +105,16 @@ def test_label_split_and_add_split(tmp_path):
     assert (out / "images" / "extra-000002.png").exists()
     with pytest.raises(SyntheticTaskError, match="dataset.json"):
         add_split(tmp_path / "nothing", "label", 3)
+
+
+def test_a_split_written_by_several_processes_is_the_same_bytes(tmp_path, monkeypatch):
+    """`_write_split` spreads samples over processes from `PARALLEL_FROM` on (a spawned pool)."""
+    kw = dict(n_train=40, n_val=3, n_test=5, turns=8, progress=False)
+    one = synthetic.write_dataset(tmp_path / "one", **kw)
+    monkeypatch.setattr(synthetic, "PARALLEL_FROM", 10)
+    monkeypatch.setattr(synthetic.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    two = synthetic.write_dataset(tmp_path / "two", **kw)
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(files) == 3 + 1 + 40 + 3 + 5 and files == sorted(
+        p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)

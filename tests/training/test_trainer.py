@@ -92,6 +92,54 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, visor_ckpt_s
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_a_compiled_run_follows_the_eager_one(tmp_path, visor_ckpt_synth, synth_data,
+                                              uninterrupted):
+    """``compile: true`` (every block torch.compiled): the same losses and weights as the eager
+    run to float rounding, over stage 1 and a stage 2 that visits several configurations (SA
+    and CA layers, with and without SA); a block that fell back to eager (dynamo's recompile
+    limit) fails the run instead of passing unseen."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    a_dir, whole = uninterrupted
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+        compiled = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "c", KILL_STAGES,
+                                   compile=True), progress=False)
+    assert counters["stats"]["unique_graphs"] > 0
+    for stage in ("stage1", "stage2"):
+        ca, cc = _curve(a_dir / stage), _curve(tmp_path / "c" / stage)
+        assert [(s, c) for s, _, c in ca] == [(s, c) for s, _, c in cc]
+        assert [x for _, x, _ in ca] == pytest.approx([x for _, x, _ in cc], rel=1e-4)
+    a, c = _weights(whole), _weights(compiled)
+    assert a.keys() == c.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_dense_stage_follows_the_eager_one(tmp_path, dense_ckpt, synth_data):
+    from torch._dynamo import config as dynamo_config
+
+    from visor_vllm.training.engines import compile_blocks
+    from visor_vllm.training.recipe import RecipeError
+
+    stages = [{"kind": "dense", "steps": 3, "lr": 1e-3, "batch_size": 4}]
+    eager = run(tiny_recipe(dense_ckpt, synth_data, tmp_path / "e", stages), progress=False)
+    with dynamo_config.patch(fail_on_recompile_limit_hit=True):
+        compiled = run(tiny_recipe(dense_ckpt, synth_data, tmp_path / "c", stages,
+                                   compile=True), progress=False)
+    assert [x for _, x, _ in _curve(tmp_path / "e" / "dense")] == pytest.approx(
+        [x for _, x, _ in _curve(tmp_path / "c" / "dense")], rel=1e-4)
+    a, c = _weights(eager), _weights(compiled)
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+    model = load_model("dense", dense_ckpt)
+    n_layers = model.config.text_config.num_hidden_layers
+    assert compile_blocks(model) == n_layers + model.config.vision_config.num_hidden_layers
+    with pytest.raises(RecipeError, match="compile is true or false"):
+        tiny_recipe(dense_ckpt, synth_data, tmp_path / "x", stages, compile="yes")
+
+
 def test_dense_stage_trains_transformers_llava_onevision(tmp_path, dense_ckpt, synth_data):
     from transformers import LlavaOnevisionForConditionalGeneration
 

@@ -144,7 +144,8 @@ def dense_hidden(model, batch: Batch):
     """transformers' `LlavaOnevisionForConditionalGeneration`: final hidden states, full labels."""
     out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       pixel_values=batch.pixel_values, image_sizes=batch.image_sizes,
-                      batch_num_images=torch.tensor(batch.images_per_sample))
+                      batch_num_images=torch.tensor(batch.images_per_sample),
+                      use_cache=False)  # a cache makes compiled blocks recompile per layer
     hidden = out.last_hidden_state
     if batch.pixel_values is None and torch.is_grad_enabled():  # see `_touch_vision`
         m = model.model

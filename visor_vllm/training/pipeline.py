@@ -306,7 +306,7 @@ def _train(init: Path, data: Path, out: Path, stages: list[dict], cfg: dict) -> 
                                                        max_length=cfg.get("max_length", 512)),
                          output_dir=str(out), stages=[_stage(s) for s in stages],
                          seed=cfg["seed"], save_every=cfg.get("save_every", 500),
-                         log_every=cfg.get("log_every", 25))
+                         log_every=cfg.get("log_every", 25), compile=cfg["compile"])
     return run(recipe)
 
 

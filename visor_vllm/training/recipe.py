@@ -12,6 +12,7 @@ data: {train: data/train.jsonl, image_folder: null, max_length: 2048}
 output_dir: runs/visor
 save_every: 200                       # optimizer steps between resumable states
 log_every: 10
+compile: false                        # true: torch.compile each transformer block (below)
 stages:
   - {kind: stage1, steps: 400, lr: 1.0e-3, batch_size: 64, micro_batch_size: 64,
      configs: max}
@@ -42,6 +43,11 @@ is the union of the viable configurations: for ``visor-0.5b`` that is Appendix A
 1-based ``[1, 4, 7, 10, 16, 19, 22]`` (7 of the 8 grid slots: no configuration the paper kept
 uses layer 13, so stage 1 does not train it either); for ``synthetic`` it is ``[0, 2, 4, 6]``,
 for ``synthetic-5sa`` ``[0, 2, 3, 5, 6]``.
+
+``compile: true`` compiles every transformer block of the model a stage trains (torchtitan's
+per-block ``torch.compile``: `visor_vllm.training.engines.compile_blocks`) before the engine
+wraps it: the same math with fused kernels, so losses agree with the eager step to float
+rounding (~1e-7) and a long run's trajectory differs as it would on another machine.
 
 Footguns. ``batch_size`` is the *global* batch (samples per optimizer step);
 ``micro_batch_size`` is per process and micro-step; gradient accumulation is derived
@@ -141,6 +147,7 @@ class TrainRecipe:
     log_every: int = 10
     recipe_version: int = RECIPE_VERSION
     mixed_precision: str = "no"            # no | bf16 (YAML's unquoted `no` is false: "no")
+    compile: bool = False                  # torch.compile each block (engines.compile_blocks)
     extra: dict = field(default_factory=dict)  # free-form notes, copied into the outputs
 
     def __post_init__(self):
@@ -151,6 +158,8 @@ class TrainRecipe:
             raise RecipeError("a recipe needs at least one stage")
         if self.mixed_precision is False:  # `mixed_precision: no` unquoted, as Accelerate writes it
             self.mixed_precision = "no"
+        if not isinstance(self.compile, bool):
+            raise RecipeError(f"compile is true or false, got {self.compile!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise RecipeError(f"mixed_precision is 'no' or 'bf16', got {self.mixed_precision!r}")
         names = [s.name for s in self.stages]

@@ -58,7 +58,7 @@ from visor_vllm.host_sync import HostSyncDetector, no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
                                       default_image_folder, load_records, teacher_batch,
                                       with_layout)
-from visor_vllm.training.engines import make_engine, tune_host_allocator
+from visor_vllm.training.engines import compile_blocks, make_engine, tune_host_allocator
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
 from visor_vllm.training.recipe import StageSpec, TrainRecipe
 
@@ -295,6 +295,8 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     model = load_model(spec.kind, init)
     model_config = model.config
     step_module = step_module_for(model, spec)
+    if recipe.compile:
+        compile_blocks(step_module)  # before the engine wraps it, as torchtitan does
     micro, accum = spec.accumulation(engine.world)
     module = engine.prepare(step_module, param_groups(step_module, spec), spec.lr, micro, accum,
                             spec.max_grad_norm)
