@@ -19,6 +19,8 @@ printing one JSON line ``{"check": ..., "ok": ..., "seconds": ...}`` (and `--out
    policy round differently) their difference is reported, not checked.
 5. ``speed``: `benchmarks/train_throughput.py` (prefill and training step, VISOR min/max vs
    dense) at the preset's shapes, its JSON lines passed through.
+6. ``speed-compiled`` (GPU only): the training step again with every block compiled (the
+   recipe's ``compile: true``), at the preset's second shape.
 
 The last line is ``{"gpu_check": "passed" | "failed", "failed": [...], "seconds": ...}``; exit
 status 0 only when every check passed.
@@ -191,9 +193,9 @@ def export(out: Path, cpu: bool) -> dict:
             "logits_max_abs_diff": diff, "ddp_vs_fsdp2_weights_max_abs_diff": engines}
 
 
-def speed(check: Check, preset: str, shapes: str, cpu: bool) -> dict:
+def speed(check: Check, preset: str, shapes: str, cpu: bool, *extra: str) -> dict:
     args = [sys.executable, ROOT / "benchmarks" / "train_throughput.py", "--preset", preset,
-            "--shapes", shapes]
+            "--shapes", shapes, *extra]
     if cpu:
         args += ["--device", "cpu", "--steps", "2", "--warmup", "1"]
     done = must(sh(args, {"CUDA_VISIBLE_DEVICES": ""} if cpu else None), "train_throughput.py")
@@ -235,6 +237,10 @@ def main(argv=None) -> int:
             check.run("export", lambda: export(out, cpu))
     if "speed" not in skip:
         check.run("speed", lambda: speed(check, args.preset, shapes, cpu))
+    if "speed-compiled" not in skip and not cpu:  # the recipe's `compile: true`, one shape
+        check.run("speed-compiled", lambda: speed(check, args.preset, shapes.split(",")[1],
+                                                  cpu, "--phases", "train", "--compile",
+                                                  "--warmup", "4"))
     check.emit({"gpu_check": "failed" if check.failed else "passed", "failed": check.failed,
                 "seconds": round(time.time() - check.t0, 1)})
     return 1 if check.failed else 0
