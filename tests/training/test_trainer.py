@@ -24,6 +24,19 @@ def _curve(stage_dir):
             for r in map(json.loads, (Path(stage_dir) / "metrics.jsonl").read_text().splitlines())]
 
 
+def _assert_same_run(a_dir, b_dir, stages, a_model, b_model, loss: dict, weights: dict):
+    """Two runs' curves (same steps and configurations, losses ``pytest.approx(**loss)``) and
+    exported weights (``assert_close(**weights)``) agree."""
+    for stage in stages:
+        ca, cb = _curve(Path(a_dir) / stage), _curve(Path(b_dir) / stage)
+        assert [(s, c) for s, _, c in ca] == [(s, c) for s, _, c in cb]
+        assert [x for _, x, _ in ca] == pytest.approx([x for _, x, _ in cb], **loss)
+    a, b = _weights(a_model), _weights(b_model)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **weights)
+
+
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(visor_ckpt_synth, synth_data):
     model = load_model("stage2", visor_ckpt_synth)
     enc = SampleEncoder(visor_ckpt_synth)
@@ -82,14 +95,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, visor_ckpt_s
         run(killed, stop_after=kill_at, progress=False)  # dies right after a saved state
     assert not (tmp_path / "b" / where / "model").exists()
     resumed = run(killed, progress=False)
-    for stage in ("stage1", "stage2"):
-        ca, cb = _curve(a_dir / stage), _curve(tmp_path / "b" / stage)
-        assert [(s, c) for s, _, c in ca] == [(s, c) for s, _, c in cb]
-        assert [x for _, x, _ in ca] == pytest.approx([x for _, x, _ in cb], abs=1e-6)
-    a, b = _weights(whole), _weights(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    _assert_same_run(a_dir, tmp_path / "b", ("stage1", "stage2"), whole, resumed,
+                     loss=dict(abs=1e-6), weights=dict(rtol=0, atol=1e-6))
 
 
 def test_a_compiled_run_follows_the_eager_one(tmp_path, visor_ckpt_synth, synth_data,
@@ -107,14 +114,8 @@ def test_a_compiled_run_follows_the_eager_one(tmp_path, visor_ckpt_synth, synth_
         compiled = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "c", KILL_STAGES,
                                    compile=True), progress=False)
     assert counters["stats"]["unique_graphs"] > 0
-    for stage in ("stage1", "stage2"):
-        ca, cc = _curve(a_dir / stage), _curve(tmp_path / "c" / stage)
-        assert [(s, c) for s, _, c in ca] == [(s, c) for s, _, c in cc]
-        assert [x for _, x, _ in ca] == pytest.approx([x for _, x, _ in cc], rel=1e-4)
-    a, c = _weights(whole), _weights(compiled)
-    assert a.keys() == c.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+    _assert_same_run(a_dir, tmp_path / "c", ("stage1", "stage2"), whole, compiled,
+                     loss=dict(rel=1e-4), weights=dict(rtol=1e-4, atol=1e-5))
 
 
 def test_a_compiled_dense_stage_follows_the_eager_one(tmp_path, dense_ckpt, synth_data):
@@ -128,11 +129,8 @@ def test_a_compiled_dense_stage_follows_the_eager_one(tmp_path, dense_ckpt, synt
     with dynamo_config.patch(fail_on_recompile_limit_hit=True):
         compiled = run(tiny_recipe(dense_ckpt, synth_data, tmp_path / "c", stages,
                                    compile=True), progress=False)
-    assert [x for _, x, _ in _curve(tmp_path / "e" / "dense")] == pytest.approx(
-        [x for _, x, _ in _curve(tmp_path / "c" / "dense")], rel=1e-4)
-    a, c = _weights(eager), _weights(compiled)
-    for k in a:
-        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+    _assert_same_run(tmp_path / "e", tmp_path / "c", ("dense",), eager, compiled,
+                     loss=dict(rel=1e-4), weights=dict(rtol=1e-4, atol=1e-5))
     model = load_model("dense", dense_ckpt)
     n_layers = model.config.text_config.num_hidden_layers
     assert compile_blocks(model) == n_layers + model.config.vision_config.num_hidden_layers
