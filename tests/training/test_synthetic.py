@@ -112,7 +112,7 @@ def test_a_split_written_by_several_processes_is_the_same_bytes(tmp_path, monkey
     kw = dict(n_train=40, n_val=3, n_test=5, turns=8, progress=False)
     one = synthetic.write_dataset(tmp_path / "one", **kw)
     monkeypatch.setattr(synthetic, "PARALLEL_FROM", 10)
-    monkeypatch.setattr(synthetic.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr("visor_vllm.training.machine.usable_cpus", lambda: 2)
     two = synthetic.write_dataset(tmp_path / "two", **kw)
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
     assert len(files) == 3 + 1 + 40 + 3 + 5 and files == sorted(

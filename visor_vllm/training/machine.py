@@ -48,7 +48,8 @@ def _int(x: str | None) -> int | None:
         return None
 
 
-def _cpus() -> int | None:
+def usable_cpus() -> int | None:
+    """The CPUs this process may run on (its affinity set), else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -61,7 +62,7 @@ def describe(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     flags = set(info.get("flags", "").split())
     out = {"cpu": info.get("model name") or platform.processor() or None,
            "cpu_family": _int(info.get("cpu family")), "cpu_model": _int(info.get("model")),
-           "cpus": _cpus(),
+           "cpus": usable_cpus(),
            "isa": "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else
            "other" if flags else None,
            "torch": None, "threads": None, "gpu": None}

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -296,16 +295,17 @@ def _write_one(out: Path, meta: dict, split: str, turns: int, i: int) -> str:
 
 
 def _write_split(out: Path, meta: dict, split: str, n: int, turns: int, progress: bool) -> None:
-    """Write one split, its samples spread over the CPUs (``os.sched_getaffinity``; the lines
+    """Write one split, its samples spread over the CPUs (`machine.usable_cpus`; the lines
     keep their order, so the files are the same bytes whatever the number of processes)."""
     import multiprocessing
     from functools import partial
 
     from tqdm.auto import tqdm
 
+    from visor_vllm.training.machine import usable_cpus
+
     one = partial(_write_one, out, meta, split, turns)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    procs = min(cpus or 1, 8) if n >= PARALLEL_FROM else 1
+    procs = min(usable_cpus() or 1, 8) if n >= PARALLEL_FROM else 1
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(open(out / f"{split}.jsonl", "w"))
         bar = stack.enter_context(tqdm(total=n, desc=f"synthetic {split}", unit="img",
