@@ -22,3 +22,30 @@ def test_router_interval_pairs_the_two_passes_by_question():
     assert (lo2 + hi2) / 2 == pytest.approx(290 / 500, abs=1e-4)
     assert _paired_ratio_ci({"samples": []}, full) is None
     assert _paired_ratio_ci(router, {}) is None
+
+
+def test_servers_schedule_as_many_sequences_as_the_client_keeps_in_flight(tmp_path, monkeypatch):
+    """The recipe's served pass starts both servers with ``--max-num-seqs`` = its concurrency
+    (vLLM's default 16 made a client at 64 queue; 64 and 64 answered 1.28x the requests a
+    second of 16 and 16, the same answers, 2026-12-07)."""
+    import contextlib
+    import json
+
+    from visor_vllm.evaluation import recipe
+
+    (tmp_path / "visor").mkdir()
+    (tmp_path / "visor" / "config.json").write_text(json.dumps({"sa_configs": [[0]]}))
+    started, asked = [], []
+
+    @contextlib.contextmanager
+    def fake_served(model_dir, name, extra=(), log=None, **kw):
+        started.append((name, list(extra)))
+        yield "http://x", log
+
+    monkeypatch.setattr(recipe, "served", fake_served)
+    monkeypatch.setattr(recipe, "evaluate_served",
+                        lambda base, data, name, budgets, **kw: asked.append(kw["concurrency"]))
+    monkeypatch.setattr(recipe, "merge_served", lambda report, v, d: report)
+    recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": 48}, progress=False)
+    assert started == [("visor", ["--max-num-seqs", "48"]), ("dense", ["--max-num-seqs", "48"])]
+    assert asked == [48, 48]

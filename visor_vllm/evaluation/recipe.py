@@ -68,12 +68,15 @@ def serve_and_evaluate(out: Path, report: dict, sc: dict, progress: bool = True)
     visor = out / "visor"
     dense = out / "dense-run" / "dense" / "model"
     configs = json.loads((visor / "config.json").read_text())["sa_configs"]
-    kw = {"concurrency": sc.get("concurrency", 16), "max_samples": sc.get("max_samples"),
+    conc = sc.get("concurrency", 64)
+    kw = {"concurrency": conc, "max_samples": sc.get("max_samples"),
           "progress": progress, "keep_samples": True}
-    with served(visor, "visor", log=out / "serve" / "visor.log") as (base, _):
+    # the server schedules as many sequences as the client keeps in flight
+    batch = ["--max-num-seqs", str(conc)]
+    with served(visor, "visor", extra=batch, log=out / "serve" / "visor.log") as (base, _):
         v = evaluate_served(base, data, "visor", sc.get("budgets", ["auto", "configs"]),
                             sa_configs=configs, **kw)
-    with served(dense, "dense", log=out / "serve" / "dense.log") as (base, _):
+    with served(dense, "dense", extra=batch, log=out / "serve" / "dense.log") as (base, _):
         d = evaluate_served(base, data, "dense", ["none"], **kw)
     (out / "served.json").write_text(json.dumps({"visor": v, "dense": d}) + "\n")
     return merge_served(report, v, d)
