@@ -145,3 +145,26 @@ def test_unreadable_data_is_a_named_error(tmp_path):
         load_records(tmp_path / "x.csv")
     with pytest.raises(BadSample):
         raise BadSample("x")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_pre_encoded_samples_are_the_encoded_ones(encoder, folder, processes):
+    """`pre_encode` (several worker processes, small chunks) gives every requested sample's
+    tensors exactly, keeps bad samples as `Skipped` with their examples, and encodes a sample
+    it was not asked for on access."""
+    from visor_vllm.training.data import encoded_bytes, pre_encode
+
+    recs = [_record("img.png" if i % 3 else "big.png", rid=f"r{i}") for i in range(9)]
+    recs[4] = _record("missing.png", rid="gone")
+    live = EncodedDataset(recs, encoder, folder)
+    pre = pre_encode(EncodedDataset(recs, encoder, folder), [0, 1, 2, 3, 4, 5, 6, 7, 4],
+                     processes=processes, chunk=2)
+    assert sorted(pre.cache) == list(range(8))
+    assert pre[4] == Skipped("missing_image") and "gone" in pre.skipped.examples["missing_image"][0]
+    assert pre.nbytes == sum(encoded_bytes(live[i]) for i in range(8))
+    for i in (0, 1, 2, 3, 5, 6, 7, 8):  # 8 was not asked for: encoded on access
+        a, b = pre[i], live[i]
+        assert a.meta == b.meta
+        for x, y in ((a.input_ids, b.input_ids), (a.labels, b.labels),
+                     (a.pixel_values, b.pixel_values), (a.image_sizes, b.image_sizes)):
+            assert x.dtype == y.dtype and torch.equal(x, y)

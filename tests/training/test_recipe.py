@@ -26,6 +26,8 @@ def test_round_trip(tmp_path):
     ({**BASE, "recipe_version": 9}, "recipe_version"),
     ({**BASE, "stages": []}, "at least one stage"),
     ({**BASE, "data": {"train": "x", "typo": 1}}, "unknown key"),
+    ({**BASE, "data": {"train": "x", "pre_encode_gb": -1}}, "pre_encode_gb is a number"),
+    ({**BASE, "data": {"train": "x", "pre_encode_gb": "4"}}, "pre_encode_gb is a number"),
 ])
 def test_bad_recipes_are_named_errors(bad, match):
     with pytest.raises(RecipeError, match=match):

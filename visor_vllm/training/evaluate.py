@@ -5,7 +5,8 @@ What. `evaluate(checkpoint, data)` scores every sample by greedy exact match of 
 *is* greedy decoding's exact match) and its answer loss, for a dense LLaVA-OV checkpoint once
 or for a VISOR checkpoint under each requested configuration. Returns per-family and per-group
 (easy/hard, from the dataset's ``dataset.json`` when present) accuracies and the per-sample
-records (the raw material of pseudo-labels).
+records (the raw material of pseudo-labels). Every configuration is scored in one pass over
+the data (`score_configs`): each batch is encoded once and run under each configuration.
 
 Why offline. The recipe measures the models it trains before any server exists, with the
 trainer's own forward; accuracy *through the server* is the adaptive-inference issue's

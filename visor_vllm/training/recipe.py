@@ -134,6 +134,14 @@ class DataSpec:
     image_folder: str | None = None
     max_length: int = 2048
     num_workers: int = 1                    # DataLoader workers encoding samples ahead
+    pre_encode_gb: float = 4.0              # encode a stage's samples up front, with every CPU,
+                                            # when they fit in this many GB (0: never;
+                                            # data.pre_encode)
+
+    def __post_init__(self):
+        if isinstance(self.pre_encode_gb, bool) or not isinstance(self.pre_encode_gb, (int, float)) \
+                or self.pre_encode_gb < 0:
+            raise RecipeError(f"data.pre_encode_gb is a number of GB >= 0, got {self.pre_encode_gb!r}")
 
 
 @dataclass
