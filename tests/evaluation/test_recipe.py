@@ -49,3 +49,5 @@ def test_servers_schedule_as_many_sequences_as_the_client_keeps_in_flight(tmp_pa
     recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": 48}, progress=False)
     assert started == [("visor", ["--max-num-seqs", "48"]), ("dense", ["--max-num-seqs", "48"])]
     assert asked == [48, 48]
+    with pytest.raises(ValueError, match="serve.concurrency is a number"):
+        recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": None}, progress=False)

@@ -168,3 +168,7 @@ def test_pre_encoded_samples_are_the_encoded_ones(encoder, folder, processes):
         for x, y in ((a.input_ids, b.input_ids), (a.labels, b.labels),
                      (a.pixel_values, b.pixel_values), (a.image_sizes, b.image_sizes)):
             assert x.dtype == y.dtype and torch.equal(x, y)
+    capped = pre_encode(EncodedDataset(recs, encoder, folder), range(8), processes=processes,
+                        chunk=2, limit_bytes=encoded_bytes(live[0]) + 1)
+    assert sorted(capped.cache) == [0, 1]  # stops at the sample that passes the limit
+    assert capped[5].input_ids.equal(live[5].input_ids)  # the rest: encoded as drawn

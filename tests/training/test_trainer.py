@@ -120,12 +120,14 @@ def test_a_compiled_run_follows_the_eager_one(tmp_path, visor_ckpt_synth, synth_
 
 def test_samples_encoded_as_drawn_train_the_same_run(tmp_path, visor_ckpt_synth, synth_data,
                                                      uninterrupted, capsys):
-    """Pre-encoding (the default, `data.pre_encode`) only moves work: a run whose samples do
-    not fit ``pre_encode_gb`` encodes them as drawn, says so, and gives the same bytes."""
+    """Pre-encoding (the default, `data.pre_encode`) only moves work: a run whose samples pass
+    ``pre_encode_gb`` after the first encodes the others as drawn, says so, and gives the same
+    bytes as the run that pre-encoded them all."""
     a_dir, whole = uninterrupted
     drawn = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "d", KILL_STAGES,
                             pre_encode_gb=1e-9), progress=False)
-    assert "[stage1] samples encoded as drawn" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "[stage1] pre-encoded 1 of 12 samples" in said and "the other 11 encoded as drawn" in said
     _assert_same_run(a_dir, tmp_path / "d", ("stage1", "stage2"), whole, drawn,
                      loss=dict(abs=0), weights=dict(rtol=0, atol=0))
 

@@ -69,6 +69,8 @@ def serve_and_evaluate(out: Path, report: dict, sc: dict, progress: bool = True)
     dense = out / "dense-run" / "dense" / "model"
     configs = json.loads((visor / "config.json").read_text())["sa_configs"]
     conc = sc.get("concurrency", 64)
+    if isinstance(conc, bool) or not isinstance(conc, int) or conc < 1:
+        raise ValueError(f"serve.concurrency is a number of requests >= 1, got {conc!r}")
     kw = {"concurrency": conc, "max_samples": sc.get("max_samples"),
           "progress": progress, "keep_samples": True}
     # the server schedules as many sequences as the client keeps in flight

@@ -284,8 +284,9 @@ class SkipCounter(Counter):
     def add(self, err: BadSample, where: str) -> None:
         self[err.reason] += 1
         ex = self.examples.setdefault(err.reason, [])
-        if len(ex) < 5:
-            ex.append(f"{where}: {err}")
+        text = f"{where}: {err}"
+        if len(ex) < 5 and text not in ex:
+            ex.append(text)
 
     def summary(self) -> dict:
         return {"skipped": sum(self.values()), "by_reason": dict(self),
@@ -371,29 +372,39 @@ def _as_is(x):
 
 
 def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
-               chunk: int = 256) -> PreEncoded:
-    """``ds`` with every sample of ``indices`` encoded now, by ``processes`` DataLoader workers.
+               chunk: int = 256, limit_bytes: float = float("inf")) -> PreEncoded:
+    """``ds`` with the samples of ``indices`` encoded now: by ``processes`` DataLoader workers
+    (in this process when that is 1 or there is one chunk), in index order, until the cached
+    tensors pass ``limit_bytes``; the rest are encoded as drawn.
 
     Why. On the synthetic recipe a sample costs ~1 ms to encode (image load, LLaVA-OV's image
     processor, the chat template), and the one DataLoader worker encoding beside the step's
     two compute threads slowed the dense phase by ~18 % (4.10 against 5.00 steps/s with the
-    samples encoded beforehand, 2-vCPU Xeon, 2026-12-07). Encoded up front by every CPU, each
-    sample once (the dense phase draws 1.6 epochs), the step then runs alone.
+    samples encoded beforehand, 2-vCPU Xeon, 2026-12-07). Encoded up front by the idle CPUs,
+    each sample once (the dense phase draws 1.6 epochs), the step then runs alone.
 
-    Footguns. Holds every sample in memory: the trainer asks for it only under
-    ``DataSpec.pre_encode_gb``. Bad samples are kept as `Skipped` (their reasons count at every
-    draw, as before) and their examples merged into ``ds.skipped``.
+    Footguns. Memory: what is cached stays until the stage ends; ``limit_bytes`` is checked per
+    sample, so the cache passes it by one sample at most (plus the chunks in flight between
+    processes). Bad samples are kept as `Skipped` (their reasons count at every draw, as
+    before) and their examples merged into ``ds.skipped``. The workers draw no seed from the
+    global RNG (their own generator), so pre-encoding changes no random stream.
     """
     order = sorted(set(indices))
     parts = _Chunks(ds, [order[k:k + chunk] for k in range(0, len(order), chunk)])
     if processes > 1 and len(parts) > 1:
-        loader = torch.utils.data.DataLoader(parts, batch_size=None, collate_fn=_as_is,
-                                             num_workers=min(processes, len(parts)))
+        loader = iter(torch.utils.data.DataLoader(
+            parts, batch_size=None, collate_fn=_as_is, num_workers=min(processes, len(parts)),
+            generator=torch.Generator()))
     else:
         loader = (parts[k] for k in range(len(parts)))
     cache: dict[int, Encoded | Skipped] = {}
     nbytes = 0
     for part, examples in loader:
+        for reason, seen in examples.items():
+            mine = ds.skipped.examples.setdefault(reason, [])
+            for e in seen:
+                if e not in mine and len(mine) < 5:
+                    mine.append(e)
         for i, *x in part:
             if len(x) == 1:
                 cache[i] = Skipped(x[0])
@@ -403,11 +414,8 @@ def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
                                None if pix is None else torch.from_numpy(pix),
                                None if sizes is None else torch.from_numpy(sizes), meta)
             nbytes += encoded_bytes(cache[i])
-        for reason, seen in examples.items():
-            mine = ds.skipped.examples.setdefault(reason, [])
-            for e in seen:
-                if e not in mine and len(mine) < 5:
-                    mine.append(e)
+            if nbytes > limit_bytes:  # the workers shut down as the loader is collected
+                return PreEncoded(ds, cache, nbytes)
     return PreEncoded(ds, cache, nbytes)
 
 

@@ -134,9 +134,9 @@ class DataSpec:
     image_folder: str | None = None
     max_length: int = 2048
     num_workers: int = 1                    # DataLoader workers encoding samples ahead
-    pre_encode_gb: float = 4.0              # encode a stage's samples up front, with every CPU,
-                                            # when they fit in this many GB (0: never;
-                                            # data.pre_encode)
+    pre_encode_gb: float = 4.0              # encode a stage's samples up front with the node's
+                                            # CPUs, up to this many GB of tensors a process, the
+                                            # rest as drawn (0: all as drawn; data.pre_encode)
 
     def __post_init__(self):
         if isinstance(self.pre_encode_gb, bool) or not isinstance(self.pre_encode_gb, (int, float)) \

@@ -25,8 +25,8 @@ processes and micro-steps, and the loss is ``sum of answer-token losses / answer
 global batch``, so N processes with the same global batch compute the same gradient as one.
 
 Samples are encoded before the stage's first step (`visor_vllm.training.data.pre_encode`, by
-every CPU, each sample once) when they fit in ``data.pre_encode_gb``: encoding beside the step
-cost the synthetic dense phase ~18 %. Larger sets are encoded as drawn, by the DataLoader.
+the node's CPUs, each sample once), up to ``data.pre_encode_gb`` per process: encoding beside
+the step cost the synthetic dense phase ~18 %. The rest are encoded as drawn, by the DataLoader.
 
 A step without host round trips: the batch's layout is built in the DataLoader's collate, the
 step (`_StepFn`) keeps loss, token count and gradient norm on the device, and the log reads a
@@ -50,6 +50,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -60,8 +61,8 @@ import torch
 from visor_vllm import envs
 from visor_vllm.host_sync import HostSyncDetector, no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
-                                      default_image_folder, encoded_bytes, load_records,
-                                      pre_encode, teacher_batch, with_layout)
+                                      default_image_folder, load_records, pre_encode,
+                                      teacher_batch, with_layout)
 from visor_vllm.training.engines import compile_blocks, make_engine, tune_host_allocator
 from visor_vllm.training.machine import usable_cpus
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
@@ -401,24 +402,24 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
 
 def _maybe_pre_encode(ds: EncodedDataset, batches, data, name: str, world: int, main: bool):
     """The samples this process will draw, encoded up front (`data.pre_encode`) by its share of
-    the CPUs, when they fit in ``data.pre_encode_gb``; else ``ds`` as it is, said once."""
+    the node's CPUs (at most 8), up to ``data.pre_encode_gb`` of tensors per process; the rest
+    (or all, at 0) encoded as drawn. The main process says how many."""
     if data.pre_encode_gb <= 0:
         return ds
     indices = sorted({i for b in batches for i in b})
     if not indices:
         return ds
-    estimate = max(encoded_bytes(ds[i]) for i in indices[:8]) * len(indices)
-    if estimate > data.pre_encode_gb * 2 ** 30:
-        if main:
-            print(f"[{name}] samples encoded as drawn: ~{estimate / 2 ** 30:.1f} GB for "
-                  f"{len(indices)} samples > data.pre_encode_gb {data.pre_encode_gb}")
-        return ds
-    processes = max(1, min(8, (usable_cpus() or 1) // world))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this node
+    processes = max(1, min(8, (usable_cpus() or 1) // max(local, 1)))
     t = time.time()
-    out = pre_encode(ds, indices, processes)
+    out = pre_encode(ds, indices, processes, limit_bytes=data.pre_encode_gb * 2 ** 30)
     if main:
-        print(f"[{name}] pre-encoded {len(indices)} samples ({out.nbytes / 2 ** 30:.2f} GB) in "
-              f"{time.time() - t:.0f} s with {processes} process(es)")
+        rest = ("" if len(out.cache) == len(indices) else
+                f"; data.pre_encode_gb {data.pre_encode_gb} reached, the other "
+                f"{len(indices) - len(out.cache)} encoded as drawn")
+        print(f"[{name}] pre-encoded {len(out.cache)} of {len(indices)} samples "
+              f"({out.nbytes / 2 ** 30:.2f} GB) in {time.time() - t:.0f} s with {processes} "
+              f"process(es){rest}")
     return out
 
 
