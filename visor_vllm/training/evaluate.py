@@ -26,7 +26,7 @@ import torch
 
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
                                       iter_batches, load_records)
-from visor_vllm.training.model import answer_stats, dense_hidden, visor_hidden
+from visor_vllm.training.model import answer_stats, dense_hidden, visor_hidden_configs
 
 
 def dataset_groups(data: str | Path) -> dict[str, str]:
@@ -45,23 +45,23 @@ def score(model, kind: str, ds: EncodedDataset, pad: int, sa_layers=None,
 def score_configs(model, kind: str, ds: EncodedDataset, pad: int, configs,
                   batch_size: int = 64) -> list[list[dict]]:
     """`score` under each of ``configs`` (a list of SA-layer lists; ``[None]`` for dense), in one
-    pass over the data: each batch is encoded once and run under every configuration. Encoding
-    (the image processor and the chat template) was ~60 % of a configuration's evaluation on
-    the synthetic splits, paid again for each of the 16 configurations; memory stays one batch.
+    pass over the data: each batch is encoded once and run under every configuration, its
+    layout, vision tower and shared first layers once (`visor_hidden_configs`). Encoding (the
+    image processor and the chat template) was ~60 % of a configuration's evaluation on the
+    synthetic splits, paid again for each of the 16 configurations. Memory: one batch.
     """
     model.eval()
     device = next(model.parameters()).device
     out: list[list[dict]] = [[] for _ in configs]
     for keep, batch in iter_batches(ds, pad, batch_size):
         batch = batch.to(device)
-        for recs, sa_layers in zip(out, configs):
-            if kind == "dense":
-                hidden, labels = dense_hidden(model, batch)
-                head = model.lm_head
-            else:
-                hidden, lay = visor_hidden(model, batch, sa_layers)
-                labels = lay.text_labels
-                head = model.language_model.lm_head
+        if kind == "dense":
+            runs = (dense_hidden(model, batch) for _ in configs)
+            head = model.lm_head
+        else:  # what every configuration shares runs once (visor_hidden_configs)
+            runs = ((h, lay.text_labels) for h, lay in visor_hidden_configs(model, batch, configs))
+            head = model.language_model.lm_head
+        for recs, (hidden, labels) in zip(out, runs):
             ok, loss, n, prefix = answer_stats(hidden, labels, head)
             for j, i in enumerate(keep):
                 recs.append({"index": i, "family": batch.meta[j].get("family", "all"),

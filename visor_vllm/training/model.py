@@ -140,6 +140,38 @@ def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
     return lm.norm(t), lay
 
 
+@torch.no_grad()
+def visor_hidden_configs(model: VisorForConditionalGeneration, batch: Batch, configs):
+    """Yields ``(hidden [B, Tm, d], layout)``, `visor_hidden` under each of ``configs`` in
+    order, no gradients: the layout, the vision tower and the layers on which every
+    configuration agrees (the always-on SA layers before the first optional one) run once for
+    all of them; one configuration's hidden states live at a time. Evaluation's forward
+    (`visor_vllm.training.evaluate.score_configs`); equal to one `visor_hidden` per
+    configuration (tested)."""
+    cfg = model.config
+    sas = [set(c) for c in configs]
+    for sa in sas:
+        bad = sa - set(cfg.sa_capable_layers)
+        if bad:
+            raise TrainingError(f"layers {sorted(bad)} are not SA-capable ({cfg.sa_capable_layers})")
+    lm = model.language_model.model
+    lay = layout_of(model, batch)
+    vis = encode_images(model, lay)
+    t = lm.embed_tokens(lay.text_ids)                             # [B, Tm, d]
+    if vis is None:
+        vis = t.new_zeros(0, t.shape[-1])
+    rope = layers.rope_tables(model.inv_freq, lay, t.dtype)
+    shared = 0  # layers [0, shared) run alike under every configuration
+    while shared < len(lm.layers) and len({shared in sa for sa in sas}) == 1:
+        t, vis = lm.layers[shared](t, vis, lay, shared in sas[0], rope)
+        shared += 1
+    for sa in sas:
+        tc, vc = t, vis
+        for i in range(shared, len(lm.layers)):
+            tc, vc = lm.layers[i](tc, vc, lay, i in sa, rope)
+        yield lm.norm(tc), lay
+
+
 def dense_hidden(model, batch: Batch):
     """transformers' `LlavaOnevisionForConditionalGeneration`: final hidden states, full labels."""
     out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
