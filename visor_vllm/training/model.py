@@ -7,7 +7,8 @@ What.
   under one SA configuration (Once-for-All samples one per optimisation step). Returns the
   final-norm text hidden states ``[B, Tm, d]`` and the batch's `BatchLayout`. Each decoder
   layer is one module call (`DecoderLayer.forward` = `visor_vllm.model.layers.visor_layer`), so
-  FSDP2 units and activation checkpointing wrap whole layers.
+  FSDP2 units and activation checkpointing wrap whole layers. `visor_hidden_configs` is its
+  no-gradient form for several configurations at once (evaluation), sharing what they share.
 * `answer_loss` / `answer_stats` -- cross-entropy and greedy exact match on the answer tokens
   only, computing the LM head only at those positions (a 151,936-row head over every position
   would dominate a tiny model's step); shared by VISOR and the dense LLaVA-OV (`dense_hidden`).
