@@ -102,6 +102,22 @@ def _touch_vision(model: VisorForConditionalGeneration, t: torch.Tensor) -> torc
     return (enc.sum() + model.image_newline.sum()) * 0.0
 
 
+def _sa_set(cfg, sa_layers) -> set[int]:
+    sa = set(sa_layers)
+    bad = sa - set(cfg.sa_capable_layers)
+    if bad:
+        raise TrainingError(f"layers {sorted(bad)} are not SA-capable ({cfg.sa_capable_layers})")
+    return sa
+
+
+def _start(model: VisorForConditionalGeneration, batch: Batch):
+    """``(decoder, layout, vision [Sv, d] or None, text embeddings [B, Tm, d])``: what every
+    configuration starts from."""
+    lm = model.language_model.model
+    lay = layout_of(model, batch)
+    return lm, lay, encode_images(model, lay), lm.embed_tokens(lay.text_ids)
+
+
 def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
                  gradient_checkpointing: bool = False, upto_layer: int | None = None,
                  trainable_rows: tuple[int, ...] = ()):
@@ -111,15 +127,8 @@ def visor_hidden(model: VisorForConditionalGeneration, batch: Batch, sa_layers,
     router's input (`visor_vllm.training.router`). ``trainable_rows``: embedding rows that get
     a gradient; every other token's embedding is detached (stage 1, see the footguns).
     """
-    cfg = model.config
-    sa = set(sa_layers)
-    bad = sa - set(cfg.sa_capable_layers)
-    if bad:
-        raise TrainingError(f"layers {sorted(bad)} are not SA-capable ({cfg.sa_capable_layers})")
-    lm = model.language_model.model
-    lay = layout_of(model, batch)
-    vis = encode_images(model, lay)
-    t = lm.embed_tokens(lay.text_ids)                             # [B, Tm, d]
+    sa = _sa_set(model.config, sa_layers)
+    lm, lay, vis, t = _start(model, batch)
     if trainable_rows:
         keep = lay.text_ids == trainable_rows[0]
         for r in trainable_rows[1:]:
@@ -149,16 +158,8 @@ def visor_hidden_configs(model: VisorForConditionalGeneration, batch: Batch, con
     all of them; one configuration's hidden states live at a time. Evaluation's forward
     (`visor_vllm.training.evaluate.score_configs`); equal to one `visor_hidden` per
     configuration (tested)."""
-    cfg = model.config
-    sas = [set(c) for c in configs]
-    for sa in sas:
-        bad = sa - set(cfg.sa_capable_layers)
-        if bad:
-            raise TrainingError(f"layers {sorted(bad)} are not SA-capable ({cfg.sa_capable_layers})")
-    lm = model.language_model.model
-    lay = layout_of(model, batch)
-    vis = encode_images(model, lay)
-    t = lm.embed_tokens(lay.text_ids)                             # [B, Tm, d]
+    sas = [_sa_set(model.config, c) for c in configs]
+    lm, lay, vis, t = _start(model, batch)
     if vis is None:
         vis = t.new_zeros(0, t.shape[-1])
     rope = layers.rope_tables(model.inv_freq, lay, t.dtype)
