@@ -118,6 +118,8 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
                                    "fsdp_reshard_after_forward of that config"),
     "RANK": (_int("RANK", None), "this process's rank (torchrun; unset: one process)"),
     "LOCAL_RANK": (_int("LOCAL_RANK", 0), "this process's rank on its node (its GPU)"),
+    "LOCAL_WORLD_SIZE": (_int("LOCAL_WORLD_SIZE", None),
+                         "processes on this node (torchrun; unset: the world size is used)"),
 }
 
 environment_variables: dict[str, Callable[[], Any]] = {k: v[0] for k, v in _VARIABLES.items()}

@@ -50,7 +50,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -409,7 +408,7 @@ def _maybe_pre_encode(ds: EncodedDataset, batches, data, name: str, world: int, 
     indices = sorted({i for b in batches for i in b})
     if not indices:
         return ds
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # processes on this node
+    local = envs.LOCAL_WORLD_SIZE or world  # processes on this node
     processes = max(1, min(8, (usable_cpus() or 1) // max(local, 1)))
     t = time.time()
     out = pre_encode(ds, indices, processes, limit_bytes=data.pre_encode_gb * 2 ** 30)
