@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from visor_vllm.evaluation.served import budgets_for
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
                                       load_records)
 from visor_vllm.training.router import routing_features
@@ -58,13 +59,13 @@ def probe(run: Path) -> dict:
     yl = torch.tensor([[lab["records"][c][i]["correct"] for c in range(len(cfgs))]
                        for i in ol.tolist()], dtype=torch.float)         # [N, C]
     passes = {p["budget"]: {s["index"]: s for s in p["samples"]} for p in srv["visor"]["passes"]}
-    names = ["sa:" + ",".join(str(i + 1) for i in c) for c in cfgs]
+    names = [name for name, _ in budgets_for(cfgs, ["configs"])]        # the served passes
     yt = torch.tensor([[passes[n][i]["correct"] for n in names] for i in ot.tolist()],
                       dtype=torch.float)                                 # [M, C] served
     auto = passes["auto"]
+    index = {tuple(i + 1 for i in c): k for k, c in enumerate(cfgs)}    # 1-based receipt -> c
     family_acc = sum(auto[i]["correct"] for i in ot.tolist()) / len(ot) / float(yt[:, full].mean())
-    family_fl = float(sum(fl[names.index("sa:" + ",".join(map(str, auto[i]["sa_layers"])))]
-                          for i in ot.tolist()) / len(ot))
+    family_fl = float(sum(fl[index[tuple(auto[i]["sa_layers"])]] for i in ot.tolist()) / len(ot))
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.LayerNorm(xl.shape[1]), torch.nn.Linear(xl.shape[1], 256),
                               torch.nn.GELU(), torch.nn.Linear(256, len(cfgs)))

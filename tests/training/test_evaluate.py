@@ -3,7 +3,8 @@
 import json
 
 from visor_vllm.training import evaluate as ev
-from visor_vllm.training.data import EncodedDataset, SampleEncoder, default_image_folder, load_records
+from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
+                                      load_records)
 from visor_vllm.training.trainer import load_model
 
 
@@ -56,6 +57,7 @@ def test_shared_forward_equals_one_forward_per_configuration(visor_ckpt_synth, s
         with torch.no_grad():
             for c, (hidden, lay) in zip(configs, got):
                 want, want_lay = visor_hidden(model, batch, c)
-                assert torch.equal(hidden, want) and torch.equal(lay.text_labels, want_lay.text_labels)
+                assert torch.equal(hidden, want)
+                assert torch.equal(lay.text_labels, want_lay.text_labels)
     with pytest.raises(TrainingError, match="not SA-capable"):
         list(visor_hidden_configs(model, batch, [[0], [0, 1]]))

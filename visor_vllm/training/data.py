@@ -181,6 +181,12 @@ class Encoded:
     image_sizes: torch.Tensor | None   # [n_images, 2]
     meta: dict = field(default_factory=dict)
 
+    @property
+    def tensors(self) -> tuple:
+        """``(input_ids, labels, pixel_values, image_sizes)``: ``Encoded(*tensors, meta)``
+        rebuilds the sample."""
+        return self.input_ids, self.labels, self.pixel_values, self.image_sizes
+
 
 class SampleEncoder:
     """Record -> `Encoded`, with a checkpoint directory's tokenizer, template and processor."""
@@ -283,8 +289,11 @@ class SkipCounter(Counter):
 
     def add(self, err: BadSample, where: str) -> None:
         self[err.reason] += 1
-        ex = self.examples.setdefault(err.reason, [])
-        text = f"{where}: {err}"
+        self.note(err.reason, f"{where}: {err}")
+
+    def note(self, reason: str, text: str) -> None:
+        """Keep ``text`` as an example of ``reason``: up to 5 a reason, each once."""
+        ex = self.examples.setdefault(reason, [])
         if len(ex) < 5 and text not in ex:
             ex.append(text)
 
@@ -341,8 +350,7 @@ def encoded_bytes(x: Encoded | Skipped) -> int:
     """Host bytes of one encoded sample's tensors (0 for a skipped one)."""
     if isinstance(x, Skipped):
         return 0
-    return sum(t.numel() * t.element_size()
-               for t in (x.input_ids, x.labels, x.pixel_values, x.image_sizes) if t is not None)
+    return sum(t.numel() * t.element_size() for t in x.tensors if t is not None)
 
 
 class _Chunks(torch.utils.data.Dataset):
@@ -360,10 +368,9 @@ class _Chunks(torch.utils.data.Dataset):
         for i in self.chunks[k]:
             x = self.ds[i]
             if isinstance(x, Skipped):
-                out.append((i, x.reason))
+                out.append((i, x.reason, None))
             else:
-                out.append((i, *(None if t is None else t.numpy() for t in
-                                  (x.input_ids, x.labels, x.pixel_values, x.image_sizes)), x.meta))
+                out.append((i, [None if t is None else t.numpy() for t in x.tensors], x.meta))
         return out, {r: list(v) for r, v in self.ds.skipped.examples.items()}
 
 
@@ -401,18 +408,13 @@ def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
     nbytes = 0
     for part, examples in loader:
         for reason, seen in examples.items():
-            mine = ds.skipped.examples.setdefault(reason, [])
             for e in seen:
-                if e not in mine and len(mine) < 5:
-                    mine.append(e)
-        for i, *x in part:
-            if len(x) == 1:
-                cache[i] = Skipped(x[0])
+                ds.skipped.note(reason, e)
+        for i, arrays, meta in part:
+            if isinstance(arrays, str):  # a bad sample's reason
+                cache[i] = Skipped(arrays)
                 continue
-            ids, labels, pix, sizes, meta = x
-            cache[i] = Encoded(torch.from_numpy(ids), torch.from_numpy(labels),
-                               None if pix is None else torch.from_numpy(pix),
-                               None if sizes is None else torch.from_numpy(sizes), meta)
+            cache[i] = Encoded(*(None if a is None else torch.from_numpy(a) for a in arrays), meta)
             nbytes += encoded_bytes(cache[i])
             if nbytes > limit_bytes:  # the workers shut down as the loader is collected
                 return PreEncoded(ds, cache, nbytes)

@@ -139,9 +139,9 @@ class DataSpec:
                                             # rest as drawn (0: all as drawn; data.pre_encode)
 
     def __post_init__(self):
-        if isinstance(self.pre_encode_gb, bool) or not isinstance(self.pre_encode_gb, (int, float)) \
-                or self.pre_encode_gb < 0:
-            raise RecipeError(f"data.pre_encode_gb is a number of GB >= 0, got {self.pre_encode_gb!r}")
+        gb = self.pre_encode_gb
+        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb < 0:
+            raise RecipeError(f"data.pre_encode_gb is a number of GB >= 0, got {gb!r}")
 
 
 @dataclass
