@@ -38,16 +38,18 @@ def test_servers_schedule_as_many_sequences_as_the_client_keeps_in_flight(tmp_pa
     started, asked = [], []
 
     @contextlib.contextmanager
-    def fake_served(model_dir, name, extra=(), log=None, **kw):
-        started.append((name, list(extra)))
-        yield "http://x", log
+    def fake_served_together(servers, startup_s=300.0):
+        started.append([(kw["name"], list(kw["extra"])) for kw in servers])
+        yield [(f"http://{kw['name']}", kw["log"]) for kw in servers]
 
-    monkeypatch.setattr(recipe, "served", fake_served)
+    monkeypatch.setattr(recipe, "served_together", fake_served_together)
     monkeypatch.setattr(recipe, "evaluate_served",
-                        lambda base, data, name, budgets, **kw: asked.append(kw["concurrency"]))
+                        lambda base, data, name, budgets, **kw: asked.append(
+                            (base, name, kw["concurrency"])))
     monkeypatch.setattr(recipe, "merge_served", lambda report, v, d: report)
     recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": 48}, progress=False)
-    assert started == [("visor", ["--max-num-seqs", "48"]), ("dense", ["--max-num-seqs", "48"])]
-    assert asked == [48, 48]
+    # both servers start together (one start-up's time), each model asked at its own URL
+    assert started == [[("visor", ["--max-num-seqs", "48"]), ("dense", ["--max-num-seqs", "48"])]]
+    assert asked == [("http://visor", "visor", 48), ("http://dense", "dense", 48)]
     with pytest.raises(ValueError, match="serve.concurrency is a number"):
         recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": None}, progress=False)

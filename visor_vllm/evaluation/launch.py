@@ -5,7 +5,8 @@ import of vLLM: evaluation talks to the server over HTTP, as users do), waits un
 ``/health`` answers 200, yields ``(base_url, log_path)`` and terminates it afterwards. VISOR
 checkpoints get ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (the ``visor``
 receipts evaluation reads FLOPs from); any other model (vLLM's own LLaVA-OneVision, the dense
-baseline) is served plain.
+baseline) is served plain. `served_together` starts several at once and yields when all are
+ready (the recipe's VISOR and dense servers: their start-ups overlap).
 
 Why here. The recipe serves what it trained and evaluates it the way users reach it; the tests
 start their servers through the same function, so both use one set of flags.
@@ -69,6 +70,41 @@ def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] =
     ``extra`` flags come last (vLLM keeps the last occurrence, so they override the defaults);
     ``env`` entries override the inherited environment.
     """
+    with served_together([dict(model_dir=model_dir, name=name, extra=extra, log=log, env=env,
+                               middleware=middleware)], startup_s) as [one]:
+        yield one
+
+
+@contextlib.contextmanager
+def served_together(servers: list[dict], startup_s: float = 300.0):
+    """``[(base_url, log_path)]`` of several ready servers, each ``servers`` entry the keyword
+    arguments of `served` (``model_dir`` and ``name`` required).
+
+    Why. A start-up is mostly one CPU's work (imports, loading, vLLM's profiling run): started
+    at once, two servers are ready in about the time of one on two cores. Every server
+    started is stopped on the way out, also when another fails to start (`ServerError`).
+    """
+    deadline = time.time() + startup_s
+    running = []
+    try:
+        for kw in servers:
+            running.append(_start(**kw))
+        for proc, base, log in running:
+            _wait_ready(proc, base, log, deadline, startup_s)
+        yield [(base, log) for _, base, log in running]
+    finally:
+        for proc, _, _ in running:
+            proc.terminate()
+        for proc, _, _ in running:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _start(model_dir, name: str = "model", extra=(), log=None, env: dict | None = None,
+           middleware: bool = True):
     port = free_port()
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="visor-serve-")) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -79,28 +115,21 @@ def served(model_dir: str | os.PathLike, name: str = "model", extra: list[str] =
     with open(log, "w") as out:
         proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware),
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + startup_s
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise ServerError(f"vllm serve exited with {proc.returncode}:\n"
-                                  f"{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise ServerError(f"vllm serve not ready in {startup_s:.0f}s:\n"
-                                  f"{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base, log
-    finally:
-        proc.terminate()
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _wait_ready(proc, base: str, log: Path, deadline: float, startup_s: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            raise ServerError(f"vllm serve exited with {proc.returncode}:\n"
+                              f"{log.read_text()[-4000:]}")
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise ServerError(f"vllm serve not ready in {startup_s:.0f}s:\n"
+                              f"{log.read_text()[-4000:]}")
+        time.sleep(0.25)
