@@ -301,8 +301,9 @@ SYNTHETIC_IMAGE_SIZE = 32  # a 4x4 grid of 8-px cells: one visual token per cell
 
 
 def _synthetic(layer_types: list[str]) -> VisorConfig:
-    """The synthetic model with a layer schedule: layer 0 SA always on, the router after
-    layer 1, every subset of the other SA-capable layers a configuration (cheapest first)."""
+    """The synthetic model with a layer schedule: layer 0 SA always on, every subset of the
+    other SA-capable layers a configuration (cheapest first), the router in the block before
+    the first of them (layer 1 where layer 1 is CA, layer 0 where it is SA-capable)."""
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=SYNTHETIC_IMAGE_SIZE,
                                 patch_size=8, vision_use_head=False, layer_norm_eps=1e-6)
@@ -312,7 +313,7 @@ def _synthetic(layer_types: list[str]) -> VisorConfig:
     optional = [list(c) for n in range(len(sa) + 1) for c in itertools.combinations(sa, n)]
     schedule = dict(layer_types=list(layer_types),
                     sa_configs=[[0] + c for c in optional], always_on_sa_layers=[0],
-                    router_layer=1)
+                    router_layer=sa[0] - 1)
     s = SYNTHETIC_IMAGE_SIZE
     cfg = _make(vision, text, schedule, pinpoints=[[s, s]], router_hidden_size=64)
     cfg.tie_word_embeddings = False
@@ -346,8 +347,24 @@ def preset_synthetic_5sa() -> VisorConfig:
     return _synthetic(["self", "cross", "self", "self", "cross", "self", "self", "cross"])
 
 
+def preset_synthetic_late_ca() -> VisorConfig:
+    """`preset_synthetic_5sa`'s counts with the CA layers last: 16 configurations.
+
+    layers: ``[SA*, SA, SA, SA, SA, CA, CA, CA]`` -- SA-capable 0 (always on), 1, 2, 3, 4; CA
+    5, 6, 7; the router after layer 0 (the block before the first optional SA layer). Every
+    configuration costs what the same number of SA layers costs in ``synthetic-5sa``. Why: a CA
+    layer never updates the visual tokens, and stage 1 (new modules only) cannot put back an
+    update the dense model made there. Freezing the dense model's visual tokens at layers
+    6-8 (1-based) cost no family on any of five seeds' dense models, while at 2, 5 and 8 it
+    cost seed 5 every vertical family (``vsame`` 1.00 -> 0.64), as VISOR lost them there
+    (docs/training.md). Footgun: the router reads the routing token after one layer.
+    """
+    return _synthetic(["self", "self", "self", "self", "self", "cross", "cross", "cross"])
+
+
 PRESETS = {"visor-0.5b": preset_0_5b, "visor-1.5b": preset_1_5b, "tiny": preset_tiny,
-           "synthetic": preset_synthetic, "synthetic-5sa": preset_synthetic_5sa}
+           "synthetic": preset_synthetic, "synthetic-5sa": preset_synthetic_5sa,
+           "synthetic-late-ca": preset_synthetic_late_ca}
 
 
 def get_preset(name: str) -> VisorConfig:

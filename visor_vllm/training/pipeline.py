@@ -12,7 +12,7 @@ Phases, each writing under ``--out DIR`` (a rerun resumes: finished phases are k
 3. ``dense/`` -- transformers' LLaVA-OneVision trained on the task (the accuracy anchor), with the
    same trainer (`visor_vllm.training.trainer`) and recipe format as VISOR.
 4. ``visor-init/`` -- ``visor-vllm convert`` of the dense model to the recipe's ``preset``
-   (`SYNTHETIC_PRESETS`: one LLaVA-OV part, two layer schedules; CA o_proj and conv at zero,
+   (`SYNTHETIC_PRESETS`: one LLaVA-OV part, three layer schedules; CA o_proj and conv at zero,
    router biased to the costliest configuration).
 5. ``visor/stage1``, ``visor/stage2`` -- the two stages (paper Sec. 4.2.3, 5.1).
 6. offline evaluation of dense and of VISOR under every configuration on the test split;
@@ -321,7 +321,8 @@ TRAINING_OUTPUTS = ("data", "dense-init", "dense-run", "visor-init", "visor-run"
 ADAPTIVE_KEYS = ("eval", "search", "labels", "router", "serve")  # what runs after training
 VISOR_STAGE_KEYS = ("stage1", "stage2")  # what only visor-run depends on
 CONVERSION_KEYS = ("preset",)  # what visor-init depends on (and visor-run through it)
-SYNTHETIC_PRESETS = ("synthetic", "synthetic-5sa")  # one LLaVA-OV part, two VISOR schedules
+SYNTHETIC_PRESETS = ("synthetic", "synthetic-5sa", "synthetic-late-ca")  # one LLaVA-OV part,
+                                                                    # three VISOR schedules
 DENSE_PHASES = ("data", "data_label", "encoder", "dense", "convert")  # what builds the rest
 
 
