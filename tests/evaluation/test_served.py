@@ -36,7 +36,9 @@ def test_budget_passes():
 
 @pytest.mark.vllm
 @pytest.mark.e2e
-def test_eval_through_the_server(tmp_path_factory, data):
+@pytest.mark.parametrize("preset, full", [("synthetic-5sa", "sa:1,3,4,6,7"),
+                                          ("synthetic-late-ca", "sa:1,2,3,4,5")])
+def test_eval_through_the_server(tmp_path_factory, data, preset, full):
     from visor_vllm import cli
     from visor_vllm.checkpoints.build import build_tiny_llava_onevision
     from visor_vllm.checkpoints.convert import convert
@@ -46,9 +48,9 @@ def test_eval_through_the_server(tmp_path_factory, data):
 
     dense = build_tiny_llava_onevision(tmp_path_factory.mktemp("dn") / "c", preset="synthetic",
                                        extra_corpus=corpus())
-    # the five-SA schedule (16 configurations, adjacent SA layers): the recipe's default one is
-    # served by tests/training (test_pipeline's whole recipe, test_serve_trained)
-    ckpt = convert(dense, tmp_path_factory.mktemp("vs") / "c", preset="synthetic-5sa",
+    # the five-SA schedules (16 configurations, adjacent SA layers; late-CA's router after
+    # layer 0): the four-SA one is served by tests/training (test_serve_trained)
+    ckpt = convert(dense, tmp_path_factory.mktemp("vs") / "c", preset=preset,
                    init="random", progress=False)
     out = tmp_path_factory.mktemp("res") / "eval.json"
     with serving(tmp_path_factory, ckpt=ckpt) as (base, log):
@@ -57,7 +59,7 @@ def test_eval_through_the_server(tmp_path_factory, data):
                          str(out)]) == 0
     res = json.loads(out.read_text())
     names = [p["budget"] for p in res["passes"]]
-    assert names[:2] == ["min", "max"] and "sa:1,3,4,6,7" in names and names[-1] == "auto"
+    assert names[:2] == ["min", "max"] and full in names and names[-1] == "auto"
     assert len(names) == 2 + 16 + 1  # min, max, every configuration, auto
     by = {p["budget"]: p for p in res["passes"]}
     assert 0 < by["min"]["flops_vs_dense"] < by["max"]["flops_vs_dense"] < 1

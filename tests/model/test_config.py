@@ -84,3 +84,23 @@ def test_the_synthetic_presets_share_their_llava_part_and_differ_in_schedule():
     assert b.cross_layers == [1, 4, 7] and b.optional_sa_layers == [2, 3, 5, 6]
     assert len(b.sa_configs) == 16 and b.sa_configs[-1] == [0, 2, 3, 5, 6]
     assert [len(c) for c in b.sa_configs] == sorted(len(c) for c in b.sa_configs)
+
+
+def test_the_late_ca_schedule_keeps_the_default_counts_and_costs():
+    """``synthetic-late-ca`` moves the default's CA layers last: the same LLaVA-OV part, the
+    same 16 configurations by size, each costing what the default's of that size costs; the
+    router sits in the block before the first optional SA layer, which is now layer 0's."""
+    from visor_vllm.checkpoints.build import llava_onevision_config
+    from visor_vllm.model.config import validate_schedule
+    from visor_vllm.model.flops import prefill_flops
+
+    five, late = get_preset("synthetic-5sa"), get_preset("synthetic-late-ca")
+    validate_schedule(late)
+    assert llava_onevision_config(five).to_dict() == llava_onevision_config(late).to_dict()
+    assert late.layer_types == ["self"] * 5 + ["cross"] * 3
+    assert late.cross_layers == [5, 6, 7] and late.optional_sa_layers == [1, 2, 3, 4]
+    assert late.router_layer == 0 and five.router_layer == 1
+    assert len(late.sa_configs) == 16 and late.sa_configs[-1] == [0, 1, 2, 3, 4]
+    assert [len(c) for c in late.sa_configs] == [len(c) for c in five.sa_configs]
+    for a, b in zip(five.sa_configs, late.sa_configs):
+        assert prefill_flops(five, 36, 9, a) == prefill_flops(late, 36, 9, b)

@@ -244,3 +244,44 @@ def test_a_text_only_batch_gives_the_dense_models_parameters_gradients(dense_ckp
     (loss / n).backward()
     missing = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+def test_the_late_ca_schedule_batched_equals_reference_and_routes_at_layer_0(dense_ckpt,
+                                                                              tmp_path):
+    """``synthetic-late-ca`` (the router after layer 0, four optional SA layers in a row): the
+    trainer's batched forward equals the reference per sample, and the reference's own routed
+    forward picks one of its configurations at layer 0."""
+    from visor_vllm.checkpoints.convert import convert
+    from visor_vllm.training.trainer import load_model
+
+    ckpt = convert(dense_ckpt, tmp_path / "late", preset="synthetic-late-ca", init="random",
+                   progress=False)
+    m = load_model("stage2", ckpt).eval()
+    assert m.config.router_layer == 0
+    g = torch.Generator().manual_seed(5)
+    ids = m.config.text_config.vocab_size
+    route, image = m.config.routing_token_id, m.config.image_token_id
+    n = _n_image_tokens(m, (32, 32))
+    pix = torch.zeros(1, 10, 3, 32, 32)
+    pix[0, :m.crops_per_image(torch.tensor([(32, 32)]))[0]] = torch.randn(
+        int(m.crops_per_image(torch.tensor([(32, 32)]))[0]), 3, 32, 32, generator=g)
+    samples = []
+    for q in (3, 8):
+        body = torch.randint(5, min(900, ids - 1), (q,), generator=g).tolist() + [route, 7, 8]
+        x = [1] + [image] * n + body
+        samples.append(Encoded(torch.tensor(x), torch.tensor([IGNORE] * (len(x) - 2) + x[-2:]),
+                               pix, torch.tensor([(32, 32)])))
+    batch = collate(samples, pad_id=0)
+    for config in ([0], [0, 1], [0, 2, 4], [0, 1, 2, 3, 4]):
+        with torch.no_grad():
+            hidden, _ = visor_hidden(m, batch, config)
+            logits = m.language_model.lm_head(hidden)
+        for b, s in enumerate(samples):
+            ref = m(s.input_ids, s.pixel_values, s.image_sizes, sa_layers=config).logits
+            torch.testing.assert_close(logits[b, :ref.shape[0]], ref, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        routed = m(samples[0].input_ids, samples[0].pixel_values, samples[0].image_sizes)
+        again = m(samples[0].input_ids, samples[0].pixel_values, samples[0].image_sizes,
+                  sa_layers=list(routed.sa_layers))
+    assert routed.router_logits is not None and list(routed.sa_layers) in m.config.sa_configs
+    torch.testing.assert_close(routed.logits, again.logits)  # the router ran after layer 0
