@@ -10,8 +10,8 @@ per-family accuracy.
 Why. A VISOR CA layer never updates the visual tokens, and stage 1 trains the new modules only
 (the LLM frozen), so an update the dense model makes at a layer that becomes CA is one stage 1
 cannot put back; what the text reads there, the CA module can learn. Freezing the update is
-that loss alone. Measured 2026-12-07 (docs/training.md#the-layers-that-become-ca-a-probe-and-a-late-ca-screen):
-at the default's CA layers (2, 5, 8, 1-based) seed 5's dense model loses every vertical
+that loss alone. Measured 2026-12-07 (docs/training.md, "The layers that become CA"): at the
+default's CA layers (2, 5, 8, 1-based) seed 5's dense model loses every vertical
 family, the families VISOR lost on that seed; at 6, 7, 8 no family moves more than 2 points
 on ten of eleven dense models.
 
