@@ -355,9 +355,11 @@ def preset_synthetic_late_ca() -> VisorConfig:
     configuration costs what the same number of SA layers costs in ``synthetic-5sa``. Why: a CA
     layer never updates the visual tokens, and stage 1 (new modules only) cannot put back an
     update the dense model made there. Freezing the dense model's visual tokens at layers
-    6-8 (1-based) cost no family on any of five seeds' dense models, while at 2, 5 and 8 it
-    cost seed 5 every vertical family (``vsame`` 1.00 -> 0.64), as VISOR lost them there
-    (docs/training.md). Footgun: the router reads the routing token after one layer.
+    6-8 (1-based) cost ten of eleven seeds' dense models no family, while at 2, 5 and 8 it
+    cost seed 5 every vertical family (``vsame`` 1.00 -> 0.64), as VISOR lost them there.
+    Screened on four seeds (2026-12-07, docs/training.md): finding 2 on all four, all three
+    findings on two, as the default; not the default. Footgun: the router reads the routing
+    token after one layer and fits its labels worse (71-94 % against 99.8 %).
     """
     return _synthetic(["self", "self", "self", "self", "self", "cross", "cross", "cross"])
 
