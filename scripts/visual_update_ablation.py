@@ -56,22 +56,26 @@ def frozen_visual_updates(model, layers: list[int]):
 
 
 def ablate(run: Path, sets: list[list[int]], batch_size: int = 128) -> dict:
-    """``{"1-based set" | "none": {family: accuracy}}`` of ``run``'s dense model."""
-    import visor_vllm.training.trainer as trainer
-    from visor_vllm.training.evaluate import evaluate
+    """``{"1-based set" | "none": {family: accuracy}}`` of ``run``'s dense model: loaded and
+    its test split encoded once, scored under each set's hooks as `evaluate` scores it."""
+    from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
+                                          load_records, pre_encode)
+    from visor_vllm.training.evaluate import dataset_groups, score, summarise
+    from visor_vllm.training.trainer import load_model
 
-    load, out = trainer.load_model, {}
     dense, test = run / "dense-run" / "dense" / "model", run / "data" / "test.jsonl"
+    model, encoder = load_model("dense", dense), SampleEncoder(dense)
+    ds = EncodedDataset(load_records(test), encoder, default_image_folder(test))
+    ds = pre_encode(ds, range(len(ds)))
+    groups, pad, out = dataset_groups(test), encoder.tokenizer.pad_token_id, {}
     for layers in sets:
-        def hooked(kind, path, layers=layers):
-            model = load(kind, path)
-            frozen_visual_updates(model, [i - 1 for i in layers])
-            return model
-        trainer.load_model = hooked  # evaluate() loads through it
+        handles = frozen_visual_updates(model, [i - 1 for i in layers])
         try:
-            fam = evaluate(dense, test, batch_size=batch_size)["dense"]["families"]
+            records = score(model, "dense", ds, pad, batch_size=batch_size)
         finally:
-            trainer.load_model = load
+            for h in handles:
+                h.remove()
+        fam = summarise(records, groups)["families"]
         out[",".join(map(str, layers)) or "none"] = {f: round(fam[f], 4) for f in sorted(fam)}
     return out
 

@@ -23,16 +23,20 @@ def _n_image_tokens(model, size):
     return sum(x.shape[0] for x in model.embed_images(pix, torch.tensor([size])))
 
 
-def _sample(model, g, size, n_q, with_image=True):
-    """ChatML-shaped ids with one image (anyres) of ``size`` and a question of ``n_q`` tokens."""
+def _sample(model, g, size, n_q, with_image=True, marks=(IM_START, IM_END)):
+    """ChatML-shaped ids with one image (anyres) of ``size`` and a question of ``n_q`` tokens;
+    the routing and image ids are ``model``'s, ``marks`` the turn's start and end ids (a
+    compact vocabulary has no 151644)."""
+    start, end = marks
+    route, image = model.config.routing_token_id, model.config.image_token_id
     question = torch.randint(5, 900, (n_q,), generator=g).tolist()
-    head = [IM_START, 5, 6]
-    body = question + [ROUTE, IM_END, IM_START, 10, 11, 12, IM_END]
+    head = [start, 5, 6]
+    body = question + [route, end, start, 10, 11, 12, end]
     if not with_image:
         ids = head + body
         return Encoded(torch.tensor(ids), torch.tensor(ids), None, None)
     n = _n_image_tokens(model, size)
-    ids = head + [IMAGE] * n + body
+    ids = head + [image] * n + body
     crops = model.crops_per_image(torch.tensor([size]))[0]
     pix = torch.zeros(1, 10, 3, 32, 32)
     pix[0, :crops] = torch.randn(crops, 3, 32, 32, generator=g)
@@ -259,18 +263,7 @@ def test_the_late_ca_schedule_batched_equals_reference_and_routes_at_layer_0(den
     m = load_model("stage2", ckpt).eval()
     assert m.config.router_layer == 0
     g = torch.Generator().manual_seed(5)
-    ids = m.config.text_config.vocab_size
-    route, image = m.config.routing_token_id, m.config.image_token_id
-    n = _n_image_tokens(m, (32, 32))
-    pix = torch.zeros(1, 10, 3, 32, 32)
-    pix[0, :m.crops_per_image(torch.tensor([(32, 32)]))[0]] = torch.randn(
-        int(m.crops_per_image(torch.tensor([(32, 32)]))[0]), 3, 32, 32, generator=g)
-    samples = []
-    for q in (3, 8):
-        body = torch.randint(5, min(900, ids - 1), (q,), generator=g).tolist() + [route, 7, 8]
-        x = [1] + [image] * n + body
-        samples.append(Encoded(torch.tensor(x), torch.tensor([IGNORE] * (len(x) - 2) + x[-2:]),
-                               pix, torch.tensor([(32, 32)])))
+    samples = [_sample(m, g, (32, 32), q, marks=(1, 2)) for q in (3, 8)]  # a 1,024-token vocab
     batch = collate(samples, pad_id=0)
     for config in ([0], [0, 1], [0, 2, 4], [0, 1, 2, 3, 4]):
         with torch.no_grad():
