@@ -219,3 +219,22 @@ def test_cli_dense_image_tokens(run_cli, cfg05):
     data = json.loads(out.out)
     assert rc == 0 and data["dense_image_tokens"] == 1485 and data["image_tokens"] == 729
     assert data["dense_flops"] == flops.request_flops(cfg05, 1485, 64, 128, [0, 3])["dense_flops"]
+
+
+def test_each_count_reads_the_config_dimensions_once(cfg05, monkeypatch):
+    """The engine counts every joining row's FLOPs on the step's critical path
+    (`visor_vllm.engine.bridge`), and a transformers config's attribute reads are slow: each
+    public count reads the text config's dimensions once, not once per layer (the counts
+    themselves are pinned by the tests above)."""
+    calls = []
+    real = flops._dims
+    monkeypatch.setattr(flops, "_dims", lambda cfg: calls.append(1) or real(cfg))
+    sa = cfg05.sa_configs[-1]
+    for count, expected in ((lambda: flops.prefill_flops(cfg05, 729, 60, sa), 1),
+                            (lambda: flops.dense_prefill_flops(cfg05, 729, 60), 1),
+                            (lambda: flops.decode_step_affine(cfg05, 729, sa), 1),
+                            (lambda: flops.decode_step_flops(cfg05, 729, 61, sa), 1),
+                            (lambda: flops.request_flops(cfg05, 729, 60, 8, sa), 3)):
+        calls.clear()
+        count()
+        assert len(calls) == expected

@@ -62,31 +62,34 @@ class FlopsInputError(ValueError):
 
 
 def _dims(cfg: VisorConfig) -> tuple[int, int, int, int, int]:
+    """``(d, H, Hkv, dh, f)``, read once per public call: a transformers config's attribute
+    reads are slow (``PreTrainedConfig.__getattribute__``), and the engine counts every
+    joining row's FLOPs on the step's critical path (`visor_vllm.engine.bridge`)."""
     tc = cfg.text_config
     d, h = tc.hidden_size, tc.num_attention_heads
     return d, h, tc.num_key_value_heads, getattr(tc, "head_dim", None) or d // h, tc.intermediate_size
 
 
-def _linear(cfg: VisorConfig, n: int) -> int:
-    """Projections + MLP of one transformer layer on ``n`` tokens."""
-    d, h, hkv, dh, f = _dims(cfg)
+def _linear(dims: tuple, n: int) -> int:
+    """Projections + MLP of one transformer layer on ``n`` tokens (``dims``: `_dims`)."""
+    d, h, hkv, dh, f = dims
     return 2 * n * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 3 * d * f)
 
 
-def _attn(cfg: VisorConfig, nq: int, nk: int) -> int:
-    _, h, _, dh, _ = _dims(cfg)
+def _attn(dims: tuple, nq: int, nk: int) -> int:
+    _, h, _, dh, _ = dims
     return 4 * nq * nk * h * dh
 
 
-def _layer(cfg: VisorConfig, n: int, nk: int) -> int:
-    return _linear(cfg, n) + _attn(cfg, n, nk)
+def _layer(dims: tuple, n: int, nk: int) -> int:
+    return _linear(dims, n) + _attn(dims, n, nk)
 
 
-def _cross_prefill(cfg: VisorConfig, nv: int, nt: int) -> int:
-    d, h, hkv, dh, _ = _dims(cfg)
-    k = cfg.cross_attn_conv_kernel
+def _cross_prefill(dims: tuple, k: int, nv: int, nt: int) -> int:
+    """The cross module's prefill (``k``: the depthwise conv's kernel)."""
+    d, h, hkv, dh, _ = dims
     return (2 * d * k * nv + 2 * nt * d * h * dh + 2 * nv * 2 * d * hkv * dh
-            + _attn(cfg, nt, nv) + 2 * nt * h * dh * d)
+            + _attn(dims, nt, nv) + 2 * nt * h * dh * d)
 
 
 def _check(counts: dict[str, int], cfg: VisorConfig | None = None,
@@ -112,25 +115,28 @@ def prefill_flops(cfg: VisorConfig, n_image: int, n_text: int, sa_layers: Iterab
     if n_routing > n_text:
         raise FlopsInputError(f"n_routing ({n_routing}) cannot exceed n_text ({n_text}): "
                               "routing tokens are text tokens")
-    nv, nt, total = n_image, n_text, 0
+    nv, nt, total, dims = n_image, n_text, 0, _dims(cfg)
+    k = cfg.cross_attn_conv_kernel
     for i, kind in enumerate(cfg.layer_types):
         joint = kind == "self" and i in sa and nv > 0
-        total += _layer(cfg, nv + nt, nv + nt) if joint else _layer(cfg, nt, nt)
+        total += _layer(dims, nv + nt, nv + nt) if joint else _layer(dims, nt, nt)
         if kind == "cross" and nv > 0:
-            total += _cross_prefill(cfg, nv, nt)
+            total += _cross_prefill(dims, k, nv, nt)
     if routed and nv > 0 and len(cfg.sa_configs) > 1:
         r, c = cfg.router_hidden_size, len(cfg.sa_configs)
-        total += 2 * n_routing * (cfg.text_config.hidden_size * r + r * c)
+        total += 2 * n_routing * (dims[0] * r + r * c)
     return total
 
 
-def _decode_step(cfg: VisorConfig, nv: int, c: int, sa: frozenset[int]) -> int:
-    d, h, _, dh, _ = _dims(cfg)
+def _decode_step(cfg: VisorConfig, nv: int, c: int, sa: frozenset[int],
+                 dims: tuple | None = None) -> int:
+    dims = dims or _dims(cfg)
+    d, h, _, dh, _ = dims
     total = 0
     for i, kind in enumerate(cfg.layer_types):
-        total += _layer(cfg, 1, c + (nv if kind == "self" and i in sa else 0))
+        total += _layer(dims, 1, c + (nv if kind == "self" and i in sa else 0))
         if kind == "cross" and nv > 0:
-            total += 2 * 2 * d * h * dh + _attn(cfg, 1, nv)
+            total += 2 * 2 * d * h * dh + _attn(dims, 1, nv)
     return total
 
 
@@ -143,9 +149,9 @@ def decode_step_flops(cfg: VisorConfig, n_image: int, context_text: int,
     return _decode_step(cfg, n_image, context_text, sa)
 
 
-def _decode_sum(step_at_base: int, cfg: VisorConfig, steps: int) -> int:
+def _decode_sum(step_at_base: int, cfg: VisorConfig, steps: int, dims: tuple) -> int:
     """sum_{j=1..steps} step(base + j) for ``step(c) = A + B*c`` with ``B = L*4*H*dh``."""
-    _, h, _, dh, _ = _dims(cfg)
+    _, h, _, dh, _ = dims
     return steps * step_at_base + cfg.num_layers * 4 * h * dh * steps * (steps + 1) // 2
 
 
@@ -153,7 +159,7 @@ def dense_prefill_flops(cfg: VisorConfig, n_image: int, n_text: int) -> int:
     """Dense LLaVA-OV LLM FLOPs: every layer on all ``n_image + n_text`` tokens."""
     _check(dict(n_image=n_image, n_text=n_text))
     n = n_image + n_text
-    return cfg.num_layers * _layer(cfg, n, n)
+    return cfg.num_layers * _layer(_dims(cfg), n, n)
 
 
 def dense_decode_step_flops(cfg: VisorConfig, n_image: int, context: int) -> int:
@@ -161,7 +167,7 @@ def dense_decode_step_flops(cfg: VisorConfig, n_image: int, context: int) -> int
     _check(dict(n_image=n_image, context=context))
     if context < 1:
         raise FlopsInputError("context counts the new token, so it must be >= 1")
-    return cfg.num_layers * _layer(cfg, 1, n_image + context)
+    return cfg.num_layers * _layer(_dims(cfg), 1, n_image + context)
 
 
 def decode_step_affine(cfg: VisorConfig, n_image: int, sa_layers: Iterable[int],
@@ -174,9 +180,11 @@ def decode_step_affine(cfg: VisorConfig, n_image: int, sa_layers: Iterable[int],
     """
     nd = n_image if n_image_dense is None else n_image_dense
     sa = _check(dict(n_image=n_image, n_image_dense=nd), cfg, sa_layers)
-    _, h, _, dh, _ = _dims(cfg)
-    return (_decode_step(cfg, n_image, 0, sa), cfg.num_layers * _layer(cfg, 1, nd),
-            cfg.num_layers * 4 * h * dh)
+    dims = _dims(cfg)
+    _, h, _, dh, _ = dims
+    n_layers = cfg.num_layers
+    return (_decode_step(cfg, n_image, 0, sa, dims), n_layers * _layer(dims, 1, nd),
+            n_layers * 4 * h * dh)
 
 
 def request_flops(cfg: VisorConfig, n_image: int, n_text: int, n_output: int,
@@ -192,8 +200,9 @@ def request_flops(cfg: VisorConfig, n_image: int, n_text: int, n_output: int,
     steps = max(n_output - 1, 0)
     vp = prefill_flops(cfg, n_image, n_text, sa, n_routing, routed)
     dp = dense_prefill_flops(cfg, nd, n_text)
-    vd = _decode_sum(_decode_step(cfg, n_image, n_text, sa), cfg, steps)
-    dd = _decode_sum(cfg.num_layers * _layer(cfg, 1, nd + n_text), cfg, steps)
+    dims = _dims(cfg)
+    vd = _decode_sum(_decode_step(cfg, n_image, n_text, sa, dims), cfg, steps, dims)
+    dd = _decode_sum(cfg.num_layers * _layer(dims, 1, nd + n_text), cfg, steps, dims)
     vis, den = vp + vd, dp + dd
     tc = cfg.text_config
     return dict(
