@@ -128,9 +128,7 @@ def prefill_flops(cfg: VisorConfig, n_image: int, n_text: int, sa_layers: Iterab
     return total
 
 
-def _decode_step(cfg: VisorConfig, nv: int, c: int, sa: frozenset[int],
-                 dims: tuple | None = None) -> int:
-    dims = dims or _dims(cfg)
+def _decode_step(cfg: VisorConfig, nv: int, c: int, sa: frozenset[int], dims: tuple) -> int:
     d, h, _, dh, _ = dims
     total = 0
     for i, kind in enumerate(cfg.layer_types):
@@ -146,7 +144,7 @@ def decode_step_flops(cfg: VisorConfig, n_image: int, context_text: int,
     sa = _check(dict(n_image=n_image, context_text=context_text), cfg, sa_layers)
     if context_text < 1:
         raise FlopsInputError("context_text counts the new token, so it must be >= 1")
-    return _decode_step(cfg, n_image, context_text, sa)
+    return _decode_step(cfg, n_image, context_text, sa, _dims(cfg))
 
 
 def _decode_sum(step_at_base: int, cfg: VisorConfig, steps: int, dims: tuple) -> int:
