@@ -58,16 +58,13 @@ def frozen_visual_updates(model, layers: list[int]):
 def ablate(run: Path, sets: list[list[int]], batch_size: int = 128) -> dict:
     """``{"1-based set" | "none": {family: accuracy}}`` of ``run``'s dense model: loaded and
     its test split encoded once, scored under each set's hooks as `evaluate` scores it."""
-    from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
-                                          load_records, pre_encode)
-    from visor_vllm.training.evaluate import dataset_groups, score, summarise
-    from visor_vllm.training.trainer import load_model
+    from visor_vllm.training.data import pre_encode
+    from visor_vllm.training.evaluate import dataset_groups, evaluation_inputs, score, summarise
 
     dense, test = run / "dense-run" / "dense" / "model", run / "data" / "test.jsonl"
-    model, encoder = load_model("dense", dense), SampleEncoder(dense)
-    ds = EncodedDataset(load_records(test), encoder, default_image_folder(test))
+    _, model, ds, pad = evaluation_inputs(dense, test)
     ds = pre_encode(ds, range(len(ds)))
-    groups, pad, out = dataset_groups(test), encoder.tokenizer.pad_token_id, {}
+    groups, out = dataset_groups(test), {}
     for layers in sets:
         handles = frozen_visual_updates(model, [i - 1 for i in layers])
         try:

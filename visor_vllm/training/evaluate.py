@@ -104,10 +104,9 @@ def with_ci(entry: dict) -> dict:
             "hard": g.get("hard"), "hard_ci": ci.get("hard")}
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, configs: list[list[int]] | None = None,
-             batch_size: int = 64, max_samples: int | None = None,
-             keep_records: bool = False) -> dict:
-    """Accuracy of ``checkpoint`` on ``data``; VISOR: one entry per configuration."""
+def evaluation_inputs(checkpoint: str | Path, data: str | Path, max_samples: int | None = None):
+    """``(kind, model, ds, pad)``: ``checkpoint`` loaded for scoring ("dense" or "visor") and
+    ``data``'s samples as its encoder reads them (the first ``max_samples``), for `score`."""
     from visor_vllm.training.trainer import load_model
 
     cfg = json.loads((Path(checkpoint) / "config.json").read_text())
@@ -118,7 +117,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, configs: list[list[int]] 
         records = records[:max_samples]
     encoder = SampleEncoder(checkpoint)
     ds = EncodedDataset(records, encoder, default_image_folder(data))
-    pad = encoder.tokenizer.pad_token_id
+    return kind, model, ds, encoder.tokenizer.pad_token_id
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, configs: list[list[int]] | None = None,
+             batch_size: int = 64, max_samples: int | None = None,
+             keep_records: bool = False) -> dict:
+    """Accuracy of ``checkpoint`` on ``data``; VISOR: one entry per configuration."""
+    kind, model, ds, pad = evaluation_inputs(checkpoint, data, max_samples)
     groups = dataset_groups(data)
     result = {"checkpoint": str(checkpoint), "kind": kind, "data": str(data)}
     if kind == "dense":
