@@ -40,8 +40,9 @@ def test_yes_no_families_are_balanced(family):
 def test_every_family_is_easy_or_hard():
     assert set(synthetic.GROUP) == set(synthetic.FAMILIES + synthetic.OPTIONAL)
     assert set(synthetic.HARD) == {"below", "vpair", "vsame"}
-    assert synthetic.OPTIONAL == ("largest",) and synthetic.GROUP["largest"] == "hard"
-    assert "largest" not in synthetic.FAMILIES  # opt-in: the default task is unchanged
+    assert synthetic.OPTIONAL == ("largest", "group_at")
+    assert all(synthetic.GROUP[f] == "hard" for f in synthetic.OPTIONAL)
+    assert not set(synthetic.OPTIONAL) & set(synthetic.FAMILIES)  # opt-in: default unchanged
 
 
 def test_largest_group_is_4_connected_and_ignores_colour():
@@ -64,11 +65,38 @@ def test_largest_group_is_4_connected_and_ignores_colour():
     assert rec["family"] == "largest" and rec["conversations"][1]["value"] in synthetic.NUMBERS
 
 
+def test_group_at_follows_the_group_from_its_cell():
+    grid = ["XX..",
+            ".X.X",
+            "...X",
+            "X..X"]  # the same three groups as above
+    cells = tuple(tuple(("red", "circle") if ch == "X" else None for ch in row) for row in grid)
+    scene = synthetic.Scene(cells)
+    assert [synthetic.group_size(scene, *rc) for rc in ((0, 0), (1, 1), (2, 3), (3, 0))] == [
+        3, 3, 3, 1]
+    assert synthetic.group_size(scene, 0, 2) == 0  # an empty cell
+    assert sorted(map(len, synthetic.groups(scene))) == [1, 3, 3]
+    # the query names an occupied cell, 1-based, and the answer is that cell's group
+    for seed in range(30):
+        q, a = synthetic.ask("group_at", scene, random.Random(seed))
+        r, c = (int(x) - 1 for x in q.removeprefix("how many in the group at ").split())
+        assert scene.at(r, c) is not None and a == synthetic.NUMBERS[
+            synthetic.group_size(scene, r, c)]
+    snake = synthetic.Scene(tuple(tuple(("blue", "square") if (r % 2 == 0 or c == (3 if r % 4 == 1 else 0))
+                                        else None for c in range(4)) for r in range(4)))
+    assert synthetic.group_size(snake, 0, 0) == 10  # a path that turns twice, every cell joined
+    full = synthetic.Scene(((("red", "cross"),) * 4,) * 4)
+    assert synthetic.ask("group_at", full, random.Random(0))[1] == "twelve"  # 16, capped
+    empty = synthetic.Scene(((None,) * 4,) * 4)
+    assert synthetic.ask("group_at", empty, random.Random(0))[1] == "zero"
+
+
 def test_an_opt_in_family_is_written_with_its_group(tmp_path):
     out = synthetic.write_dataset(tmp_path / "d", n_train=2, n_val=1, n_test=9, progress=False,
                                   families=synthetic.FAMILIES + synthetic.OPTIONAL)
     meta = json.loads((out / "dataset.json").read_text())
-    assert meta["groups"]["largest"] == "hard" and meta["families"][-1] == "largest"
+    assert meta["groups"]["largest"] == meta["groups"]["group_at"] == "hard"
+    assert meta["families"][-2:] == ["largest", "group_at"]
 
 
 def test_cli_writes_llava_jsonl(tmp_path):
