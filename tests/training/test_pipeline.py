@@ -245,6 +245,15 @@ def test_set_overrides_are_checked_against_the_recipe():
     # the opt-in hard family: a list under a key whose default is null
     assert overrides_from_sets(["data.families=[colour_at, largest]"], recipe) == {
         "data": {"families": ["colour_at", "largest"]}}
+    # a number where the recipe has one, read as YAML 1.2 reads it (2e-3 is not a string) ...
+    assert overrides_from_sets(["stage2.lr=2e-3", "labels.ratio=1"], recipe) == {
+        "stage2": {"lr": 0.002}, "labels": {"ratio": 1}}
+    # ... and refused up front when it is not one (not after a 20-minute dense phase)
+    for bad, match in (("stage2.lr=fast", "a number here .* got 'fast'"),
+                       ("stage2.steps=2.5", "an integer here .* got 2.5"),
+                       ("dense.batch_size=true", "an integer here .* got True")):
+        with pytest.raises(RecipeError, match=match):
+            overrides_from_sets([bad], recipe)
 
 
 def test_cli_set_with_an_unknown_key_is_one_line_exit_2(tmp_path, capsys):

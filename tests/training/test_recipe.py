@@ -28,6 +28,9 @@ def test_round_trip(tmp_path):
     ({**BASE, "data": {"train": "x", "typo": 1}}, "unknown key"),
     ({**BASE, "data": {"train": "x", "pre_encode_gb": -1}}, "pre_encode_gb is a number"),
     ({**BASE, "data": {"train": "x", "pre_encode_gb": "4"}}, "pre_encode_gb is a number"),
+    ({**BASE, "stages": [{"kind": "stage2", "steps": 1, "lr": "1e-4x"}]},
+     "stage2: lr is a number, got '1e-4x'"),
+    ({**BASE, "stages": [{"kind": "stage2", "steps": 2.5, "lr": 1}]}, "steps is an integer"),
 ])
 def test_bad_recipes_are_named_errors(bad, match):
     with pytest.raises(RecipeError, match=match):
@@ -59,3 +62,19 @@ def test_unquoted_mixed_precision_no_means_no(tmp_path):
     assert TrainRecipe.load(tmp_path / "r.yaml").mixed_precision == "no"
     with pytest.raises(RecipeError, match="mixed_precision is 'no' or 'bf16', got 'fp8'"):
         TrainRecipe.from_dict({**BASE, "mixed_precision": "fp8"})
+
+
+def test_an_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-4` as the string "1e-4"; recipes read it as 1e-4."""
+    import yaml
+
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}  # why load_yaml exists
+    (tmp_path / "r.yaml").write_text("init: i\ndata: {train: t.jsonl}\noutput_dir: o\n"
+                                     "stages: [{kind: stage2, steps: 2500, lr: 1e-4,"
+                                     " max_grad_norm: 1E0}]\n")
+    stage = TrainRecipe.load(tmp_path / "r.yaml").stages[0]
+    assert (stage.lr, stage.max_grad_norm, stage.steps) == (1e-4, 1.0, 2500)
+    assert isinstance(stage.steps, int)
+    from visor_vllm.training.recipe import load_yaml
+    assert load_yaml("[2e-3, -1.5e+2, .5, 3., 1_000, x1e3, '1e-4']") == [
+        0.002, -150.0, 0.5, 3.0, 1000, "x1e3", "1e-4"]

@@ -48,14 +48,12 @@ import torch
 from visor_vllm.training import machine, synthetic
 from visor_vllm.training.data import prompt_lengths
 from visor_vllm.training.evaluate import with_ci
-from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe
+from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe, load_yaml
 
 
 def load_recipe(name: str = "synthetic", quick: bool = False) -> dict:
-    import yaml
-
     text = resources.files("visor_vllm.training").joinpath("recipes", f"{name}.yaml").read_text()
-    full = yaml.safe_load(text)
+    full = load_yaml(text)
     quick_over = full.pop("quick", {})
     return _merge(full, quick_over) if quick else full
 
@@ -95,9 +93,11 @@ def recorded_config(quick: bool, recorded: dict) -> dict:
 def overrides_from_sets(items: list[str], recipe: dict) -> dict:
     """``["stage2.steps=2500", "chat_template=compact"]`` -> nested overrides of ``recipe``.
 
-    Values are YAML (``2500`` an int, ``true`` a bool, ``[1, 2]`` a list). A key the recipe
-    does not have is a `RecipeError` naming the keys it has there: a typo must not run a
-    30-minute recipe with the default silently kept.
+    Values are YAML (``2500`` an int, ``true`` a bool, ``[1, 2]`` a list, ``2e-3`` a float:
+    `load_yaml`). A key the recipe does not have is a `RecipeError` naming the keys it has
+    there, and so is a value that is not a number where the recipe has one (an integer where it
+    has an integer): a typo must not run a 30-minute recipe with the default silently kept, nor
+    fail after its dense phase.
     """
     import yaml
 
@@ -115,14 +115,31 @@ def overrides_from_sets(items: list[str], recipe: dict) -> dict:
                                   + (f" (there: {', '.join(have)})" if have else ""))
             node, where = node[k], where + k + "."
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
         except yaml.YAMLError as e:
             raise RecipeError(f"--set {item!r}: the value is not YAML ({e})") from e
+        _check_number(item, node, value)
         target = out
         for k in path[:-1]:
             target = target.setdefault(k, {})
         target[path[-1]] = value
     return out
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_number(item: str, current, value) -> None:
+    """A `RecipeError` where the recipe's value is a number and ``value`` is not one of its kind."""
+    if not _number(current):
+        return
+    if isinstance(current, int) and not (isinstance(value, int) and _number(value)):
+        raise RecipeError(f"--set {item!r}: an integer here (the recipe has {current!r}), "
+                          f"got {value!r}")
+    if not _number(value):
+        raise RecipeError(f"--set {item!r}: a number here (the recipe has {current!r}), "
+                          f"got {value!r}")
 
 
 def _merge(a: dict, b: dict) -> dict:

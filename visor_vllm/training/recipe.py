@@ -52,12 +52,15 @@ rounding (~1e-7) and a long run's trajectory differs as it would on another mach
 Footguns. ``batch_size`` is the *global* batch (samples per optimizer step);
 ``micro_batch_size`` is per process and micro-step; gradient accumulation is derived
 (``batch_size / (micro_batch_size * processes)``) and must be a whole number. Unknown keys are
-errors (a typo must not silently fall back to a default).
+errors (a typo must not silently fall back to a default). YAML 1.1, which PyYAML speaks,
+reads ``lr: 1e-4`` (no dot) as the *string* "1e-4"; every recipe file and ``--set`` value is
+read with `load_yaml`, which reads it as the number, as YAML 1.2 and every other reader do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +70,30 @@ KINDS = ("dense", "stage1", "stage2")
 
 class RecipeError(ValueError):
     """A recipe file that is malformed or inconsistent."""
+
+
+# YAML 1.2's floats (PyYAML's own pattern, with the exponent's dot and sign optional): 1e-4,
+# 2E3 and 1.0e-3 are numbers. Integers resolve first ("2500" stays an int).
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                      |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                      |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                      |[-+]?\.(?:inf|Inf|INF)
+                      |\.(?:nan|NaN|NAN))$""", re.X)
+_LOADER = None
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` that reads ``1e-4`` as a float (YAML 1.1 makes it a string)."""
+    global _LOADER
+    import yaml
+
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+        _LOADER = Loader
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a SafeLoader subclass
 
 
 @dataclass
@@ -93,6 +120,12 @@ class StageSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise RecipeError(f"stage kind {self.kind!r}; kinds: {list(KINDS)}")
+        for name in ("steps", "batch_size", "lr", "warmup_ratio", "min_lr_ratio",
+                     "max_grad_norm", "weight_decay", "distill"):
+            value, whole = getattr(self, name), name in ("steps", "batch_size")
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                raise RecipeError(f"stage {self.kind}: {name} is {'an integer' if whole else 'a number'}"
+                                  f", got {value!r}")
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
             raise RecipeError(f"stage {self.kind}: steps, lr and batch_size must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -194,7 +227,7 @@ class TrainRecipe:
         if not p.exists():
             raise RecipeError(f"recipe {p} does not exist")
         try:
-            d = yaml.safe_load(p.read_text())
+            d = load_yaml(p.read_text())
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe {p}: {e}") from None
         if not isinstance(d, dict):
