@@ -31,20 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from visor_vllm.evaluation.served import budgets_for
-from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
-                                      load_records)
-from visor_vllm.training.router import routing_features
-from visor_vllm.training.trainer import load_model
+from visor_vllm.training.router import load_with_features
 
 LAMBDAS = [0, 0.5, 1, 2, 3, 5, 8, 12, 20, 30, 45, 60, 80, 120, 200, 400, 1000, 1e9]
 
 
 def features(run: Path, split: str):
-    ck = run / "visor-viable"
-    model, enc = load_model("stage2", ck), SampleEncoder(ck)
-    data = run / "data" / f"{split}.jsonl"
-    ds = EncodedDataset(load_records(data), enc, default_image_folder(data))
-    return routing_features(model, ds, enc.tokenizer.pad_token_id, 128)  # one token a sample
+    _, feats, owner = load_with_features(run / "visor-viable", run / "data" / f"{split}.jsonl",
+                                         128)
+    return feats, owner  # one routing token a sample
 
 
 def probe(run: Path) -> dict:

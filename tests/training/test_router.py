@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from visor_vllm.training.data import EncodedDataset, SampleEncoder, load_records
-from visor_vllm.training.router import route, routing_features, train_router, train_router_on_data
+from visor_vllm.training.model import TrainingError
+from visor_vllm.training.router import (load_with_features, route, routing_features, train_router,
+                                       train_router_on_data)
 from visor_vllm.training.synthetic import write_dataset
 from visor_vllm.training.trainer import load_model
 
@@ -52,6 +54,19 @@ def test_router_learns_question_dependent_labels(visor_ckpt_synth, two_family_da
     assert report["token_accuracy"] == 1.0
     assert report["confusion"][EASY][EASY] == 20 and report["confusion"][HARD][HARD] == 20
     assert set(route(model, feats, owner).values()) == {EASY, HARD}
+
+
+def test_features_load_as_evaluation_loads_and_refuse_a_dense_checkpoint(
+        visor_ckpt_synth, dense_ckpt, two_family_data):
+    model = load_model("stage2", visor_ckpt_synth)
+    enc = SampleEncoder(visor_ckpt_synth)
+    ds = EncodedDataset(load_records(two_family_data / "val.jsonl"), enc, two_family_data)
+    want = routing_features(model, ds, enc.tokenizer.pad_token_id, batch_size=8)
+    _, feats, owner = load_with_features(visor_ckpt_synth, two_family_data / "val.jsonl", 8)
+    torch.testing.assert_close(feats, want[0])
+    assert owner.tolist() == want[1].tolist()
+    with pytest.raises(TrainingError, match="dense checkpoint: a router needs a VISOR one"):
+        load_with_features(dense_ckpt, two_family_data / "val.jsonl")
 
 
 @pytest.mark.vllm

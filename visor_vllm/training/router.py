@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from visor_vllm.model import plan
-from visor_vllm.training.data import (EncodedDataset, SampleEncoder, default_image_folder,
-                                      iter_batches)
+from visor_vllm.training.data import EncodedDataset, iter_batches
 from visor_vllm.training.model import TrainingError, visor_hidden
 
 
@@ -98,15 +97,16 @@ def route(model, feats: torch.Tensor, owner: torch.Tensor) -> dict[int, int]:
     return out
 
 
-def _load_with_features(checkpoint: str | Path, data: str | Path, batch_size: int = 64):
-    """``(model, features, owner)``: ``checkpoint`` loaded and ``data``'s routing features."""
-    from visor_vllm.training.data import load_records
-    from visor_vllm.training.trainer import load_model
+def load_with_features(checkpoint: str | Path, data: str | Path, batch_size: int = 64):
+    """``(model, features, owner)``: VISOR ``checkpoint`` loaded as evaluation loads it and
+    ``data``'s routing features; a dense checkpoint is a `TrainingError` (nothing to route)."""
+    from visor_vllm.training.evaluate import evaluation_inputs
 
-    model = load_model("stage2", checkpoint)
-    enc = SampleEncoder(checkpoint)
-    ds = EncodedDataset(load_records(data), enc, default_image_folder(data))
-    return (model, *routing_features(model, ds, enc.tokenizer.pad_token_id, batch_size))
+    kind, model, ds, pad = evaluation_inputs(checkpoint, data)
+    if kind != "visor":
+        raise TrainingError(f"{checkpoint} is a dense checkpoint: a router needs a VISOR one "
+                            "(visor-vllm convert, then train stages 1 and 2)")
+    return (model, *routing_features(model, ds, pad, batch_size))
 
 
 def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[int, int],
@@ -115,7 +115,7 @@ def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[
     """Features of ``data`` -> router fit to ``labels`` -> ``out``, a routed copy of ``checkpoint``."""
     from visor_vllm.training.trainer import save_model
 
-    model, feats, owner = _load_with_features(checkpoint, data)
+    model, feats, owner = load_with_features(checkpoint, data)
     report = train_router(model, feats, owner, labels, steps=steps, lr=lr, seed=seed)
     picked = route(model, feats, owner)
     report["sample_accuracy"] = (sum(picked[i] == labels[i] for i in picked if i in labels)
@@ -126,7 +126,7 @@ def train_router_on_data(checkpoint: str | Path, data: str | Path, labels: dict[
 
 def route_data(checkpoint: str | Path, data: str | Path, batch_size: int = 64) -> dict[int, int]:
     """What ``checkpoint``'s router picks for every usable sample of ``data`` (offline ``auto``)."""
-    model, feats, owner = _load_with_features(checkpoint, data, batch_size)
+    model, feats, owner = load_with_features(checkpoint, data, batch_size)
     return route(model, feats, owner)
 
 

@@ -19,11 +19,13 @@ colours, with pixel noise. Question families (`FAMILIES`), every answer one shor
   Sizes run 1-14 on this grid (0 for an empty one, 0.02 %); the 0.15 % above twelve answer
   ``twelve``.
 * opt-in, hard: ``group_at`` "how many in the group at r c" -- the size of the 4-connected
-  group (any colour) holding the object at row r, column c (always an occupied cell; capped
-  at ``twelve`` as ``largest``). From the query cell the group has to be followed to its far
-  end: on random scenes a propagation cut after k rounds answers it right on 50 / 72 / 86 /
-  94 / 98 % for k = 1..5, against ``largest``'s 52 / 86 / 98 % for k = 1..3, so it needs
-  about two rounds more (docs/group-at-rule-2026-12-07.md).
+  group (any colour) holding the object at row r, column c (an occupied cell; an empty scene
+  answers ``zero``; capped at ``twelve`` as ``largest``). From the query cell the group has to
+  be followed to its far end: on random scenes a propagation cut after k rounds answers it
+  right on 50 / 72 / 86 / 94 / 98 % for k = 1..5, against ``largest``'s 52 / 86 / 98 % for
+  k = 1..3, so it needs about two rounds more. Screened 2026-12-07 with stage 2 at 2e-3, not
+  kept: dense learns it (0.69-0.80), VISOR's maximal configuration does not (docs/training.md,
+  "A second multi-round family with stage 2 at 2e-3").
 
 Why this split, not the issue's. The issue names counting and left-of among the hard families;
 the measurement in ``shared/research/training-feasibility.md`` found that cross-attention alone
