@@ -82,8 +82,9 @@ def test_group_at_follows_the_group_from_its_cell():
         r, c = (int(x) - 1 for x in q.removeprefix("how many in the group at ").split())
         assert scene.at(r, c) is not None and a == synthetic.NUMBERS[
             synthetic.group_size(scene, r, c)]
-    snake = synthetic.Scene(tuple(tuple(("blue", "square") if (r % 2 == 0 or c == (3 if r % 4 == 1 else 0))
-                                        else None for c in range(4)) for r in range(4)))
+    snake = synthetic.Scene(tuple(
+        tuple(("blue", "square") if r % 2 == 0 or c == (3 if r == 1 else 0) else None
+              for c in range(4)) for r in range(4)))  # rows 0 and 2 full, joined at the ends
     assert synthetic.group_size(snake, 0, 0) == 10  # a path that turns twice, every cell joined
     full = synthetic.Scene(((("red", "cross"),) * 4,) * 4)
     assert synthetic.ask("group_at", full, random.Random(0))[1] == "twelve"  # 16, capped

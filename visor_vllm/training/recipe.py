@@ -124,8 +124,8 @@ class StageSpec:
                      "max_grad_norm", "weight_decay", "distill"):
             value, whole = getattr(self, name), name in ("steps", "batch_size")
             if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-                raise RecipeError(f"stage {self.kind}: {name} is {'an integer' if whole else 'a number'}"
-                                  f", got {value!r}")
+                kind = "an integer" if whole else "a number"
+                raise RecipeError(f"stage {self.kind}: {name} is {kind}, got {value!r}")
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
             raise RecipeError(f"stage {self.kind}: steps, lr and batch_size must be positive")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
