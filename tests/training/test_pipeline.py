@@ -226,6 +226,13 @@ def test_an_unknown_label_rule_fails_before_any_work(tmp_path):
     with pytest.raises(RecipeError, match="search.test is one of"):
         run_synthetic(tmp_path / "r", quick=True, progress=False,
                       overrides={**TINY, "search": {"test": "holm"}})
+    # a VISOR stage's values are checked before the dense phase, not after it
+    with pytest.raises(RecipeError, match="stage stage2: sampling is"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "stage2": {"sampling": "cyclic"}})
+    with pytest.raises(RecipeError, match="stage stage1: lr is a number, got 'fast'"):
+        run_synthetic(tmp_path / "r", quick=True, progress=False,
+                      overrides={**TINY, "stage1": {"lr": "fast"}})
     assert not (tmp_path / "r").exists()
 
 

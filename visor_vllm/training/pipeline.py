@@ -313,7 +313,10 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def _stage(d: dict) -> StageSpec:
-    return StageSpec(**d)
+    try:
+        return StageSpec(**d)
+    except TypeError as e:  # a key StageSpec lacks
+        raise RecipeError(f"stage {d.get('kind')}: {e}") from None
 
 
 def _train(init: Path, data: Path, out: Path, stages: list[dict], cfg: dict) -> Path:
@@ -548,6 +551,8 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         value = (cfg[section[0]] if section else cfg)[key]
         if value not in allowed:  # fail now, not after training
             raise RecipeError(f"{name} is one of {allowed}, got {value!r}")
+    for k in ("dense", "stage1", "stage2"):  # every stage's values now, not at its turn
+        _stage({**cfg[k], "teacher": "(the dense model)"} if cfg[k].get("distill") else cfg[k])
     preset = cfg["preset"]
     vcfg = get_preset(preset)
     out = Path(out)
