@@ -48,7 +48,8 @@ import torch
 from visor_vllm.training import machine, synthetic
 from visor_vllm.training.data import prompt_lengths
 from visor_vllm.training.evaluate import with_ci
-from visor_vllm.training.recipe import DataSpec, RecipeError, StageSpec, TrainRecipe, load_yaml
+from visor_vllm.training.recipe import (DataSpec, RecipeError, TrainRecipe, is_number, load_yaml,
+                                        stage_from_dict)
 
 
 def load_recipe(name: str = "synthetic", quick: bool = False) -> dict:
@@ -126,18 +127,14 @@ def overrides_from_sets(items: list[str], recipe: dict) -> dict:
     return out
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_number(item: str, current, value) -> None:
     """A `RecipeError` where the recipe's value is a number and ``value`` is not one of its kind."""
-    if not _number(current):
+    if not is_number(current):
         return
-    if isinstance(current, int) and not (isinstance(value, int) and _number(value)):
+    if is_number(current, integer=True) and not is_number(value, integer=True):
         raise RecipeError(f"--set {item!r}: an integer here (the recipe has {current!r}), "
                           f"got {value!r}")
-    if not _number(value):
+    if not is_number(value):
         raise RecipeError(f"--set {item!r}: a number here (the recipe has {current!r}), "
                           f"got {value!r}")
 
@@ -312,19 +309,12 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
 # The whole recipe
 # ---------------------------------------------------------------------------------------------
 
-def _stage(d: dict) -> StageSpec:
-    try:
-        return StageSpec(**d)
-    except TypeError as e:  # a key StageSpec lacks
-        raise RecipeError(f"stage {d.get('kind')}: {e}") from None
-
-
 def _train(init: Path, data: Path, out: Path, stages: list[dict], cfg: dict) -> Path:
     from visor_vllm.training.trainer import run
 
     recipe = TrainRecipe(init=str(init), data=DataSpec(train=str(data / "train.jsonl"),
                                                        max_length=cfg.get("max_length", 512)),
-                         output_dir=str(out), stages=[_stage(s) for s in stages],
+                         output_dir=str(out), stages=[stage_from_dict(s) for s in stages],
                          seed=cfg["seed"], save_every=cfg.get("save_every", 500),
                          log_every=cfg.get("log_every", 25), compile=cfg["compile"])
     return run(recipe)
@@ -552,7 +542,7 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
         if value not in allowed:  # fail now, not after training
             raise RecipeError(f"{name} is one of {allowed}, got {value!r}")
     for k in ("dense", "stage1", "stage2"):  # every stage's values now, not at its turn
-        _stage({**cfg[k], "teacher": "(the dense model)"} if cfg[k].get("distill") else cfg[k])
+        stage_from_dict({**cfg[k], "teacher": "(dense)"} if cfg[k].get("distill") else cfg[k])
     preset = cfg["preset"]
     vcfg = get_preset(preset)
     out = Path(out)

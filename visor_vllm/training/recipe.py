@@ -60,6 +60,7 @@ read with `load_yaml`, which reads it as the number, as YAML 1.2 and every other
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,21 +80,30 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                       |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                       |[-+]?\.(?:inf|Inf|INF)
                       |\.(?:nan|NaN|NAN))$""", re.X)
-_LOADER = None
+
+
+@functools.cache
+def _loader():
+    """PyYAML's SafeLoader with YAML 1.2's floats (built once)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return Loader
 
 
 def load_yaml(text: str):
     """``yaml.safe_load`` that reads ``1e-4`` as a float (YAML 1.1 makes it a string)."""
-    global _LOADER
     import yaml
 
-    if _LOADER is None:
-        class Loader(yaml.SafeLoader):
-            pass
+    return yaml.load(text, Loader=_loader())  # noqa: S506 -- a SafeLoader subclass
 
-        Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-        _LOADER = Loader
-    return yaml.load(text, Loader=_LOADER)  # noqa: S506 -- a SafeLoader subclass
+
+def is_number(x, integer: bool = False) -> bool:
+    """``x`` is an int (or, unless ``integer``, a float) and not a bool (YAML's true is 1)."""
+    return isinstance(x, int if integer else (int, float)) and not isinstance(x, bool)
 
 
 @dataclass
@@ -123,7 +133,7 @@ class StageSpec:
         for name in ("steps", "batch_size", "lr", "warmup_ratio", "min_lr_ratio",
                      "max_grad_norm", "weight_decay", "distill"):
             value, whole = getattr(self, name), name in ("steps", "batch_size")
-            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            if not is_number(value, integer=whole):
                 kind = "an integer" if whole else "a number"
                 raise RecipeError(f"stage {self.kind}: {name} is {kind}, got {value!r}")
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1:
@@ -173,7 +183,7 @@ class DataSpec:
 
     def __post_init__(self):
         gb = self.pre_encode_gb
-        if isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb < 0:
+        if not is_number(gb) or gb < 0:
             raise RecipeError(f"data.pre_encode_gb is a number of GB >= 0, got {gb!r}")
 
 
@@ -214,7 +224,7 @@ class TrainRecipe:
         try:
             data = d.pop("data")
             _no_unknown(data, DataSpec, "data")
-            stages = [_stage(s) for s in d.pop("stages")]
+            stages = [stage_from_dict(s) for s in d.pop("stages")]
             return cls(data=DataSpec(**data), stages=stages, **d)
         except (KeyError, TypeError) as e:
             raise RecipeError(f"recipe: {e}") from None
@@ -243,7 +253,8 @@ class TrainRecipe:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-def _stage(d) -> StageSpec:
+def stage_from_dict(d) -> StageSpec:
+    """One stage of a recipe: a mapping with `StageSpec`'s keys, any other a `RecipeError`."""
     if not isinstance(d, dict):
         raise RecipeError(f"a stage is a mapping, got {d!r}")
     _no_unknown(d, StageSpec, "stage")
