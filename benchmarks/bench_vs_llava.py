@@ -612,12 +612,12 @@ def decode_cost_model(cfg, n_image: int, n_image_dense: int, context: int, sa_la
 
     # the flops module's own per-layer terms: a matmul of one token costs 2 FLOPs per weight
     dims = flops._dims(cfg)
-    d, h, hkv, dh, _ = dims
+    d, _, hkv, dh, _ = dims
     L, lm_head = cfg.num_layers, 2 * d * cfg.text_config.vocab_size
     visor = flops.decode_step_flops(cfg, n_image, context, sa_layers) + lm_head
     dense = flops.dense_decode_step_flops(cfg, n_image_dense, context) + lm_head
     weights = (L * flops._linear(dims, 1) + lm_head) // 2               # parameters read
-    cross = len(cfg.cross_layers) * 2 * d * h * dh                     # CA q_proj + o_proj
+    cross = len(cfg.cross_layers) * flops._cross_qo(dims, 1) // 2      # CA q_proj + o_proj
     kv = 2 * hkv * dh                                                   # K and V, one token
     kv_visor = kv * (L * context + (len(cfg.cross_layers) + len(set(sa_layers))) * n_image)
     kv_dense = kv * L * (n_image_dense + context)

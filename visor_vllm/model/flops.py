@@ -85,11 +85,17 @@ def _layer(dims: tuple, n: int, nk: int) -> int:
     return _linear(dims, n) + _attn(dims, n, nk)
 
 
+def _cross_qo(dims: tuple, nt: int) -> int:
+    """The cross module's q and o projections on ``nt`` text tokens."""
+    d, h, _, dh, _ = dims
+    return 2 * nt * d * h * dh + 2 * nt * h * dh * d
+
+
 def _cross_prefill(dims: tuple, k: int, nv: int, nt: int) -> int:
     """The cross module's prefill (``k``: the depthwise conv's kernel)."""
-    d, h, hkv, dh, _ = dims
-    return (2 * d * k * nv + 2 * nt * d * h * dh + 2 * nv * 2 * d * hkv * dh
-            + _attn(dims, nt, nv) + 2 * nt * h * dh * d)
+    d, _, hkv, dh, _ = dims
+    return (2 * d * k * nv + 2 * nv * 2 * d * hkv * dh + _attn(dims, nt, nv)
+            + _cross_qo(dims, nt))
 
 
 def _check(counts: dict[str, int], cfg: VisorConfig | None = None,
@@ -129,12 +135,11 @@ def prefill_flops(cfg: VisorConfig, n_image: int, n_text: int, sa_layers: Iterab
 
 
 def _decode_step(cfg: VisorConfig, nv: int, c: int, sa: frozenset[int], dims: tuple) -> int:
-    d, h, _, dh, _ = dims
     total = 0
     for i, kind in enumerate(cfg.layer_types):
         total += _layer(dims, 1, c + (nv if kind == "self" and i in sa else 0))
         if kind == "cross" and nv > 0:
-            total += 2 * 2 * d * h * dh + _attn(dims, 1, nv)
+            total += _cross_qo(dims, 1) + _attn(dims, 1, nv)
     return total
 
 
