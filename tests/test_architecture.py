@@ -14,10 +14,10 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "visor_vllm"
 
 # subpackage -> visor_vllm parts it may import (itself always; the top-level shared modules
-# `_compat`, `patches`, `envs`, `host_sync` and the package root's registrations are open to
-# everyone; `model` may use `envs` only)
+# `_compat`, `patches`, `envs`, `host_sync`, `allocator` and the package root's registrations
+# are open to everyone; `model` may use `envs` only)
 SHARED = {"visor_vllm", "visor_vllm._compat", "visor_vllm.patches", "visor_vllm.envs",
-          "visor_vllm.host_sync"}
+          "visor_vllm.host_sync", "visor_vllm.allocator"}
 MODEL_SHARED = {"visor_vllm.envs"}
 ALLOWED = {
     "model": {"model"},
@@ -115,10 +115,11 @@ TOP = {
     "_compat": set(),
     "envs": set(),            # every layer reads the environment through it
     "host_sync": set(),
+    "allocator": {"envs"},    # tcmalloc / glibc for the CLI, its servers and training
     "graph_replay": {"host_sync"},  # the CUDA-graph contract on CPU (tests use it)
     "patches": {"envs"},      # the ledger knows third-party internals, not the package
     "testing": {"model", "checkpoints"},
-    "cli": set(ALLOWED) | {"visor_vllm"},  # wires every sub-command
+    "cli": set(ALLOWED) | {"visor_vllm", "allocator"},  # wires every sub-command
 }
 
 

@@ -107,7 +107,18 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
                               "(metrics.jsonl 'host_syncs'); debugging, slow"),
     "VISOR_MALLOC_TUNING": (_flag("VISOR_MALLOC_TUNING", True),
                             "0: leave glibc malloc's thresholds alone in training processes "
-                            "(visor_vllm.training.engines.tune_host_allocator)"),
+                            "(visor_vllm.allocator.tune_host_allocator)"),
+    # --- the host allocator (visor_vllm.allocator) ---
+    "VISOR_TCMALLOC": (_str("VISOR_TCMALLOC"),
+                       "the tcmalloc library the CLI and the vLLM servers it starts preload: a "
+                       "path, 0 for none; unset: <venv>/lib/libtcmalloc_minimal.so.4 (made by "
+                       "scripts/setup.sh) or the system's, where found"),
+    "VISOR_TCMALLOC_REEXEC": (_only_one("VISOR_TCMALLOC_REEXEC"),
+                              "1 in a CLI process that re-exec'd itself to preload tcmalloc, so "
+                              "it never does again (set by visor_vllm.cli; never set it yourself)"),
+    "LD_PRELOAD": (_str("LD_PRELOAD"),
+                   "the dynamic linker's preloads: read to see whether tcmalloc is in; set, "
+                   "tcmalloc first, for vLLM servers and the re-exec'd CLI (visor_vllm.allocator)"),
     # --- set by `accelerate launch` / torchrun (read, never set by the project's users) ---
     "ACCELERATE_USE_FSDP": (_flag("ACCELERATE_USE_FSDP"),
                             "true when the accelerate config says distributed_type: FSDP"),
@@ -178,6 +189,11 @@ def apply_server_defaults() -> None:
     """`SERVER_DEFAULTS`, each unless already set (`visor-vllm serve`, before exec'ing vLLM)."""
     for key, value in SERVER_DEFAULTS.items():
         export_default(key, value)
+
+
+def snapshot() -> dict[str, str]:
+    """A copy of this process's environment (to start a process with it, changed)."""
+    return {**os.environ}
 
 
 def child_environment(**overrides: str) -> dict[str, str]:

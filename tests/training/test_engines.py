@@ -173,15 +173,3 @@ def test_the_launch_picks_the_engine(monkeypatch, env, want):
     else:
         with pytest.raises(EngineError, match=want):
             launch_engine()
-
-
-def test_the_trainer_fixes_glibc_malloc_thresholds(monkeypatch):
-    """Fixed mmap/trim thresholds (measured: 3.5M -> 0.2M page faults per 100 steps); opt-out."""
-    import sys
-
-    from visor_vllm.training.engines import tune_host_allocator
-
-    monkeypatch.setenv("VISOR_MALLOC_TUNING", "0")
-    assert tune_host_allocator() is False
-    monkeypatch.delenv("VISOR_MALLOC_TUNING")
-    assert tune_host_allocator() is sys.platform.startswith("linux")

@@ -27,7 +27,9 @@ def test_the_family_and_model_numbers_tell_two_epycs_apart(tmp_path):
     a, b = describe(zen1), describe(zen4)
     assert (a["cpu"], a["cpu_family"], a["cpu_model"], a["isa"]) == ("AMD EPYC", 23, 1, "avx2")
     assert (b["cpu_family"], b["cpu_model"], b["isa"]) == (25, 17, "avx512")
+    a["allocator"] = "glibc"
     assert label(a).startswith("AMD EPYC (x86 family 23 model 1), ") and label(a).endswith("AVX2")
+    assert label({**a, "allocator": "tcmalloc"}).endswith("AVX2, tcmalloc")
     assert label(a) != label(b)
     assert a["cpus"] >= 1 and a["torch"] and a["threads"] >= 1
 

@@ -11,8 +11,9 @@ ready (the recipe's VISOR and dense servers: their start-ups overlap).
 Why here. The recipe serves what it trained and evaluates it the way users reach it; the tests
 start their servers through the same function, so both use one set of flags.
 
-Footguns. CPU defaults (``--enforce-eager``, float32, a 1 GiB KV cache): fine for the tiny
-presets, not a production configuration -- pass ``extra`` flags for anything else. A server
+Footguns. CPU defaults (``--enforce-eager``, float32, a 1 GiB KV cache, tcmalloc preloaded where
+`visor_vllm.allocator` finds it): fine for the tiny presets, not a production configuration --
+pass ``extra`` flags for anything else. A server
 that exits or is not ready within ``startup_s`` raises `ServerError` with the log's tail.
 """
 
@@ -108,10 +109,11 @@ def _start(model_dir, name: str = "model", extra=(), log=None, env: dict | None 
     port = free_port()
     log = Path(log) if log else Path(tempfile.mkdtemp(prefix="visor-serve-")) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    from visor_vllm import envs  # media fetching as `visor-vllm serve` sets it
+    from visor_vllm import allocator, envs  # media fetching as `visor-vllm serve` sets it
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1",
-           **envs.child_environment(HF_HUB_OFFLINE="1", **(env or {}))}
+    env = allocator.preload_environment(  # tcmalloc, as vLLM's CPU worker asks
+        {"VLLM_CPU_KVCACHE_SPACE": "1",
+         **envs.child_environment(HF_HUB_OFFLINE="1", **(env or {}))})
     with open(log, "w") as out:
         proc = subprocess.Popen(serve_command(model_dir, port, name, list(extra), middleware),
                                 stdout=out, stderr=subprocess.STDOUT, env=env)

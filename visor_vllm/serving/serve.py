@@ -7,7 +7,8 @@ converted ``visor-0.5b``; ``--load-format dummy`` is added when the directory ha
 It prints where it listens, then *replaces itself* with ``vllm serve`` (exec), so signals,
 logs and exit codes are vLLM's own. Extra arguments after ``--`` go to ``vllm serve`` verbatim.
 
-It adds ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (per-request receipts in
+It preloads tcmalloc where `visor_vllm.allocator` finds one (vLLM's CPU worker asks for it) and
+adds ``--middleware visor_vllm.serving.middleware.VisorMiddleware`` (per-request receipts in
 responses; the ``visor:*`` metrics come from the stat-logger plugin either way) and, with
 ``--default-budget``, sets ``$VISOR_DEFAULT_BUDGET`` for the
 engine after checking it against the checkpoint.
@@ -112,5 +113,12 @@ def _cli(args: argparse.Namespace) -> int:
         print(" ".join(cmd))
         return 0
     envs.apply_server_defaults()  # KV space, image pixel cap, offline, one 5 s fetch, no redirects
-    os.execv(cmd[0], cmd)
+    from visor_vllm import allocator
+
+    try:  # tcmalloc first in LD_PRELOAD, as vLLM's CPU worker asks (visor_vllm.allocator)
+        env = allocator.preload_environment(envs.snapshot())
+    except allocator.AllocatorError as e:
+        print(f"visor-vllm serve: {e}", file=sys.stderr)
+        return 2
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached

@@ -60,31 +60,6 @@ class EngineError(ValueError):
     """A launch this trainer cannot run (FSDP1, an unknown VISOR_TRAIN_ENGINE, ...)."""
 
 
-def tune_host_allocator() -> bool:
-    """Fix glibc malloc's mmap and trim thresholds for this process (and its forked workers).
-
-    Why: a training step allocates and frees megabytes of activations; with glibc's dynamic
-    thresholds they bounce between fresh mmaps and a heap whose top is trimmed and re-faulted
-    every step. Measured on this 2-core CPU at the synthetic preset, 100 dense steps: 3.5M
-    minor page faults and 6.3 s of system time, 1.2 s with fixed thresholds, the loop ~10 %
-    faster (the speed of a87441f's trainer, which the same effect hit less). ``False`` where the
-    C library is not glibc (nothing changed) or ``VISOR_MALLOC_TUNING=0``.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux") or not envs.VISOR_MALLOC_TUNING:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the gradients of ``params`` to ``max_norm``; the total norm, a device tensor.
 

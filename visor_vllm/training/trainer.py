@@ -58,11 +58,12 @@ from pathlib import Path
 import torch
 
 from visor_vllm import envs
+from visor_vllm.allocator import tune_host_allocator
 from visor_vllm.host_sync import HostSyncDetector, no_host_sync
 from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
                                       default_image_folder, load_records, pre_encode,
                                       teacher_batch, with_layout)
-from visor_vllm.training.engines import compile_blocks, make_engine, tune_host_allocator
+from visor_vllm.training.engines import compile_blocks, make_engine
 from visor_vllm.training.machine import usable_cpus
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
 from visor_vllm.training.recipe import StageSpec, TrainRecipe
