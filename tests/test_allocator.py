@@ -10,6 +10,11 @@ from visor_vllm import allocator, cli
 from visor_vllm.allocator import AllocatorError, find_tcmalloc, preload_environment, reexec_command
 
 
+# a cheap real command
+FLOPS = ["flops", "--preset", "tiny", "--image-tokens", "4", "--text-tokens", "3",
+         "--output-tokens", "1", "--sa", "1"]
+
+
 @pytest.fixture
 def fake_lib(tmp_path):
     lib = tmp_path / allocator.LIBRARY
@@ -61,8 +66,7 @@ def test_cli_main_execs_only_from_the_shell(monkeypatch, fake_lib):
     monkeypatch.setenv("VISOR_TCMALLOC", fake_lib)
     monkeypatch.delenv("VISOR_TCMALLOC_REEXEC", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    args = ["flops", "--preset", "tiny", "--image-tokens", "4", "--text-tokens", "3",
-            "--output-tokens", "1", "--sa", "1"]
+    args = FLOPS
     assert cli.main(args) == 0 and not calls  # in-process callers (tests, scripts): no exec
     monkeypatch.setattr(sys, "argv", ["visor-vllm", *args])
     assert cli.main() == 0  # the fake execve returned: the command ran as it is
@@ -73,9 +77,7 @@ def test_cli_main_execs_only_from_the_shell(monkeypatch, fake_lib):
 def test_a_bad_visor_tcmalloc_stops_the_cli_with_a_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("VISOR_TCMALLOC", str(tmp_path / "nope.so"))
     monkeypatch.delenv("VISOR_TCMALLOC_REEXEC", raising=False)
-    monkeypatch.setattr(sys, "argv", ["visor-vllm", "flops", "--preset", "tiny",
-                                      "--image-tokens", "4", "--text-tokens", "3",
-                                      "--output-tokens", "1", "--sa", "1"])
+    monkeypatch.setattr(sys, "argv", ["visor-vllm", *FLOPS])
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 2 and "no such file" in capsys.readouterr().err

@@ -17,6 +17,22 @@ def test_same_seed_same_sample_whatever_else_is_generated():
     assert (a["image"] != c["image"]).any()
 
 
+def test_images_keep_their_pixels_and_stencils_are_built_once():
+    """The pixels of a sample are pinned (a dataset written after a refactor is the same
+    bytes: checked on seed 9's 110,800 images when the stencils became cached)."""
+    import hashlib
+
+    image = synthetic.sample(3, "train", 17, synthetic.FAMILIES, 4)["image"]
+    assert hashlib.sha256(image.tobytes()).hexdigest()[:16] == "fe6830d23be8209d"
+    assert synthetic._mask("circle") is synthetic._mask("circle")
+    assert [int(synthetic._mask(s).sum()) for s in synthetic.SHAPES] == \
+        [{"circle": 32, "square": 36, "triangle": 18, "cross": 28}[s] for s in synthetic.SHAPES]
+    with pytest.raises(ValueError):  # read-only: a caller cannot corrupt the cache
+        synthetic._mask("cross")[0, 0] = True
+    with pytest.raises(synthetic.SyntheticTaskError):
+        synthetic._mask("star")
+
+
 def test_answers_follow_the_scene():
     cells = [[None] * 4 for _ in range(4)]
     cells[0][0], cells[1][0], cells[0][1] = ("red", "circle"), ("red", "square"), ("blue", "cross")
