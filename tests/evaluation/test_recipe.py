@@ -53,3 +53,18 @@ def test_servers_schedule_as_many_sequences_as_the_client_keeps_in_flight(tmp_pa
     assert asked == [("http://visor", "visor", 48), ("http://dense", "dense", 48)]
     with pytest.raises(ValueError, match="serve.concurrency is a number"):
         recipe.serve_and_evaluate(tmp_path, {}, {"concurrency": None}, progress=False)
+
+
+def test_a_bad_visor_tcmalloc_stops_the_recipe_before_training(tmp_path, monkeypatch):
+    """The servers' allocator is checked up front: not after a 30-minute training run."""
+    from visor_vllm.allocator import AllocatorError
+    from visor_vllm.evaluation import recipe
+
+    trained = []
+    monkeypatch.setattr(recipe, "run_synthetic", lambda *a, **k: trained.append(1) or {})
+    monkeypatch.setenv("VISOR_TCMALLOC", str(tmp_path / "missing.so"))
+    with pytest.raises(AllocatorError, match="no such file"):
+        recipe.run_recipe(tmp_path / "run")
+    assert not trained
+    recipe.run_recipe(tmp_path / "run", serve=False)  # nothing served: nothing to check
+    assert trained

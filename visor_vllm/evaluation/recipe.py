@@ -31,6 +31,7 @@ import json
 import time
 from pathlib import Path
 
+from visor_vllm.allocator import find_tcmalloc
 from visor_vllm.evaluation.launch import ServerError, served_together
 from visor_vllm.evaluation.served import evaluate_served
 from visor_vllm.training.evaluate import with_ci
@@ -46,6 +47,8 @@ def run_recipe(out: str | Path, quick: bool = False, seed: int | None = None,
 
     ``reuse_from``: a finished run whose trained models ``out`` starts from
     (`visor_vllm.training.pipeline.run_synthetic`)."""
+    if serve:  # a bad VISOR_TCMALLOC fails here, not at the servers' start after training
+        find_tcmalloc()
     report = run_synthetic(out, quick=quick, seed=seed, progress=progress, overrides=overrides,
                            reuse_from=reuse_from)
     if not serve:
