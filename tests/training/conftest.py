@@ -41,7 +41,8 @@ def tiny_recipe(init, data, out, stages, **kw):
     from visor_vllm.training.recipe import DataSpec, StageSpec, TrainRecipe
 
     return TrainRecipe(init=str(init), data=DataSpec(train=str(data / "train.jsonl"),
-                                                     max_length=512, num_workers=0,
+                                                     max_length=512,
+                                                     num_workers=kw.pop("num_workers", 0),
                                                      pre_encode_gb=kw.pop("pre_encode_gb", 4.0)),
                        output_dir=str(out), stages=[StageSpec(**s) for s in stages],
                        save_every=kw.pop("save_every", 2), log_every=1, **kw)

@@ -159,7 +159,7 @@ def test_pre_encoded_samples_are_the_encoded_ones(encoder, folder, processes):
     live = EncodedDataset(recs, encoder, folder)
     pre = pre_encode(EncodedDataset(recs, encoder, folder), [0, 1, 2, 3, 4, 5, 6, 7, 4],
                      processes=processes, chunk=2)
-    assert sorted(pre.cache) == list(range(8))
+    assert sorted(pre.cache) == list(range(8)) and pre.complete
     assert pre[4] == Skipped("missing_image") and "gone" in pre.skipped.examples["missing_image"][0]
     assert pre.nbytes == sum(encoded_bytes(live[i]) for i in range(8))
     for i in (0, 1, 2, 3, 5, 6, 7, 8):  # 8 was not asked for: encoded on access
@@ -170,5 +170,5 @@ def test_pre_encoded_samples_are_the_encoded_ones(encoder, folder, processes):
             assert x.dtype == y.dtype and torch.equal(x, y)
     capped = pre_encode(EncodedDataset(recs, encoder, folder), range(8), processes=processes,
                         chunk=2, limit_bytes=encoded_bytes(live[0]) + 1)
-    assert sorted(capped.cache) == [0, 1]  # stops at the sample that passes the limit
+    assert sorted(capped.cache) == [0, 1] and not capped.complete  # stops past the limit
     assert capped[5].input_ids.equal(live[5].input_ids)  # the rest: encoded as drawn

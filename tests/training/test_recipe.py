@@ -28,6 +28,8 @@ def test_round_trip(tmp_path):
     ({**BASE, "data": {"train": "x", "typo": 1}}, "unknown key"),
     ({**BASE, "data": {"train": "x", "pre_encode_gb": -1}}, "pre_encode_gb is a number"),
     ({**BASE, "data": {"train": "x", "pre_encode_gb": "4"}}, "pre_encode_gb is a number"),
+    ({**BASE, "data": {"train": "x", "num_workers": -1}}, "num_workers is a number"),
+    ({**BASE, "data": {"train": "x", "num_workers": True}}, "num_workers is a number"),
     ({**BASE, "stages": [{"kind": "stage2", "steps": 1, "lr": "1e-4x"}]},
      "stage2: lr is a number, got '1e-4x'"),
     ({**BASE, "stages": [{"kind": "stage2", "steps": 2.5, "lr": 1}]}, "steps is an integer"),

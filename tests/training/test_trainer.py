@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visor_vllm.training.data import EncodedDataset, SampleEncoder, collate, load_records
+from visor_vllm.training.data import (EncodedDataset, PreEncoded, SampleEncoder, collate,
+                                      load_records)
 from visor_vllm.training.model import VisorTrainStep
 from visor_vllm.training.trainer import ConfigSampler, Stopped, StepSampler, load_model, run
 
@@ -131,6 +132,30 @@ def test_samples_encoded_as_drawn_train_the_same_run(tmp_path, visor_ckpt_synth,
     assert "the other 11 encoded as drawn" in said
     _assert_same_run(a_dir, tmp_path / "d", ("stage1", "stage2"), whole, drawn,
                      loss=dict(abs=0), weights=dict(rtol=0, atol=0))
+
+
+def test_batches_made_by_a_worker_train_the_same_run(tmp_path, visor_ckpt_synth, synth_data,
+                                                     uninterrupted):
+    """Where the batches are made (a DataLoader worker, or the step's process: the default on a
+    CPU once every sample is pre-encoded, `trainer.loader_workers`) changes no byte."""
+    from visor_vllm.training.trainer import loader_workers
+
+    a_dir, whole = uninterrupted  # made in the step's process
+    worker = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "w", KILL_STAGES,
+                             num_workers=1), progress=False)
+    _assert_same_run(a_dir, tmp_path / "w", ("stage1", "stage2"), whole, worker,
+                     loss=dict(abs=0), weights=dict(rtol=0, atol=0))
+
+    class Pre(PreEncoded):
+        def __init__(self, complete):
+            self.complete = complete
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert loader_workers(None, Pre(True), cpu) == 0
+    assert loader_workers(None, Pre(False), cpu) == 1  # some samples are encoded as drawn
+    assert loader_workers(None, Pre(True), gpu) == 1   # the worker overlaps the device
+    assert loader_workers(None, object(), cpu) == 1    # nothing pre-encoded
+    assert loader_workers(3, Pre(True), cpu) == 3      # as set
 
 
 def test_a_compiled_dense_stage_follows_the_eager_one(tmp_path, dense_ckpt, synth_data):

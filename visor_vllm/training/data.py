@@ -334,9 +334,11 @@ class PreEncoded(torch.utils.data.Dataset):
     """`EncodedDataset` whose samples were encoded up front (`pre_encode`); a sample outside
     that set is encoded on access, as before. Same samples, same bytes."""
 
-    def __init__(self, ds: EncodedDataset, cache: dict[int, Encoded | Skipped], nbytes: int):
+    def __init__(self, ds: EncodedDataset, cache: dict[int, Encoded | Skipped], nbytes: int,
+                 complete: bool = False):
         self.ds, self.cache, self.nbytes = ds, cache, nbytes
         self.skipped = ds.skipped
+        self.complete = complete  # every sample asked for is in the cache
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -417,8 +419,8 @@ def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
             cache[i] = Encoded(*(None if a is None else torch.from_numpy(a) for a in arrays), meta)
             nbytes += encoded_bytes(cache[i])
             if nbytes > limit_bytes:  # the workers shut down as the loader is collected
-                return PreEncoded(ds, cache, nbytes)
-    return PreEncoded(ds, cache, nbytes)
+                return PreEncoded(ds, cache, nbytes, complete=len(cache) == len(order))
+    return PreEncoded(ds, cache, nbytes, complete=True)
 
 
 @dataclass

@@ -176,12 +176,18 @@ class DataSpec:
     train: str
     image_folder: str | None = None
     max_length: int = 2048
-    num_workers: int = 1                    # DataLoader workers encoding samples ahead
+    num_workers: int | None = None          # DataLoader workers preparing batches ahead;
+                                            # None: 0 on a CPU where every sample is
+                                            # pre-encoded, else 1 (trainer.loader_workers)
     pre_encode_gb: float = 4.0              # encode a stage's samples up front with the node's
                                             # CPUs, up to this many GB of tensors a process, the
                                             # rest as drawn (0: all as drawn; data.pre_encode)
 
     def __post_init__(self):
+        w = self.num_workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise RecipeError(f"data.num_workers is a number of processes >= 0 or null, "
+                              f"got {w!r}")
         gb = self.pre_encode_gb
         if not is_number(gb) or gb < 0:
             raise RecipeError(f"data.pre_encode_gb is a number of GB >= 0, got {gb!r}")

@@ -60,8 +60,8 @@ import torch
 from visor_vllm import envs
 from visor_vllm.allocator import tune_host_allocator
 from visor_vllm.host_sync import HostSyncDetector, no_host_sync
-from visor_vllm.training.data import (EncodedDataset, SampleEncoder, Skipped, collate,
-                                      default_image_folder, load_records, pre_encode,
+from visor_vllm.training.data import (EncodedDataset, PreEncoded, SampleEncoder, Skipped,
+                                      collate, default_image_folder, load_records, pre_encode,
                                       teacher_batch, with_layout)
 from visor_vllm.training.engines import compile_blocks, make_engine
 from visor_vllm.training.machine import usable_cpus
@@ -330,6 +330,7 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
     rank, world, main = engine.rank, engine.world, engine.is_main
     ds = _maybe_pre_encode(ds, _MicroBatches(sampler, state.step, spec.steps, rank, world, micro,
                                              accum), recipe.data, spec.name, world, main)
+    workers = loader_workers(recipe.data.num_workers, ds, engine.device)
     summary = engine.summary()
     log = _Log(stage_dir, state.step, main, engine.name, world)
     bar = tqdm(total=spec.steps, initial=state.step, desc=spec.name,
@@ -342,9 +343,9 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
         collate_fn=functools.partial(_collate, pad=pad, layout_config=layout_config,
                                      teacher_token=model_config.routing_token_id
                                      if spec.distill else None),
-        num_workers=recipe.data.num_workers,
+        num_workers=workers,
         pin_memory=engine.device.type == "cuda",  # Batch.pin_memory: non_blocking copies
-        prefetch_factor=2 * accum if recipe.data.num_workers else None))
+        prefetch_factor=2 * accum if workers else None))
     step_fn = _StepFn(engine, module, params, spec, accum)
     while state.step < spec.steps:
         step = state.step
@@ -421,6 +422,23 @@ def _maybe_pre_encode(ds: EncodedDataset, batches, data, name: str, world: int, 
               f"({out.nbytes / 2 ** 30:.2f} GB) in {time.time() - t:.0f} s with {processes} "
               f"process(es){rest}")
     return out
+
+
+def loader_workers(configured: int | None, ds, device: torch.device) -> int:
+    """The DataLoader's workers: ``data.num_workers`` as set, or (None) 0 on a CPU when every
+    sample of ``ds`` this process draws is pre-encoded, else 1.
+
+    Why. With the samples encoded up front a worker only pads and lays out batches (2-5 ms a
+    step), and on a CPU it does so on the cores the step's threads use: a 400-step dense stage
+    of the synthetic recipe ran 8 % faster end to end with the batches made in the step's
+    process (3 alternating pairs, 2-vCPU Xeon, 2026-12-07), the same losses. On a GPU the
+    worker overlaps the device's work, so it stays. Same batches either way (the loader draws
+    its seed from the global generator with or without workers).
+    """
+    if configured is not None:
+        return configured
+    done = isinstance(ds, PreEncoded) and ds.complete
+    return 0 if device.type == "cpu" and done else 1
 
 
 def _scalar(x: float, device: torch.device) -> torch.Tensor:
