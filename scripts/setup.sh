@@ -109,13 +109,11 @@ fi
 # visor_vllm/allocator.py: same numbers, ~10 % off the recipe's served pass, 3-5 % off a
 # training step. Optional: without it everything runs on glibc malloc, as before.
 TCMALLOC="$VENV/lib/libtcmalloc_minimal.so.4"
-if [[ "$TARGET" == cpu && ! -e "$TCMALLOC" ]]; then
-  found=""
-  for d in /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib; do
-    [[ -e "$d/libtcmalloc_minimal.so.4" ]] && { found="$d/libtcmalloc_minimal.so.4"; break; }
-  done
+if [[ "$TARGET" == cpu ]]; then
+  # where the CLI would look (the venv, then the system's library folders)
+  found="$(VISOR_TCMALLOC= "$PY" -c "from visor_vllm.allocator import find_tcmalloc; print(find_tcmalloc() or '')")"
   if [[ -n "$found" ]]; then
-    ln -s "$found" "$TCMALLOC" && say "tcmalloc: $TCMALLOC -> $found"
+    say "tcmalloc: $found"
   elif command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
     # the system's package, unpacked into the venv (no root needed, nothing installed system-wide)
     tmp="$(mktemp -d)"

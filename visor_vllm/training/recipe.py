@@ -185,7 +185,7 @@ class DataSpec:
 
     def __post_init__(self):
         w = self.num_workers
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        if w is not None and (not is_number(w, integer=True) or w < 0):
             raise RecipeError(f"data.num_workers is a number of processes >= 0 or null, "
                               f"got {w!r}")
         gb = self.pre_encode_gb
