@@ -78,6 +78,10 @@ _VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "VISOR_VISION_CACHE_MB": (_str("VISOR_VISION_CACHE_MB"),
                               "the worker's vision-feature cache bound in MB, 0 = off (default "
                               "256; visor_vllm.engine.vision_cache)"),
+    "VISOR_PROCESSOR_CACHE_MB": (_str("VISOR_PROCESSOR_CACHE_MB"),
+                                 "the front end's (API server's) processed-image cache bound in "
+                                 "MB, 0 = off (default 1024; vLLM turns its own off for "
+                                 "encoder-decoder models; visor_vllm.engine.vision_cache)"),
     "VISOR_CUDA_GRAPHS": (_only_one("VISOR_CUDA_GRAPHS"),
                           "exactly 1: leave vLLM's CUDA graphs on for VISOR (FULL_DECODE_ONLY on "
                           "a GPU; unproven there, visor_vllm.engine.config_hook); default off"),

@@ -1,12 +1,15 @@
-"""The vision-tower cache: exact keys, LRU within its byte bound, a clear error for a bad bound."""
+"""The image caches (the worker's visual tokens, the front end's processed images): exact keys,
+LRU within the byte bound, copies in and out, a clear error for a bad bound."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from visor_vllm.engine.vision_cache import (DEFAULT_MB, VisionCache, VisionCacheConfigError,
-                                            budget_bytes, image_key)
+from visor_vllm.engine import vision_cache
+from visor_vllm.engine.vision_cache import (DEFAULT_MB, PROCESSOR_DEFAULT_MB, VisionCache,
+                                            VisionCacheConfigError, budget_bytes, image_key,
+                                            images_key, processed_images)
 
 
 def test_key_is_exact_content_and_size():
@@ -51,3 +54,68 @@ def test_budget_from_the_environment(raw, want):
 def test_a_bad_budget_is_a_named_error(raw):
     with pytest.raises(VisionCacheConfigError, match="VISOR_VISION_CACHE_MB"):
         budget_bytes({"VISOR_VISION_CACHE_MB": raw})
+
+
+@pytest.mark.parametrize("raw,want", [(None, PROCESSOR_DEFAULT_MB << 20), ("0", 0), ("8", 8 << 20)])
+def test_processor_budget_from_its_own_variable(raw, want):
+    env = {} if raw is None else {"VISOR_PROCESSOR_CACHE_MB": raw}
+    assert budget_bytes(env, "VISOR_PROCESSOR_CACHE_MB", PROCESSOR_DEFAULT_MB) == want
+    with pytest.raises(VisionCacheConfigError, match="VISOR_PROCESSOR_CACHE_MB"):
+        budget_bytes({"VISOR_PROCESSOR_CACHE_MB": "-2"}, "VISOR_PROCESSOR_CACHE_MB")
+
+
+def test_images_key_is_exact_pixels_mode_size_order_and_context():
+    from PIL import Image
+
+    a = Image.new("RGB", (5, 4), (10, 20, 30))
+    b = a.copy()
+    b.putpixel((4, 3), (10, 20, 31))                         # one channel of one pixel
+    key = images_key([a], "ctx")
+    assert key == images_key([a.copy()], "ctx")
+    assert key != images_key([b], "ctx")
+    assert key != images_key([a], "other processor")
+    assert key != images_key([a.convert("RGBA")], "ctx")
+    assert key != images_key([Image.new("RGB", (4, 5), (10, 20, 30))], "ctx")  # same bytes, transposed
+    assert images_key([a, b], "ctx") != images_key([b, a], "ctx")
+    assert images_key([a, a], "ctx") != key                  # several images: another preprocessing
+    assert images_key([a, torch.zeros(3, 4, 5)], "ctx") is None  # not an image: no caching
+
+
+@pytest.fixture
+def processor_cache(monkeypatch):
+    """A fresh front-end cache of 1 MB for the test (the process's one is made once)."""
+    monkeypatch.setattr(vision_cache, "_PROCESSED", {"cache": VisionCache(1 << 20)})
+    return vision_cache.processor_cache()
+
+
+def test_a_processed_image_is_processed_once_and_handed_out_as_copies(processor_cache):
+    from PIL import Image
+    from transformers import BatchFeature
+
+    calls = []
+
+    def process():
+        calls.append(1)
+        return BatchFeature({"pixel_values": torch.ones(2, 3, 4, 4), "image_sizes": [[4, 4]]})
+
+    im = Image.new("RGB", (4, 4), (1, 2, 3))
+    first = processed_images([im], "ctx", process, wrap=BatchFeature)
+    first["pixel_values"] += 1                               # vLLM updates what it is handed
+    first["image_sizes"].append([9, 9])
+    first["passthrough"] = "x"
+    again = processed_images([im.copy()], "ctx", process, wrap=BatchFeature)
+    assert len(calls) == 1 and isinstance(again, BatchFeature)
+    assert again.keys() == {"pixel_values", "image_sizes"}
+    assert torch.equal(again["pixel_values"], torch.ones(2, 3, 4, 4))
+    assert again["image_sizes"] == [[4, 4]]
+    processed_images([im], "another call", process, wrap=BatchFeature)
+    assert len(calls) == 2
+    assert processor_cache.stats()["hits"] == 1 and processor_cache.stats()["misses"] == 2
+
+
+def test_without_a_cache_or_an_image_every_call_processes(monkeypatch):
+    monkeypatch.setattr(vision_cache, "_PROCESSED", {"cache": None})  # VISOR_PROCESSOR_CACHE_MB=0
+    calls = []
+    for _ in range(2):
+        processed_images([torch.zeros(3, 2, 2)], "ctx", lambda: calls.append(1) or {"x": 1})
+    assert len(calls) == 2

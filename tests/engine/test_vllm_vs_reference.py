@@ -157,15 +157,22 @@ def vision_cache_stats(worker) -> dict:
     return worker.get_model().vision_cache.stats()
 
 
-def test_a_second_turn_with_the_same_image_skips_the_vision_tower(llm, batched):
-    """Same image, new text (a chat's next turn): a cache hit, and the tokens of a fresh tower
-    run (the batched run above computed `image(1)` itself; `sa_1_6` and `sa_1_4_6` share it)."""
+def test_a_second_turn_with_the_same_image_skips_the_image_processor_and_the_tower(llm, batched):
+    """Same image, new text (a chat's next turn): a hit in the front end's processed-image cache
+    (this process: the offline engine's) and in the worker's vision-tower cache, and the tokens
+    of a fresh run (the batched run above processed `image(1)` itself; `sa_1_6` and `sa_1_4_6`
+    share it)."""
+    from visor_vllm.engine.vision_cache import processor_cache
+
     before = llm.collective_rpc(vision_cache_stats, timeout=120)[0]
+    front = processor_cache().stats()
     alone = run(llm, ["sa_1_6"])["sa_1_6"]
     after = llm.collective_rpc(vision_cache_stats, timeout=120)[0]
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
     assert list(alone.token_ids) == list(batched["sa_1_6"].token_ids)
     assert 0 < after["bytes"] <= after["max_bytes"]
+    now = processor_cache().stats()
+    assert now["hits"] == front["hits"] + 1 and now["misses"] == front["misses"]
 
 
 def decoder_compiled(worker) -> bool:

@@ -43,6 +43,7 @@ from visor_vllm.patches import apply_transformers_patches
 
 apply_transformers_patches()  # vLLM's llava.py imports a torchvision-only module (ledger entry 2)
 
+from transformers import BatchFeature  # noqa: E402
 from vllm.compilation.decorators import support_torch_compile  # noqa: E402
 from vllm.config import VllmConfig  # noqa: E402
 from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: E402
@@ -71,7 +72,8 @@ from vllm.v1.attention.backend import AttentionType
 
 from visor_vllm import patches
 from visor_vllm.engine import bridge, kv_layout, sa_attention, stats
-from visor_vllm.engine.vision_cache import VisionCache, budget_bytes, image_key
+from visor_vllm.engine.vision_cache import (VisionCache, budget_bytes, image_key,
+                                            processed_images)
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import layers, plan
 from visor_vllm.model.config import VisorConfig
@@ -140,10 +142,23 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiMod
         check_images(images)  # zero-sized image -> 400, not a division by zero
         if len(images) > 1:
             call["images"] = [list(images)]
-        processed = self.info.ctx.call_hf_processor(
-            self.info.get_hf_processor(**hf_kwargs), call, hf_kwargs)
+        # vLLM disables its processor cache for enc-dec models: a chat's next turn (or the next
+        # question about the same image) takes the processed image from ours (vision_cache.py)
+        processed = processed_images(
+            images, self._processor_context(call, hf_kwargs),
+            lambda: self.info.ctx.call_hf_processor(
+                self.info.get_hf_processor(**hf_kwargs), call, hf_kwargs), wrap=BatchFeature)
         hf_data.pop("text", None)
         return self._finalize_hf_mm_data(hf_data, hf_kwargs, passthrough, processed)
+
+    def _processor_context(self, call: dict, hf_kwargs) -> str:
+        """What decides the processed images besides their pixels: this model's image
+        processor config, the call's other inputs (the image-token text) and its arguments."""
+        if not hasattr(self, "_image_processor_json"):
+            self._image_processor_json = self.info.get_hf_processor().image_processor.to_json_string()
+        rest = {k: v for k, v in call.items() if k != "images"}
+        return "|".join((self._image_processor_json, repr(sorted(rest.items())),
+                         repr(sorted(dict(hf_kwargs).items()))))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         from vllm.multimodal.parse import ImageProcessorItems
