@@ -119,3 +119,33 @@ def test_without_a_cache_or_an_image_every_call_processes(monkeypatch):
     for _ in range(2):
         processed_images([torch.zeros(3, 2, 2)], "ctx", lambda: calls.append(1) or {"x": 1})
     assert len(calls) == 2
+
+
+def test_a_bad_processor_bound_stops_the_processor_not_a_request(monkeypatch):
+    monkeypatch.setattr(vision_cache, "_PROCESSED", {})
+    monkeypatch.setenv("VISOR_PROCESSOR_CACHE_MB", "lots")
+    for _ in range(2):  # nothing half-made is kept: every try says it
+        with pytest.raises(VisionCacheConfigError, match="VISOR_PROCESSOR_CACHE_MB='lots'"):
+            vision_cache.processor_cache()
+
+
+@pytest.mark.vllm
+def test_the_served_processor_reads_its_bound_when_it_is_built(tmp_path, monkeypatch):
+    """vLLM builds the multimodal processor at start-up (and for an offline `LLM`): that is
+    where a bad ``VISOR_PROCESSOR_CACHE_MB`` fails, with its name."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    import visor_vllm
+    from visor_vllm.testing import write_random_tiny_checkpoint
+
+    visor_vllm.register()
+    mc = ModelConfig(model=str(write_random_tiny_checkpoint(tmp_path)), dtype="float32",
+                     max_model_len=4096)
+    monkeypatch.setattr(vision_cache, "_PROCESSED", {})
+    monkeypatch.setenv("VISOR_PROCESSOR_CACHE_MB", "-1")
+    with pytest.raises(VisionCacheConfigError, match="VISOR_PROCESSOR_CACHE_MB"):
+        MULTIMODAL_REGISTRY.create_processor(mc)
+    monkeypatch.setenv("VISOR_PROCESSOR_CACHE_MB", "2")
+    MULTIMODAL_REGISTRY.create_processor(mc)
+    assert vision_cache.processor_cache().max_bytes == 2 << 20

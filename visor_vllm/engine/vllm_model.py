@@ -73,7 +73,7 @@ from vllm.v1.attention.backend import AttentionType
 from visor_vllm import patches
 from visor_vllm.engine import bridge, kv_layout, sa_attention, stats
 from visor_vllm.engine.vision_cache import (VisionCache, budget_bytes, image_key,
-                                            processed_images)
+                                            processed_images, processor_cache)
 from visor_vllm.engine.inputs import check_images
 from visor_vllm.model import layers, plan
 from visor_vllm.model.config import VisorConfig
@@ -121,6 +121,7 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiMod
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         patches.apply_frontend_patches()  # oversized images: vLLM's 400, not PIL's 500
+        processor_cache()  # a bad VISOR_PROCESSOR_CACHE_MB stops the start, not a request
 
     def create_encoder_prompt(self, prompt, mm_items) -> list[int]:
         return [self.info.get_hf_config().image_token_index] * mm_items.get_count("image", strict=False)
