@@ -96,28 +96,46 @@ def test_a_processed_image_is_processed_once_and_handed_out_as_copies(processor_
 
     def process():
         calls.append(1)
-        return BatchFeature({"pixel_values": torch.ones(2, 3, 4, 4), "image_sizes": [[4, 4]]})
+        return BatchFeature({"pixel_values": torch.ones(2, 3, 4, 4),
+                             "image_sizes": torch.tensor([[4, 4]])})
 
     im = Image.new("RGB", (4, 4), (1, 2, 3))
     first = processed_images([im], "ctx", process, wrap=BatchFeature)
     first["pixel_values"] += 1                               # vLLM updates what it is handed
-    first["image_sizes"].append([9, 9])
     first["passthrough"] = "x"
     again = processed_images([im.copy()], "ctx", process, wrap=BatchFeature)
     assert len(calls) == 1 and isinstance(again, BatchFeature)
     assert again.keys() == {"pixel_values", "image_sizes"}
     assert torch.equal(again["pixel_values"], torch.ones(2, 3, 4, 4))
-    assert again["image_sizes"] == [[4, 4]]
+    again["pixel_values"] += 5                               # a hit is a copy too
+    third = processed_images([im], "ctx", process, wrap=BatchFeature)
+    assert torch.equal(third["pixel_values"], torch.ones(2, 3, 4, 4))
+    assert torch.equal(third["image_sizes"], torch.tensor([[4, 4]]))
     processed_images([im], "another call", process, wrap=BatchFeature)
     assert len(calls) == 2
-    assert processor_cache.stats()["hits"] == 1 and processor_cache.stats()["misses"] == 2
+    assert processor_cache.stats()["hits"] == 2 and processor_cache.stats()["misses"] == 2
 
 
-def test_without_a_cache_or_an_image_every_call_processes(monkeypatch):
-    monkeypatch.setattr(vision_cache, "_PROCESSED", {"cache": None})  # VISOR_PROCESSOR_CACHE_MB=0
+def test_what_is_not_kept_is_processed_every_time(processor_cache, monkeypatch):
+    """Not an image; an output that is not all torch tensors (a request may ask the processor
+    for numpy: the bound could not count it); no cache at all (``VISOR_PROCESSOR_CACHE_MB=0``)."""
+    import numpy as np
+    from PIL import Image
+
+    im = Image.new("RGB", (4, 4))
+    cases = [([torch.zeros(3, 2, 2)], lambda: {"pixel_values": torch.zeros(1)}),
+             ([im], lambda: {"pixel_values": np.zeros((1, 3, 4, 4))}),
+             ([im], lambda: {"pixel_values": torch.zeros(1), "image_sizes": [[4, 4]]})]
+    for images, out in cases:
+        calls = []
+        for _ in range(2):
+            processed_images(images, "ctx", lambda: calls.append(1) or out())
+        assert len(calls) == 2
+    assert len(processor_cache) == 0 and processor_cache.bytes == 0
+    monkeypatch.setattr(vision_cache, "_PROCESSED", {"cache": None})
     calls = []
     for _ in range(2):
-        processed_images([torch.zeros(3, 2, 2)], "ctx", lambda: calls.append(1) or {"x": 1})
+        processed_images([im], "ctx", lambda: calls.append(1) or {"pixel_values": torch.zeros(1)})
     assert len(calls) == 2
 
 

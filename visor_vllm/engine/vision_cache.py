@@ -28,14 +28,15 @@ Footguns.
 * Entries live on the CPU whatever the model's device, outside vLLM's GPU memory profile; a
   worker hit is copied to the model's device. Bounds are per process; tensor-parallel ranks
   and each API server process hold their own copy. ``0`` turns a cache off.
-* A hit returns exactly what a miss computed: tensors are stored as copies and handed out as
-  copies (vLLM updates the processor's output dict in place, `processed_images`).
+* A hit returns exactly what a miss computed. Entries are stored as copies; the front end
+  hands out copies too (vLLM updates the processor's output dict in place), the worker its
+  entry itself (moved to the model's device; the model never writes to its encoder outputs).
+  Only outputs that are all torch tensors are kept, so the bound counts every byte.
 * Thread-safe: vLLM's front end processes requests on a thread pool.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import threading
 from collections import OrderedDict
@@ -95,17 +96,17 @@ def images_key(images: Sequence, context: str) -> bytes | None:
 
 
 def _nbytes(value) -> int:
+    """Bytes of a tensor, or of a mapping of tensors (what `VisionCache` holds)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
-    return sum(_nbytes(v) for v in value.values() if isinstance(v, torch.Tensor))
+    return sum(_nbytes(v) for v in value.values())
 
 
 def _copy(value):
-    """A tensor copied to the CPU, or a mapping as a dict of such copies (other values deep-copied)."""
+    """A tensor copied to the CPU, or a mapping of tensors as a dict of such copies."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
-    return {k: _copy(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-            for k, v in value.items()}
+    return {k: _copy(v) for k, v in value.items()}
 
 
 class VisionCache:
@@ -134,9 +135,10 @@ class VisionCache:
 
     def put(self, key: bytes, value) -> None:
         size = _nbytes(value)
-        if size > self.max_bytes:
-            return
-        value = _copy(value)
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+        value = _copy(value)  # outside the lock: a device-to-host copy can take a while
         with self._lock:
             if key in self._items:
                 return
@@ -172,6 +174,8 @@ def processed_images(images: Sequence, context: str, process, wrap=dict):
     if hit is not None:
         return wrap(_copy(hit))
     out = process()
-    if key is not None:
+    # only torch tensors are counted against the bound and copied: an output with anything
+    # else (a request's ``return_tensors`` in its mm_processor_kwargs) is not kept
+    if key is not None and all(isinstance(v, torch.Tensor) for v in out.values()):
         cache.put(key, dict(out))
     return out

@@ -154,11 +154,16 @@ class VisorMultiModalProcessor(EncDecMultiModalProcessor, LlavaOnevisionMultiMod
 
     def _processor_context(self, call: dict, hf_kwargs) -> str:
         """What decides the processed images besides their pixels: this model's image
-        processor config, the call's other inputs (the image-token text) and its arguments."""
-        if not hasattr(self, "_image_processor_json"):
-            self._image_processor_json = self.info.get_hf_processor().image_processor.to_json_string()
+        processor config, dtype (vLLM casts the pixels to it) and configured processor kwargs
+        (merged into every call), the call's other inputs (the image-token text) and its
+        arguments. The cache is the process's, shared by every model an offline process builds."""
+        if not hasattr(self, "_model_context"):
+            mc = self.info.ctx.model_config
+            self._model_context = "|".join((
+                self.info.get_hf_processor().image_processor.to_json_string(), str(mc.dtype),
+                repr(getattr(mc.multimodal_config, "mm_processor_kwargs", None))))
         rest = {k: v for k, v in call.items() if k != "images"}
-        return "|".join((self._image_processor_json, repr(sorted(rest.items())),
+        return "|".join((self._model_context, repr(sorted(rest.items())),
                          repr(sorted(dict(hf_kwargs).items()))))
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
