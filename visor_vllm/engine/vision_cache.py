@@ -84,11 +84,12 @@ def images_key(images: Sequence, context: str) -> bytes | None:
     """Digest of a prompt's decoded images (mode, size and pixel bytes of each, in order) and
     ``context`` (what else decides the processor's output: its config, the call's arguments);
     None when an item is not a PIL image (tensors, embeddings: processed as they come)."""
+    from PIL import Image
+
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{len(images)}|{context}".encode())
     for im in images:
-        if not (hasattr(im, "tobytes") and hasattr(im, "mode") and isinstance(
-                getattr(im, "size", None), tuple)):
+        if not isinstance(im, Image.Image):
             return None
         h.update(f"|{im.mode}|{im.size}|".encode())
         h.update(im.tobytes())
