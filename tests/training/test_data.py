@@ -172,3 +172,52 @@ def test_pre_encoded_samples_are_the_encoded_ones(encoder, folder, processes):
                         chunk=2, limit_bytes=encoded_bytes(live[0]) + 1)
     assert sorted(capped.cache) == [0, 1] and not capped.complete  # stops past the limit
     assert capped[5].input_ids.equal(live[5].input_ids)  # the rest: encoded as drawn
+
+
+def test_a_later_stage_reuses_the_processed_images_and_changes_no_byte(dense_ckpt,
+                                                                     visor_ckpt_synth, folder):
+    """`PixelStore`: what the dense phase's `pre_encode` processed, a VISOR encoder (its own
+    template: the routing token) reuses as the very tensors, with the same bytes as its own
+    encoding; an image file rewritten since, a processor with other settings, images given
+    as bytes and a put past the bound are processed anew."""
+    import copy
+    import os
+    import pickle
+
+    from visor_vllm.training.data import PixelStore, image_processor_key, pre_encode
+
+    recs = [_record("img.png" if i % 2 else "big.png", rid=f"r{i}") for i in range(6)]
+    recs.append(_record({"bytes": (folder / "img.png").read_bytes()}, rid="bytes"))
+    store = PixelStore()
+    dense = SampleEncoder(dense_ckpt, pixels=store)
+    first = pre_encode(EncodedDataset(recs, dense, folder), range(7), processes=2, chunk=2)
+    assert len(store) == 2 and first.reused == 0  # one entry per image file; bytes: none
+
+    visor = SampleEncoder(visor_ckpt_synth, pixels=store)
+    fresh = SampleEncoder(visor_ckpt_synth)
+    assert visor.image_key == dense.image_key
+    later = pre_encode(EncodedDataset(recs, visor, folder), range(7), processes=2, chunk=2)
+    assert later.reused == 6
+    for i in range(7):
+        a, b = later[i], fresh.encode(recs[i], folder)
+        assert not torch.equal(a.input_ids, first[i].input_ids)  # VISOR's own template
+        for x, y in zip(a.tensors, b.tensors):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        assert (a.pixel_values is first[i].pixel_values) == (i < 6)  # shared, not copied
+    assert visor.encode(recs[1], folder).pixel_values is first[1].pixel_values  # on access too
+
+    Image.new("RGB", (32, 32), "green").save(folder / "img.png")  # rewritten: processed anew
+    os.utime(folder / "img.png", ns=(1, 1))
+    green = visor.encode(recs[1], folder).pixel_values
+    assert torch.equal(green, fresh.encode(recs[1], folder).pixel_values)
+    assert not torch.equal(green, first[1].pixel_values)
+
+    other = copy.deepcopy(visor.processor.image_processor)
+    other.image_mean = [0.25, 0.25, 0.25]
+    assert store.get(store.key(image_processor_key(other), recs[0], folder)) is None
+    assert store.get(store.key(visor.image_key, recs[0], folder)) is not None
+
+    kept = first[0].pixel_values
+    small = PixelStore(limit_bytes=kept.numel() * kept.element_size())
+    assert not small.put(("k",), kept, first[0].image_sizes)  # the sizes pass the bound
+    assert len(pickle.loads(pickle.dumps(store))) == 0  # a spawned worker: empty, not a copy

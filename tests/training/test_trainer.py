@@ -158,6 +158,29 @@ def test_samples_encoded_as_drawn_train_the_same_run(tmp_path, visor_ckpt_synth,
                      loss=dict(abs=0), weights=dict(rtol=0, atol=0))
 
 
+def test_images_processed_by_an_earlier_run_train_the_same_run(tmp_path, dense_ckpt,
+                                                               visor_ckpt_synth, synth_data,
+                                                               uninterrupted, capsys):
+    """The recipe hands its dense phase's processed images to VISOR's stages (`PixelStore`):
+    they only tokenize, say so, and train the same bytes as a run that processed its own."""
+    from visor_vllm.training.data import PixelStore, pre_encode
+
+    a_dir, whole = uninterrupted
+    store = PixelStore()
+    records = load_records(synth_data / "train.jsonl")
+    pre_encode(EncodedDataset(records, SampleEncoder(dense_ckpt, pixels=store), synth_data),
+               range(len(records)))  # what the dense phase does
+    assert len(store) == len(records)
+    reused = run(tiny_recipe(visor_ckpt_synth, synth_data, tmp_path / "p", KILL_STAGES),
+                 progress=False, pixels=store)
+    said = capsys.readouterr().out
+    assert "[stage1] pre-encoded 12 of 12 samples" in said
+    assert "the images of 12 processed by an earlier stage" in said
+    assert "the images of 16 processed by an earlier stage" in said
+    _assert_same_run(a_dir, tmp_path / "p", ("stage1", "stage2"), whole, reused,
+                     loss=dict(abs=0), weights=dict(rtol=0, atol=0))
+
+
 def test_batches_made_by_a_worker_train_the_same_run(tmp_path, visor_ckpt_synth, synth_data,
                                                      uninterrupted):
     """Where the batches are made (a DataLoader worker, or the step's process: the default on a

@@ -16,7 +16,9 @@ What.
   answer, too long, placeholders that do not match the images), counting each reason in
   `SkipCounter`; `collate` pads a list of encoded samples into a batch.
 * `pre_encode` encodes the samples a training stage will draw up front, with several
-  processes (`PreEncoded`): the trainer's DataLoader then only pads them.
+  processes (`PreEncoded`): the trainer's DataLoader then only pads them. It keeps the
+  processed images in a `PixelStore`, so a later stage with the same image processor (VISOR's
+  stages after the dense phase) only tokenizes.
 
 Why. One path from a conversation to tokens for every model the recipe trains (dense LLaVA-OV
 and VISOR) and for evaluation, so nothing the model learns depends on a side format.
@@ -188,14 +190,103 @@ class Encoded:
         return self.input_ids, self.labels, self.pixel_values, self.image_sizes
 
 
-class SampleEncoder:
-    """Record -> `Encoded`, with a checkpoint directory's tokenizer, template and processor."""
+def image_processor_key(image_processor) -> tuple[str, str]:
+    """What makes two image processors process an image alike: the class (a PIL and a
+    torchvision processor differ in bits) and its settings."""
+    ip = image_processor
+    return (f"{type(ip).__module__}.{type(ip).__qualname__}",
+            json.dumps(ip.to_dict(), sort_keys=True, default=str))
 
-    def __init__(self, checkpoint: str | os.PathLike, max_length: int = 4096):
+
+class PixelStore:
+    """Processed images kept for a later stage: a record's ``(pixel_values, image_sizes)`` by
+    its image files (path, size, mtime) and the image processor (class and settings).
+
+    Why. The recipe's dense phase and VISOR's two stages train on the same image files with
+    the same image processor (the converter copies it), and loading an image and running
+    LLaVA-OV's image processor is about two thirds of encoding a sample: the VISOR stages
+    re-processed 58k of the dense phase's images, ~45 s a seed on a 2-vCPU EPYC. `pre_encode`
+    puts what it encoded here; `SampleEncoder.encode` reads it, so a later stage only renders
+    and tokenizes its own template. A hit hands out the very tensors the first stage made, so
+    no bit of training changes.
+
+    Footguns.
+    * Memory: what is kept stays until the store is dropped or cleared (`trainer.run` keeps
+      one for its stages; the recipe one for its dense and VISOR phases, cleared after them).
+      ``limit_bytes`` bounds it: a put past it is refused.
+    * Only images given as files (a path, or ``{"path": ...}``) are kept; bytes and PIL images
+      are processed every time.
+    * Processes: a DataLoader worker started by fork reads the parent's store as it was at the
+      fork, and its own puts are lost (only `pre_encode`'s parent puts). Pickled (a spawned
+      worker) it arrives empty: a cache, never a 4 GB pickle.
+    * The tensors are shared, so nothing may write into an encoded sample's tensors (nothing
+      does; `PreEncoded` already hands the same sample out at every epoch).
+    """
+
+    def __init__(self, limit_bytes: float = float("inf")):
+        self.limit_bytes = limit_bytes
+        self.nbytes = 0
+        self._kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getstate__(self):
+        return {"limit_bytes": self.limit_bytes, "nbytes": 0, "_kept": {}}
+
+    def key(self, image_key: tuple, record: Mapping, folder: Path) -> tuple | None:
+        """The record's images as files, with ``image_key`` (`SampleEncoder.image_key`); None
+        where an image is not a file that exists."""
+        item = record.get("image", record.get("images")) if isinstance(record, Mapping) else None
+        if item is None:
+            return None
+        files = []
+        for x in item if isinstance(item, (list, tuple)) else [item]:
+            if isinstance(x, Mapping) and isinstance(x.get("path"), str) and x.get("bytes") is None:
+                x = x["path"]
+            if not isinstance(x, (str, os.PathLike)):
+                return None
+            path = os.path.abspath(folder / x)
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            files.append((path, st.st_size, st.st_mtime_ns))
+        return (image_key, tuple(files))
+
+    def get(self, key: tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if key is None else self._kept.get(key)
+
+    def put(self, key: tuple | None, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> bool:
+        """Keep one record's processed images; False where it is kept already, has no key or
+        would pass ``limit_bytes``."""
+        if key is None or key in self._kept:
+            return False
+        n = pixel_values.numel() * pixel_values.element_size() + \
+            image_sizes.numel() * image_sizes.element_size()
+        if self.nbytes + n > self.limit_bytes:
+            return False
+        self._kept[key] = (pixel_values, image_sizes)
+        self.nbytes += n
+        return True
+
+    def clear(self) -> None:
+        self._kept.clear()
+        self.nbytes = 0
+
+
+class SampleEncoder:
+    """Record -> `Encoded`, with a checkpoint directory's tokenizer, template and processor;
+    ``pixels``: a `PixelStore` whose processed images it reuses."""
+
+    def __init__(self, checkpoint: str | os.PathLike, max_length: int = 4096,
+                 pixels: PixelStore | None = None):
         from visor_vllm.checkpoints.files import load_processor
 
         self.processor = load_processor(checkpoint)
         self.tokenizer = self.processor.tokenizer
+        self.pixels = pixels
+        self.image_key = image_processor_key(self.processor.image_processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         self.max_length = max_length
         # what the template puts before every answer ("<|im_start|>assistant\n" for ChatML)
@@ -212,11 +303,14 @@ class SampleEncoder:
 
     def encode(self, record: Mapping, folder: Path) -> Encoded:
         messages = record_messages(record)
-        images = record_images(record, folder)
+        kept = (self.pixels.get(self.pixels.key(self.image_key, record, folder))
+                if self.pixels is not None and len(self.pixels) else None)
+        images = record_images(record, folder) if kept is None else None
+        n_images = len(images) if kept is None else int(kept[1].shape[0])
         n_placeholders = sum(1 for m in messages for p in m["content"] if p["type"] == "image")
-        if n_placeholders != len(images):
+        if n_placeholders != n_images:
             raise BadSample("image_count_mismatch",
-                            f"{n_placeholders} <image> placeholders, {len(images)} images")
+                            f"{n_placeholders} <image> placeholders, {n_images} images")
         ids = self._ids(messages)
         labels = [IGNORE] * len(ids)
         starts = _find_all(ids, self._generation_prompt)
@@ -231,10 +325,13 @@ class SampleEncoder:
                 stop += 1
             labels[s:stop + 1] = ids[s:stop + 1]
         pixel_values = image_sizes = None
-        if images:
-            out = self.processor.image_processor(images, return_tensors="pt")
-            pixel_values, image_sizes = out["pixel_values"], out["image_sizes"]
-            counts = self._image_token_counts(image_sizes, len(images))
+        if n_images:
+            if kept is None:
+                out = self.processor.image_processor(images, return_tensors="pt")
+                pixel_values, image_sizes = out["pixel_values"], out["image_sizes"]
+            else:
+                pixel_values, image_sizes = kept
+            counts = self._image_token_counts(image_sizes, n_images)
             ids, labels = _expand(ids, labels, self.image_token_id, counts)
         if len(ids) > self.max_length:
             raise BadSample("too_long", f"{len(ids)} tokens > max_length {self.max_length}")
@@ -335,10 +432,11 @@ class PreEncoded(torch.utils.data.Dataset):
     that set is encoded on access, as before. Same samples, same bytes."""
 
     def __init__(self, ds: EncodedDataset, cache: dict[int, Encoded | Skipped], nbytes: int,
-                 complete: bool = False):
+                 complete: bool = False, reused: int = 0):
         self.ds, self.cache, self.nbytes = ds, cache, nbytes
         self.skipped = ds.skipped
         self.complete = complete  # every sample asked for is in the cache
+        self.reused = reused      # samples whose images an earlier stage processed (PixelStore)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -407,7 +505,9 @@ def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
     else:
         loader = (parts[k] for k in range(len(parts)))
     cache: dict[int, Encoded | Skipped] = {}
-    nbytes = 0
+    nbytes = reused = 0
+    pixels = getattr(ds.encoder, "pixels", None)
+    mine: set[tuple] = set()  # kept by this call (a repeated image is not an earlier stage's)
     for part, examples in loader:
         for reason, seen in examples.items():
             for e in seen:
@@ -416,11 +516,22 @@ def pre_encode(ds: EncodedDataset, indices: Sequence[int], processes: int = 1,
             if isinstance(arrays, str):  # a bad sample's reason
                 cache[i] = Skipped(arrays)
                 continue
-            cache[i] = Encoded(*(None if a is None else torch.from_numpy(a) for a in arrays), meta)
-            nbytes += encoded_bytes(cache[i])
+            x = Encoded(*(None if a is None else torch.from_numpy(a) for a in arrays), meta)
+            if pixels is not None and x.pixel_values is not None:
+                key = pixels.key(ds.encoder.image_key, ds.records[i], ds.folder)
+                kept = pixels.get(key)
+                if kept is None:
+                    if pixels.put(key, x.pixel_values, x.image_sizes):
+                        mine.add(key)
+                else:  # the same bits (a worker read them from the store): share, not copy
+                    x.pixel_values, x.image_sizes = kept
+                    reused += key not in mine
+            cache[i] = x
+            nbytes += encoded_bytes(x)
             if nbytes > limit_bytes:  # the workers shut down as the loader is collected
-                return PreEncoded(ds, cache, nbytes, complete=len(cache) == len(order))
-    return PreEncoded(ds, cache, nbytes, complete=True)
+                return PreEncoded(ds, cache, nbytes, complete=len(cache) == len(order),
+                                  reused=reused)
+    return PreEncoded(ds, cache, nbytes, complete=True, reused=reused)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from visor_vllm.training import machine, synthetic
-from visor_vllm.training.data import prompt_lengths
+from visor_vllm.training.data import PixelStore, prompt_lengths
 from visor_vllm.training.evaluate import with_ci
 from visor_vllm.training.recipe import (DataSpec, RecipeError, TrainRecipe, is_number, load_yaml,
                                         stage_from_dict)
@@ -309,15 +309,19 @@ def build_dense_init(out: Path, cfg: dict, seed: int, progress: bool) -> dict:
 # The whole recipe
 # ---------------------------------------------------------------------------------------------
 
-def _train(init: Path, data: Path, out: Path, stages: list[dict], cfg: dict) -> Path:
+def _data_spec(data: Path, cfg: dict) -> DataSpec:
+    return DataSpec(train=str(data / "train.jsonl"), max_length=cfg.get("max_length", 512))
+
+
+def _train(init: Path, data: Path, out: Path, stages: list[dict], cfg: dict,
+           pixels: PixelStore) -> Path:
     from visor_vllm.training.trainer import run
 
-    recipe = TrainRecipe(init=str(init), data=DataSpec(train=str(data / "train.jsonl"),
-                                                       max_length=cfg.get("max_length", 512)),
+    recipe = TrainRecipe(init=str(init), data=_data_spec(data, cfg),
                          output_dir=str(out), stages=[stage_from_dict(s) for s in stages],
                          seed=cfg["seed"], save_every=cfg.get("save_every", 500),
                          log_every=cfg.get("log_every", 25), compile=cfg["compile"])
-    return run(recipe)
+    return run(recipe, pixels=pixels)
 
 
 def _curve(stage_dir: Path) -> list[list[float]]:
@@ -575,8 +579,10 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     if not (dense_init / "encoder.json").exists():
         phase("encoder", lambda: build_dense_init(dense_init, cfg, seed, progress))
     encoder_acc = json.loads((dense_init / "encoder.json").read_text())
+    # the dense phase's processed images, reused by VISOR's stages (the same image processor)
+    pixels = PixelStore(_data_spec(data, cfg).pre_encode_gb * 2 ** 30)
     dense = phase("dense", lambda: _train(dense_init, data, out / "dense-run",
-                                          [cfg["dense"]], cfg))
+                                          [cfg["dense"]], cfg, pixels))
     visor_init = out / "visor-init"
     _check_schedule(visor_init, vcfg)
     if not (visor_init / "config.json").exists():
@@ -586,7 +592,9 @@ def run_synthetic(out: str | Path, quick: bool = False, seed: int | None = None,
     # a stage that distils (`distill` > 0) reads the dense model above as its teacher
     stages = [{**cfg[k], "teacher": str(dense)} if cfg[k].get("distill") else cfg[k]
               for k in ("stage1", "stage2")]
-    final = phase("visor", lambda: _train(visor_init, data, out / "visor-run", stages, cfg))
+    final = phase("visor", lambda: _train(visor_init, data, out / "visor-run", stages, cfg,
+                                          pixels))
+    pixels.clear()
     test = data / f"{cfg['eval'].get('split', 'test')}.jsonl"
     bs = cfg["eval"].get("batch_size", 128)
     n_eval = cfg["eval"].get("max_samples")

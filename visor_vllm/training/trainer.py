@@ -27,6 +27,8 @@ global batch``, so N processes with the same global batch compute the same gradi
 Samples are encoded before the stage's first step (`visor_vllm.training.data.pre_encode`, by
 the node's CPUs, each sample once), up to ``data.pre_encode_gb`` per process: encoding beside
 the step cost the synthetic dense phase ~18 %. The rest are encoded as drawn, by the DataLoader.
+The processed images stay for the run's later stages (`visor_vllm.training.data.PixelStore`,
+up to ``data.pre_encode_gb`` too), which then only tokenize.
 
 A step without host round trips: the batch's layout is built in the DataLoader's collate, the
 step (`_StepFn`) keeps loss, token count and gradient norm on the device, and the log reads a
@@ -60,9 +62,9 @@ import torch
 from visor_vllm import envs
 from visor_vllm.allocator import tune_host_allocator
 from visor_vllm.host_sync import HostSyncDetector, no_host_sync
-from visor_vllm.training.data import (EncodedDataset, PreEncoded, SampleEncoder, Skipped,
-                                      collate, default_image_folder, load_records, pre_encode,
-                                      teacher_batch, with_layout)
+from visor_vllm.training.data import (EncodedDataset, PixelStore, PreEncoded, SampleEncoder,
+                                      Skipped, collate, default_image_folder, load_records,
+                                      pre_encode, teacher_batch, with_layout)
 from visor_vllm.training.engines import compile_blocks, make_engine
 from visor_vllm.training.machine import usable_cpus
 from visor_vllm.training.model import DenseTrainStep, TrainingError, VisorTrainStep
@@ -258,15 +260,20 @@ class Stopped(Exception):
     """Raised by ``stop_after`` (tests: a run killed after a saved state)."""
 
 
-def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = True) -> Path:
+def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = True,
+        pixels: PixelStore | None = None) -> Path:
     """Train every stage of ``recipe``; returns the last stage's ``model/`` directory.
 
     ``stop_after``: raise `Stopped` once this run has taken that many optimizer steps (over all
     stages), as a kill would -- tests resume from the saved state afterwards.
+    ``pixels``: processed images to reuse and add to (the recipe passes one store to its dense
+    and VISOR runs); by default one for this run's stages, bounded by ``data.pre_encode_gb``.
     """
     out = Path(recipe.output_dir)
     init = Path(recipe.init)
     budget = [stop_after]
+    if pixels is None:
+        pixels = PixelStore(recipe.data.pre_encode_gb * 2 ** 30)
     engine = None
     tune_host_allocator()
     try:
@@ -279,7 +286,8 @@ def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = Tru
                 out.mkdir(parents=True, exist_ok=True)
                 recipe.dump(out / "recipe.yaml")
             try:
-                init = _train_stage(engine, recipe, spec, init, out / spec.name, budget, progress)
+                init = _train_stage(engine, recipe, spec, init, out / spec.name, budget, progress,
+                                    pixels)
             finally:
                 engine.barrier()
                 engine.free()
@@ -290,7 +298,7 @@ def run(recipe: TrainRecipe, stop_after: int | None = None, progress: bool = Tru
 
 
 def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage_dir: Path,
-                 budget: list, progress: bool) -> Path:
+                 budget: list, progress: bool, pixels: PixelStore) -> Path:
     from tqdm.auto import tqdm
 
     final = stage_dir / "model"
@@ -321,7 +329,7 @@ def _train_stage(engine, recipe: TrainRecipe, spec: StageSpec, init: Path, stage
 
     records = load_records(recipe.data.train)
     folder = Path(recipe.data.image_folder or default_image_folder(recipe.data.train))
-    encoder = SampleEncoder(init, max_length=recipe.data.max_length)
+    encoder = SampleEncoder(init, max_length=recipe.data.max_length, pixels=pixels)
     ds = EncodedDataset(records, encoder, folder)
     pad = encoder.tokenizer.pad_token_id
     layout_config = None if spec.kind == "dense" else model_config
@@ -418,6 +426,8 @@ def _maybe_pre_encode(ds: EncodedDataset, batches, data, name: str, world: int, 
         rest = ("" if len(out.cache) == len(indices) else
                 f"; data.pre_encode_gb {data.pre_encode_gb} reached, the other "
                 f"{len(indices) - len(out.cache)} encoded as drawn")
+        if out.reused:
+            rest += f"; the images of {out.reused} processed by an earlier stage"
         print(f"[{name}] pre-encoded {len(out.cache)} of {len(indices)} samples "
               f"({out.nbytes / 2 ** 30:.2f} GB) in {time.time() - t:.0f} s with {processes} "
               f"process(es){rest}")
