@@ -205,7 +205,7 @@ class PixelStore:
     Why. The recipe's dense phase and VISOR's two stages train on the same image files with
     the same image processor (the converter copies it), and loading an image and running
     LLaVA-OV's image processor is about two thirds of encoding a sample: re-processing 58k of
-    the dense phase's images cost VISOR's stages 33-45 s a seed on a 2-vCPU EPYC. `pre_encode`
+    the dense phase's images cost VISOR's stages 30-45 s a seed on a 2-vCPU EPYC. `pre_encode`
     puts what it encoded here; `SampleEncoder.encode` reads it, so a later stage only renders
     and tokenizes its own template. A hit hands out the very tensors the first stage made, so
     no bit of training changes.
