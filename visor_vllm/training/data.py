@@ -139,12 +139,16 @@ def _open_image(item, folder: Path):
     return img.convert("RGB")
 
 
-def record_images(record: Mapping, folder: Path) -> list:
+def _image_items(record: Mapping) -> list:
+    """A record's image entries (``image`` or ``images``: one, or a list), as given."""
     item = record.get("image", record.get("images"))
     if item is None:
         return []
-    items = item if isinstance(item, (list, tuple)) else [item]
-    return [_open_image(x, folder) for x in items]
+    return list(item) if isinstance(item, (list, tuple)) else [item]
+
+
+def record_images(record: Mapping, folder: Path) -> list:
+    return [_open_image(x, folder) for x in _image_items(record)]
 
 
 def record_messages(record: Mapping) -> list[dict]:
@@ -237,11 +241,11 @@ class PixelStore:
     def key(self, image_key: tuple, record: Mapping, folder: Path) -> tuple | None:
         """The record's images as files, with ``image_key`` (`SampleEncoder.image_key`); None
         where an image is not a file that exists."""
-        item = record.get("image", record.get("images")) if isinstance(record, Mapping) else None
-        if item is None:
+        items = _image_items(record) if isinstance(record, Mapping) else []
+        if not items:
             return None
         files = []
-        for x in item if isinstance(item, (list, tuple)) else [item]:
+        for x in items:
             if isinstance(x, Mapping) and isinstance(x.get("path"), str) and x.get("bytes") is None:
                 x = x["path"]
             if not isinstance(x, (str, os.PathLike)):
