@@ -16,6 +16,8 @@ dense model scored on it offline. Then, with the run's configuration costs (``la
   checkpoint);
 * ``pooled_bound``: the cheapest per-family mix keeping 99 % of max's pooled accuracy on the
   whole split (`labels.cheapest_mix`);
+* ``pooled_a_on_b`` / ``pooled_b_on_a``: that mix chosen on one half, scored on the other
+  (added 01:10, before the first result: reported, not judged);
 * per family, every configuration's accuracy with its Wilson interval, and the findings'
   quantities at this size (cheapest vs dense on easy families, hard accuracy by SA layers).
 
@@ -109,6 +111,12 @@ def probe(run: Path, out: Path, per_family: int, batch_size: int) -> dict:
     correct = [{g: sum(int(results[c][j]["correct"]) for j in js) for g, js in idx.items()}
                for c in range(len(configs))]
     mix = cheapest_mix(flops, correct, {g: len(js) for g, js in idx.items()}, full, 0.99)
+
+    def pooled_on(sub):
+        right = [{g: sum(int(results[c][j]["correct"]) for j in js) for g, js in sub.items()}
+                 for c in range(len(configs))]
+        return cheapest_mix(flops, right, {g: len(js) for g, js in sub.items()}, full,
+                            0.99)["choice"]
     groups = json.loads((big.parent / "dataset.json").read_text())["groups"]
     dense_fam = {g: sum(int(r["correct"]) for r in dense["dense"]["records"] if r["family"] == g)
                  for g in idx}
@@ -134,13 +142,21 @@ def probe(run: Path, out: Path, per_family: int, batch_size: int) -> dict:
             "point_a_on_b": _score(results, configs, point_on(half_a), flops, half_b),
             "point_b_on_a": _score(results, configs, point_on(half_b), flops, half_a),
             "point_all": _score(results, configs, point_on(idx), flops, idx),
-            "pooled_bound": {**_score(results, configs, mix["choice"], flops, idx)},
+            "pooled_bound": _score(results, configs, mix["choice"], flops, idx),
+            "pooled_a_on_b": _score(results, configs, pooled_on(half_a), flops, half_b),
+            "pooled_b_on_a": _score(results, configs, pooled_on(half_b), flops, half_a),
             "findings_at_this_size": {
                 "cheapest_easy_vs_dense_easy": [
                     round(sum(correct[cheapest][g] for g in easy) / n_easy, 4),
                     round(sum(dense_fam[g] for g in easy) / n_easy, 4)],
                 "hard_by_sa_layers": dict(sorted(by_sa.items()))},
-            "families": fam, "minutes_data": round(t_data / 60, 2),
+            "families": fam,
+            "correct": {"order": "the split's samples in order; one string of 0/1 a configuration",
+                        "dense": "".join(str(int(r["correct"])) for r in dense["dense"]["records"]),
+                        "configs": ["".join(str(int(r["correct"])) for r in res)
+                                    for res in results],
+                        "family": [r["family"] for r in results[0]]},
+            "minutes_data": round(t_data / 60, 2),
             "minutes_eval": round(t_eval / 60, 2)}
 
 
@@ -165,7 +181,8 @@ def main() -> int:
         path.write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({k: res[k] for k in ("seed", "served_router", "run_labels",
                                               "point_a_on_b", "point_b_on_a", "point_all",
-                                              "pooled_bound", "findings_at_this_size")}),
+                                              "pooled_bound", "pooled_a_on_b", "pooled_b_on_a",
+                                              "findings_at_this_size")}),
               flush=True)
     return 0
 
