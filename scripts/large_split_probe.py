@@ -34,6 +34,12 @@ hard families need the costly configurations to keep 99 %), and "label noise" is
 there; where both cost <= 0.7x at >= 99 % of max's accuracy, a larger label split is the
 remedy to run through the server. Mixed halves: undecided at this size.
 
+``--all-configs`` scores every SA subset instead of the viable ones (the search's choice), with
+each configuration's cost from the FLOP model at the label split's token counts (as the
+recipe's labels): whether the search dropped a cheaper configuration that keeps 99 % of max on
+a family. ``--max-samples`` scores the split's first samples only (families in turn, so the
+first 9 x K are K a family).
+
 Footguns. Writes ``--per-family`` x families PNGs (43,200 at 4,800: ~0.4 GB) under ``--out``;
 ~4 minutes a run on 2 cores at 4,800 a family. Usage::
 
@@ -59,7 +65,9 @@ def _split(run: Path, out: Path, per_family: int) -> Path:
     data = out / "data"
     meta = json.loads((run / "data" / "dataset.json").read_text())
     n = per_family * len(meta["families"])
-    if meta.get("splits", {}).get("big", {}).get("samples") == n and (data / "big.jsonl").exists():
+    done = json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").exists() \
+        else {}
+    if done.get("splits", {}).get("big", {}).get("samples") == n and (data / "big.jsonl").exists():
         return data / "big.jsonl"
     if data.exists():
         shutil.rmtree(data)
@@ -84,16 +92,35 @@ def _score(results, configs, choice: dict[str, int], flops, idx: dict[str, list[
             "flops_vs_max": round(cost / n / flops[full], 4)}
 
 
-def probe(run: Path, out: Path, per_family: int, batch_size: int) -> dict:
+def _all_configs(run: Path) -> tuple[list[list[int]], list[float]]:
+    """Every SA subset of the run's checkpoint and its FLOPs (the recipe's `flops_of`)."""
+    from visor_vllm.model.config import VisorConfig
+    from visor_vllm.model.flops import prefill_flops
+    from visor_vllm.training.data import prompt_lengths
+    from visor_vllm.training.search import subsets
+
+    ckpt = run / "visor-viable"
+    cfg = VisorConfig.from_pretrained(str(ckpt))
+    nv, nt = prompt_lengths(ckpt, run / "data" / "label.jsonl")
+    configs = subsets(cfg)
+    return configs, [float(prefill_flops(cfg, nv, nt, c)) for c in configs]
+
+
+def probe(run: Path, out: Path, per_family: int, batch_size: int, all_configs: bool = False,
+          max_samples: int | None = None) -> dict:
     t0 = time.time()
     big = _split(run, out, per_family)
     t_data = time.time() - t0
     lab = json.loads((run / "labels.json").read_text())
     rep = json.loads((run / "report.json").read_text())
     configs, flops = lab["configs"], lab["flops"]
-    ev = evaluate(run / "visor-viable", big, configs, batch_size, keep_records=True)
+    if all_configs:
+        configs, flops = _all_configs(run)
+        assert all(flops[configs.index(c)] == f for c, f in zip(lab["configs"], lab["flops"]))
+    ev = evaluate(run / "visor-viable", big, configs, batch_size, max_samples, keep_records=True)
     assert [c["sa_layers"] for c in ev["configs"]] == configs
-    dense = evaluate(run / "dense-run" / "dense" / "model", big, batch_size=batch_size, keep_records=True)
+    dense = evaluate(run / "dense-run" / "dense" / "model", big, batch_size=batch_size,
+                     max_samples=max_samples, keep_records=True)
     t_eval = time.time() - t0 - t_data
     results = [c["records"] for c in ev["configs"]]
     idx: dict[str, list[int]] = {}
@@ -135,7 +162,8 @@ def probe(run: Path, out: Path, per_family: int, batch_size: int) -> dict:
         by_sa[len(cfg)] = max(by_sa.get(len(cfg), 0.0), round(acc, 4))
     cheapest = min(range(len(configs)), key=lambda c: (len(configs[c]), flops[c]))
     return {"run": str(run), "seed": rep["seed"], "host": rep["hosts"][-1]["cpu"],
-            "per_family": per_family, "configs_1based": [[i + 1 for i in c] for c in configs],
+            "per_family": len(idx[next(iter(idx))]), "all_configs": all_configs,
+            "configs_1based": [[i + 1 for i in c] for c in configs],
             "flops_vs_max": [round(f / flops[full], 4) for f in flops],
             "served_router": _served(rep),
             "run_labels": _score(results, configs, run_choice, flops, idx),
@@ -173,11 +201,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--per-family", type=int, default=4800)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--all-configs", action="store_true")
+    p.add_argument("--max-samples", type=int)
     args = p.parse_args()
     for run in args.runs:
         res = probe(run, args.out / f"{run.parent.name}-{run.name}", args.per_family,
-                    args.batch_size)
-        path = args.out / f"{run.parent.name}-{run.name}.json"
+                    args.batch_size, args.all_configs, args.max_samples)
+        tag = "-all" if args.all_configs else ""
+        path = args.out / f"{run.parent.name}-{run.name}{tag}.json"
         path.write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps({k: res[k] for k in ("seed", "served_router", "run_labels",
                                               "point_a_on_b", "point_b_on_a", "point_all",
