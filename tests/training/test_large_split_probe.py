@@ -1,29 +1,18 @@
 """scripts/large_split_probe.py: a per-family choice scored on other questions, and its split."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from visor_vllm.training import synthetic
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "large_split_probe.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("large_split_probe", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _records(bits: str, families: str) -> list[dict]:
     return [{"correct": b == "1", "family": f} for b, f in zip(bits, families)]
 
 
-def test_a_choice_is_scored_by_its_own_answers_and_costs():
-    probe = _script()
+def test_a_choice_is_scored_by_its_own_answers_and_costs(load_script):
+    probe = load_script("large_split_probe")
     configs = [[0], [0, 2]]                       # cheapest, full
     flops = [1.0, 4.0]
     fam = "aabb" * 2                              # samples 0..7, families in turn of two
@@ -42,8 +31,8 @@ def test_a_choice_is_scored_by_its_own_answers_and_costs():
     assert half["accuracy_ratio"] == 1.0 and half["flops_vs_max"] == 1.0
 
 
-def test_the_split_is_the_runs_seed_and_families_in_a_new_stream(tmp_path):
-    probe = _script()
+def test_the_split_is_the_runs_seed_and_families_in_a_new_stream(tmp_path, load_script):
+    probe = load_script("large_split_probe")
     run = tmp_path / "run"
     synthetic.write_dataset(run / "data", seed=3, n_train=1, n_val=1, n_test=2,
                             families=["count", "below"], progress=False)

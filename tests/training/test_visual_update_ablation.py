@@ -1,26 +1,15 @@
 """scripts/visual_update_ablation.py: the hooks freeze the visual tokens and nothing else."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from visor_vllm.training.data import SampleEncoder, collate, load_records, default_image_folder
 from visor_vllm.training.model import dense_hidden
 from visor_vllm.training.trainer import load_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "visual_update_ablation.py"
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("visual_update_ablation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_frozen_layers_leave_the_visual_tokens_and_change_the_text(dense_ckpt, synth_data):
-    ablation = _script()
+def test_frozen_layers_leave_the_visual_tokens_and_change_the_text(dense_ckpt, synth_data,
+                                                                   load_script):
+    ablation = load_script("visual_update_ablation")
     data = synth_data / "test.jsonl"
     enc = SampleEncoder(dense_ckpt)
     batch = collate([enc.encode(r, default_image_folder(data)) for r in load_records(data)[:3]],
