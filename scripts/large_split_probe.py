@@ -41,7 +41,8 @@ a family. ``--max-samples`` scores the split's first samples only (families in t
 first 9 x K are K a family).
 
 Footguns. Writes ``--per-family`` x families PNGs (43,200 at 4,800: ~0.4 GB) under ``--out``;
-~4 minutes a run on 2 cores at 4,800 a family. Usage::
+~6 minutes a run on 2 cores at 4,800 a family and five configurations (measured 2026-12-08 on
+a 2-vCPU EPYC; ``--all-configs`` scores 16). Usage::
 
     python scripts/large_split_probe.py --out /work/runs/big /work/runs/e01/seed-0 ...
 """
@@ -56,7 +57,7 @@ from pathlib import Path
 
 from visor_vllm.training import synthetic
 from visor_vllm.training.evaluate import evaluate
-from visor_vllm.training.labels import cheapest_mix, full_index, group_labels
+from visor_vllm.training.labels import _group_index, full_index, group_labels, pooled_labels
 from visor_vllm.training.stats import ratio_interval, wilson
 
 
@@ -123,27 +124,24 @@ def probe(run: Path, out: Path, per_family: int, batch_size: int, all_configs: b
                      max_samples=max_samples, keep_records=True)
     t_eval = time.time() - t0 - t_data
     results = [c["records"] for c in ev["configs"]]
-    idx: dict[str, list[int]] = {}
-    for j, r in enumerate(results[0]):
-        idx.setdefault(r["family"], []).append(j)
+    idx = _group_index(results)                        # family -> sample positions
     half_a = {g: js[: len(js) // 2] for g, js in idx.items()}
     half_b = {g: js[len(js) // 2:] for g, js in idx.items()}
 
+    def on(sub):
+        """Every configuration's records of the samples ``sub``."""
+        return [[results[c][j] for g in sorted(sub) for j in sub[g]] for c in range(len(configs))]
+
     def point_on(sub):
-        res = [[results[c][j] for g in sorted(sub) for j in sub[g]] for c in range(len(configs))]
-        return {g: v["config"] for g, v in group_labels(configs, res, 0.99, "point").items()}
+        return {g: v["config"] for g, v in group_labels(configs, on(sub), 0.99, "point").items()}
+
+    def pooled_on(sub):
+        return pooled_labels(configs, on(sub), flops, 0.99)
 
     full = full_index(configs)
     run_choice = {g: configs.index(v["sa_layers"]) for g, v in rep["labels"]["family"].items()}
     correct = [{g: sum(int(results[c][j]["correct"]) for j in js) for g, js in idx.items()}
                for c in range(len(configs))]
-    mix = cheapest_mix(flops, correct, {g: len(js) for g, js in idx.items()}, full, 0.99)
-
-    def pooled_on(sub):
-        right = [{g: sum(int(results[c][j]["correct"]) for j in js) for g, js in sub.items()}
-                 for c in range(len(configs))]
-        return cheapest_mix(flops, right, {g: len(js) for g, js in sub.items()}, full,
-                            0.99)["choice"]
     groups = json.loads((big.parent / "dataset.json").read_text())["groups"]
     dense_fam = {g: sum(int(r["correct"]) for r in dense["dense"]["records"] if r["family"] == g)
                  for g in idx}
@@ -170,7 +168,7 @@ def probe(run: Path, out: Path, per_family: int, batch_size: int, all_configs: b
             "point_a_on_b": _score(results, configs, point_on(half_a), flops, half_b),
             "point_b_on_a": _score(results, configs, point_on(half_b), flops, half_a),
             "point_all": _score(results, configs, point_on(idx), flops, idx),
-            "pooled_bound": _score(results, configs, mix["choice"], flops, idx),
+            "pooled_bound": _score(results, configs, pooled_on(idx), flops, idx),
             "pooled_a_on_b": _score(results, configs, pooled_on(half_a), flops, half_b),
             "pooled_b_on_a": _score(results, configs, pooled_on(half_b), flops, half_a),
             "findings_at_this_size": {
